@@ -1,0 +1,154 @@
+"""The ``nirdml`` command: a thin layer over library calls (each subcommand is one function)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from nirdml.training.config import load_config
+    from nirdml.training.quickstart import compare_table, run_default
+    from nirdml.training.trainer import train
+
+    progress = not args.quiet
+    if args.resume:
+        if args.config or args.set:
+            print(
+                "--resume continues a run with its saved config; drop PRESET and --set.",
+                file=sys.stderr,
+            )
+            return 2
+        result = train(out_dir=args.resume, resume=True, progress=progress)
+        results = [result]
+    elif args.config is None:
+        results = run_default(args.out or "runs", overrides=args.set, progress=progress)
+        print()
+        print("Embedded default: sklearn digits, train on digits 0-4, retrieve among 5-9")
+        print(compare_table(results))
+        print()
+        for r in results:
+            print(f"{r.summary['name']}: {r.out_dir}")
+        return 0
+    else:
+        cfg = load_config(args.config, args.set)
+        result = train(cfg, args.out, progress=progress)
+        results = [result]
+    for r in results:
+        best = r.summary.get("best") or {}
+        print(
+            f"{r.summary['name']}: best {best.get('metric')} {best.get('value', float('nan')):.4f} "
+            f"at epoch {best.get('epoch')} (selected on {best.get('selected_on')}); "
+            f"skipped steps {r.summary['skipped_steps']}; outputs in {r.out_dir}"
+        )
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from nirdml.training.artifacts import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(
+        args.checkpoint,
+        split=args.split,
+        dataset=args.dataset,
+        root=args.root,
+        metrics=args.metrics,
+        device=args.device,
+    )
+    width = max(len(k) for k in metrics) if metrics else 0
+    for key, value in metrics.items():
+        print(f"{key:<{width}}  {value:.4f}")
+    if args.json:
+        from nirdml.training.checkpoint import atomic_write_json
+
+        atomic_write_json(args.json, metrics)
+    return 0
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from nirdml.training.artifacts import embed_folder
+
+    out = embed_folder(
+        args.checkpoint, args.folder, args.output, device=args.device, batch_size=args.batch_size
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from nirdml.training.config import list_presets, load_config
+
+    for name in list_presets():
+        if args.verbose:
+            cfg = load_config(name)
+            print(f"{name:<40} {cfg.description}")
+        else:
+            print(name)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nirdml",
+        description="Non-isotropy Regularization for proxy-based Deep Metric Learning.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "train",
+        help="train a run from a preset or YAML file (no argument: the digits default job)",
+    )
+    p.add_argument("config", nargs="?", help="preset name (see `nirdml presets`) or YAML file")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set optim.lr=2e-5 --set epochs=20",
+    )
+    p.add_argument("--out", help="output folder (default runs/<name>)")
+    p.add_argument(
+        "--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics of a checkpoint on its (or another) dataset")
+    p.add_argument("checkpoint", help="a .pt checkpoint or a run folder")
+    p.add_argument("--dataset", help="evaluate on this dataset instead of the run's")
+    p.add_argument("--root", help="dataset root folder")
+    p.add_argument("--split", default="test", choices=["test", "val", "train"])
+    p.add_argument("--metrics", nargs="+", help="metric names, e.g. recall@1 map@r nmi")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("embed", help="export embeddings (with paths and labels) of an image folder")
+    p.add_argument("checkpoint")
+    p.add_argument("folder", help="folder of class sub-folders, or of images")
+    p.add_argument("-o", "--output", required=True, help="output .npz or .pt file")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.set_defaults(func=_cmd_embed)
+
+    p = sub.add_parser("presets", help="list the shipped presets")
+    p.add_argument("-v", "--verbose", action="store_true", help="with descriptions")
+    p.set_defaults(func=_cmd_presets)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from nirdml.training.config import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"nirdml {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

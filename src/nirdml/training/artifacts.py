@@ -1,0 +1,153 @@
+"""Using a trained run: rebuild its model from a checkpoint, evaluate it, export embeddings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from nirdml.training.checkpoint import atomic_write, load_checkpoint
+from nirdml.training.config import RunConfig, load_config
+from nirdml.training.trainer import (
+    build_loss,
+    build_model_from_config,
+    eval_metrics,
+    evaluate_model,
+    load_splits,
+    resolve_device,
+    seeded,
+)
+
+
+@dataclass
+class TrainedRun:
+    """A checkpoint's model (eval mode), loss module (proxies, flow) and config."""
+
+    model: nn.Module
+    loss: nn.Module
+    config: RunConfig
+    state: dict[str, Any]
+
+
+def load_trained(
+    checkpoint: str | Path, device: str | torch.device = "cpu", *, pretrained: bool = False
+) -> TrainedRun:
+    """Rebuild model and loss from a checkpoint (a .pt file or a run folder) and load weights.
+
+    ``pretrained=False`` skips fetching ImageNet weights: the checkpoint overwrites them.
+    """
+    state = load_checkpoint(checkpoint)
+    cfg = load_config(state["config"])
+    cfg.model.pretrained = pretrained
+    cfg.model.weights = None
+    with seeded(cfg.seed):
+        model = build_model_from_config(cfg)
+    model.load_state_dict(state["model"])
+    with seeded(cfg.seed + 1):
+        loss = build_loss(cfg.loss, int(state["num_classes"]), cfg.model.embed_dim)
+    loss.load_state_dict(state["loss"])
+    device = torch.device(device) if not isinstance(device, torch.device) else device
+    return TrainedRun(model.to(device).eval(), loss.to(device).eval(), cfg, state)
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    *,
+    split: str = "test",
+    dataset: str | None = None,
+    root: str | None = None,
+    metrics: list[str] | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+) -> dict[str, float]:
+    """Metrics of a checkpoint on a split of its dataset (or of another dataset)."""
+    dev = resolve_device(device)
+    run = load_trained(checkpoint, dev)
+    cfg = run.config
+    if dataset is not None:
+        cfg.data.name = dataset
+        cfg.data.root = root
+        cfg.data.options = {}
+    elif root is not None:
+        cfg.data.root = root
+    splits = load_splits(cfg)
+    data = {"test": splits.test, "val": splits.val, "train": splits.train}.get(split)
+    if data is None:
+        raise ValueError(
+            f"split {split!r} is not available (choose test or train; val exists only when the "
+            "run used data.val_classes > 0)"
+        )
+    if split == "train":
+        from nirdml.data import build_transforms
+
+        data = data.with_transform(
+            build_transforms(cfg.data.transform or _preset(cfg), train=False)
+        )
+    return evaluate_model(
+        run.model,
+        data,
+        metrics=metrics or eval_metrics(cfg),
+        num_clusters=None,
+        batch_size=batch_size or cfg.eval.batch_size,
+        num_workers=cfg.data.num_workers if num_workers is None else num_workers,
+        device=dev,
+        seed=cfg.seed,
+    )
+
+
+def _preset(cfg: RunConfig) -> str:
+    from nirdml.data import default_transform_preset
+
+    return default_transform_preset(cfg.data.name)
+
+
+def embed_folder(
+    checkpoint: str | Path,
+    folder: str | Path,
+    out_file: str | Path,
+    *,
+    device: str = "auto",
+    batch_size: int = 256,
+    num_workers: int = 0,
+) -> Path:
+    """Embed every image under ``folder`` and write embeddings, labels and paths.
+
+    ``folder`` holds class sub-folders (labels = class index, names kept) or images directly
+    (label -1). ``.npz`` gets arrays ``embeddings``, ``labels``, ``paths``, ``class_names``;
+    ``.pt`` gets the same as a weights_only-loadable dict.
+    """
+    from nirdml.data import build_transforms, image_folder_dataset
+    from nirdml.evaluation import compute_embeddings
+
+    dev = resolve_device(device)
+    run = load_trained(checkpoint, dev)
+    transform = build_transforms(run.config.data.transform or _preset(run.config), train=False)
+    data = image_folder_dataset(folder, transform=transform)
+    emb, labels = compute_embeddings(
+        run.model, data, batch_size=batch_size, device=dev, num_workers=num_workers
+    )
+    out_file = Path(out_file)
+    payload = {
+        "embeddings": emb.cpu().numpy().astype(np.float32),
+        "labels": np.asarray(labels, dtype=np.int64),
+        "paths": np.asarray([str(p) for p in data.paths]),
+        "class_names": np.asarray(list(data.class_names)),
+    }
+    if out_file.suffix == ".pt":
+        tensors = {
+            "embeddings": torch.from_numpy(payload["embeddings"]),
+            "labels": torch.from_numpy(payload["labels"]),
+            "paths": [str(p) for p in data.paths],
+            "class_names": list(data.class_names),
+        }
+        atomic_write(out_file, lambda f: torch.save(tensors, f))
+    elif out_file.suffix == ".npz":
+        atomic_write(out_file, lambda f: np.savez(f, **payload))
+    else:
+        raise ValueError(f"output {out_file} must end in .npz or .pt")
+    return out_file

@@ -1,0 +1,112 @@
+"""Atomic, ``weights_only``-safe checkpoints and small atomic file writers.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads
+with ``torch.load(path, weights_only=True)``: no pickled classes, no code execution.
+Every file is written to a temporary name in the same folder and moved into place with
+``os.replace``, so a crash never leaves a half-written checkpoint or results file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+CHECKPOINT_FORMAT = 1
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write a file through ``write(fileobj)`` to a temp file, fsync, then rename into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_write_json(path: str | Path, data: Any) -> Path:
+    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def _plain(obj: Any) -> Any:
+    """Convert containers (Counter, defaultdict, tuples) to types the safe unpickler allows."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu() if obj.device.type != "cpu" else obj.detach()
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(
+        f"cannot store {type(obj).__name__} in a weights_only checkpoint; "
+        "convert it to tensors / numbers / strings first"
+    )
+
+
+def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> Path:
+    """Save ``state`` atomically; all values must be weights_only-loadable."""
+    payload = _plain({"format": CHECKPOINT_FORMAT, **state})
+    return atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / "checkpoints" / "last.pt", path / "last.pt"]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise FileNotFoundError(
+                f"{path} is a folder without checkpoints/last.pt; pass a run folder written by "
+                "`nirdml train` or the path of a .pt checkpoint"
+            )
+        path = found
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # corrupt / truncated / not ours
+        raise ValueError(
+            f"could not read checkpoint {path} ({type(exc).__name__}: {exc}); the file is "
+            "corrupt or not an nirdml checkpoint. Use checkpoints/best.pt or retrain."
+        ) from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not an nirdml checkpoint (format {CHECKPOINT_FORMAT})")
+    return state
+
+
+def scheduler_state(scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any]:
+    """A scheduler's state_dict with its Counter milestones turned into a plain dict."""
+    return _plain(scheduler.state_dict())
+
+
+def load_scheduler_state(
+    scheduler: torch.optim.lr_scheduler.LRScheduler, state: Mapping[str, Any]
+) -> None:
+    state = dict(state)
+    if "milestones" in state and isinstance(scheduler.state_dict().get("milestones"), dict):
+        from collections import Counter
+
+        state["milestones"] = Counter({int(k): int(v) for k, v in state["milestones"].items()})
+    scheduler.load_state_dict(state)

@@ -1,0 +1,426 @@
+"""Run configuration: typed dataclasses, strict YAML loading, ``key=value`` overrides.
+
+A run is fully described by one :class:`RunConfig`. It is loaded from a YAML preset or
+file with ``yaml.safe_load``, every key is checked (an unknown key is an error that
+suggests the closest valid one), every value is type-checked and range-checked, and the
+resolved config is written next to the run's outputs so a run can be repeated exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+LOSS_NAMES = ("proxy_anchor", "proxy_nca", "soft_triple")
+
+
+class ConfigError(ValueError):
+    """A config key or value is invalid; the message names it and the fix."""
+
+
+DATASET_NAMES = ("cub200", "cars196", "sop", "omniglot", "digits", "folder", "csv")
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, how it is split, and how batches are built."""
+
+    name: str = "digits"
+    root: str | None = None
+    transform: str | None = None
+    """Transform preset ("resnet", "omniglot", "digits"); None picks the dataset's default."""
+    val_classes: float = 0.0
+    """Classes carved from the training classes for model selection (fraction or count)."""
+    batch_size: int = 90
+    samples_per_class: int = 2
+    sampler: str = "authors"
+    """"authors": classes and samples drawn with replacement; "m_per_class": without."""
+    num_workers: int = 0
+    cache: str | None = None
+    """Folder of a pre-resized uint8 image cache (built on first use)."""
+    download: bool = False
+    skip_corrupt: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+    """Extra layout options for ``load_dataset`` (e.g. a CSV's split rule)."""
+
+
+@dataclass
+class ModelConfig:
+    """The embedding network: backbone, pooling, head."""
+
+    arch: str = "small_cnn"
+    embed_dim: int = 128
+    pooling: str = "avg"
+    pretrained: bool = True
+    weights: str | None = None
+    freeze_bn: bool | None = None
+    """None: frozen running statistics exactly when the backbone is pretrained."""
+    freeze_bn_affine: bool = False
+    in_channels: int = 3
+    channels_last: bool = False
+
+
+@dataclass
+class FlowConfig:
+    """The conditional normalizing flow of NIR (method.md section 2)."""
+
+    num_blocks: int = 5
+    hidden_width: int = 128
+    hidden_layers: int = 8
+    clamp: float = 2.0
+    condition: str = "dense"
+    condition_blocks: str = "all"
+
+
+@dataclass
+class NIRConfig:
+    """Non-isotropy regularisation on top of the proxy loss; off for baseline runs."""
+
+    enabled: bool = False
+    objective: str = "exp_nll"
+    """"exp_nll": authors' code form; "nll": paper form (method.md section 3)."""
+    proxy_weight: float = 0.01
+    nir_weight: float = 1.0
+    flow: FlowConfig = field(default_factory=FlowConfig)
+
+
+@dataclass
+class LossConfig:
+    """The proxy loss and its hyperparameters (passed to its constructor)."""
+
+    name: str = "proxy_anchor"
+    params: dict[str, Any] = field(default_factory=dict)
+    nir: NIRConfig = field(default_factory=NIRConfig)
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer groups and schedule (method.md section 5)."""
+
+    name: str = "adam"
+    lr: float = 1e-5
+    weight_decay: float = 4e-4
+    """L2 weight decay on backbone + head only; never on proxies or the flow."""
+    proxy_lr_mult: float = 2000.0
+    flow_lr_mult: float = 50.0
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    warmup_epochs: int = 0
+    """Epochs that run the backbone under no_grad (head, proxies and flow still train)."""
+
+
+@dataclass
+class EvalConfig:
+    """When and what to evaluate, and which metric selects the best checkpoint."""
+
+    every: int = 1
+    metrics: list[str] | None = None
+    """None: the dataset's standard set."""
+    select_metric: str = "recall@1"
+    batch_size: int = 256
+    num_clusters: str = "test_classes"
+    """k for k-means (NMI/F1): "test_classes" (standard) or "train_classes" (authors')."""
+
+
+@dataclass
+class LogConfig:
+    """Optional loggers; W&B credentials come from the environment, never the CLI."""
+
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "nirdml"
+    wandb_mode: str = "offline"
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run."""
+
+    name: str = "run"
+    description: str = ""
+    seed: int = 0
+    epochs: int = 10
+    device: str = "auto"
+    amp: str = "none"
+    """"none", "bf16" or "fp16" autocast for the backbone (CUDA); flow and losses stay fp32."""
+    compile: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (with safe numeric widening)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(
+            f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}"
+        )
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping of fields, got {value!r}")
+        return _build_dataclass(tp, value, where)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "1e-5" (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported field type {tp!r}")  # pragma: no cover
+
+
+def _build_dataclass(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            prefix = f"{where}." if where else ""
+            raise ConfigError(
+                f"unknown config key {prefix}{key!r}.{hint} Valid keys here: {', '.join(names)}."
+            )
+        sub = f"{where}.{key}" if where else key
+        kwargs[key] = _coerce(value, hints[key], sub)
+    return cls(**kwargs)
+
+
+def _deep_update(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_update(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"optim.lr=2e-5"`` -> ``{"optim": {"lr": 2e-05}}`` (value parsed as safe YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value (e.g. optim.lr=2e-5)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc})") from exc
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def _preset_dir() -> Path:
+    return Path(str(resources.files("nirdml") / "configs" / "presets"))
+
+
+def list_presets() -> list[str]:
+    """Names of the presets shipped with the package (``nirdml presets``)."""
+    return sorted(p.stem for p in _preset_dir().glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path:
+    path = _preset_dir() / f"{name}.yaml"
+    if not path.is_file():
+        close = difflib.get_close_matches(name, list_presets(), n=3)
+        hint = f" Closest: {', '.join(close)}." if close else ""
+        raise ConfigError(
+            f"no preset named {name!r}.{hint} Run `nirdml presets` to list them, "
+            "or pass the path of a YAML file."
+        )
+    return path
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: the top level must be a mapping of config sections")
+    return dict(data)
+
+
+def load_config(
+    source: str | Path | Mapping[str, Any] | None = None,
+    overrides: Sequence[str] | Mapping[str, Any] = (),
+) -> RunConfig:
+    """Resolve a run config from a preset name, a YAML path or a mapping, plus overrides.
+
+    ``source=None`` gives the embedded default (the ``digits`` preset).
+    """
+    if source is None:
+        source = "digits"
+    if isinstance(source, Mapping):
+        raw = dict(source)
+    else:
+        path = Path(source)
+        if path.suffix in (".yaml", ".yml") or path.is_file():
+            if not path.is_file():
+                raise ConfigError(f"config file {path} does not exist")
+            raw = _read_yaml(path)
+        else:
+            raw = _read_yaml(preset_path(str(source)))
+    if isinstance(overrides, Mapping):
+        raw = _deep_update(raw, overrides)
+    else:
+        for text in overrides:
+            raw = _deep_update(raw, parse_override(text))
+    config = _build_dataclass(RunConfig, raw, "")
+    validate(config)
+    return config
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Range and consistency checks; each message names the field and the fix."""
+    d, m, o, n = cfg.data, cfg.model, cfg.optim, cfg.loss.nir
+    _check(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
+    _check(cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}")
+    _check(cfg.amp in ("none", "bf16", "fp16"), f"amp must be none, bf16 or fp16, not {cfg.amp!r}")
+    _check(
+        cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"),
+        f"device must be auto, cpu, cuda[:N] or mps, not {cfg.device!r}",
+    )
+    _check(
+        d.name in DATASET_NAMES,
+        f"data.name {d.name!r} is not a known dataset; use one of {', '.join(DATASET_NAMES)}",
+    )
+    _check(d.batch_size >= 2, f"data.batch_size must be >= 2, got {d.batch_size}")
+    _check(d.samples_per_class >= 1, "data.samples_per_class must be >= 1")
+    _check(
+        d.batch_size % d.samples_per_class == 0,
+        f"data.batch_size ({d.batch_size}) must be divisible by data.samples_per_class "
+        f"({d.samples_per_class}); e.g. batch_size="
+        f"{d.batch_size // d.samples_per_class * d.samples_per_class}",
+    )
+    _check(d.sampler in ("authors", "m_per_class"), "data.sampler must be authors or m_per_class")
+    _check(d.num_workers >= 0, "data.num_workers must be >= 0")
+    _check(d.val_classes >= 0, "data.val_classes must be >= 0 (a fraction < 1 or a class count)")
+    _check(m.embed_dim >= 2, f"model.embed_dim must be >= 2, got {m.embed_dim}")
+    _check(m.pooling in ("avg", "max", "avg+max"), "model.pooling must be avg, max or avg+max")
+    _check(m.in_channels in (1, 3), "model.in_channels must be 1 or 3")
+    _check(
+        cfg.loss.name in LOSS_NAMES,
+        f"loss.name {cfg.loss.name!r} is unknown; use one of {', '.join(LOSS_NAMES)}",
+    )
+    _check(n.objective in ("exp_nll", "nll"), "loss.nir.objective must be exp_nll or nll")
+    _check(n.proxy_weight >= 0 and n.nir_weight >= 0, "loss.nir weights must be >= 0")
+    f = n.flow
+    _check(
+        f.num_blocks >= 1 and f.hidden_layers >= 2 and f.hidden_width >= 1,
+        "loss.nir.flow needs num_blocks >= 1, hidden_layers >= 2, hidden_width >= 1",
+    )
+    _check(f.clamp > 0, "loss.nir.flow.clamp must be > 0")
+    _check(
+        f.condition in ("dense", "embed", "embed_per_block"),
+        "loss.nir.flow.condition must be dense, embed or embed_per_block",
+    )
+    _check(
+        f.condition_blocks in ("all", "first", "middle", "last"),
+        "loss.nir.flow.condition_blocks must be all, first, middle or last",
+    )
+    _check(o.name in ("adam", "adamw"), f"optim.name must be adam or adamw, not {o.name!r}")
+    _check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+    _check(o.weight_decay >= 0, "optim.weight_decay must be >= 0")
+    _check(o.proxy_lr_mult > 0 and o.flow_lr_mult > 0, "optim lr multipliers must be > 0")
+    _check(0 < o.gamma <= 1, f"optim.gamma must be in (0, 1], got {o.gamma}")
+    _check(
+        all(0 < e for e in o.milestones) and o.milestones == sorted(o.milestones),
+        f"optim.milestones must be increasing positive epochs, got {o.milestones}",
+    )
+    _check(
+        0 <= o.warmup_epochs < cfg.epochs or o.warmup_epochs == 0,
+        f"optim.warmup_epochs ({o.warmup_epochs}) must be smaller than epochs ({cfg.epochs})",
+    )
+    e = cfg.eval
+    _check(e.every >= 1, "eval.every must be >= 1")
+    _check(
+        e.num_clusters in ("test_classes", "train_classes"),
+        "eval.num_clusters must be test_classes or train_classes",
+    )
+    _check(
+        cfg.log.wandb_mode in ("offline", "online", "disabled"),
+        "log.wandb_mode must be offline, online or disabled",
+    )
