@@ -478,7 +478,8 @@ class _Run:
                 f"the loss or its gradients were inf/NaN for {self._consecutive} consecutive "
                 f"steps (epoch {epoch + 1}); nothing was updated in those steps. Fixes: lower "
                 "optim.lr or optim.proxy_lr_mult/flow_lr_mult, use loss.nir.objective=nll, or "
-                "amp=none; check the data for NaN/inf inputs. The last good checkpoint is checkpoints/last.pt."
+                "amp=none; check the data for NaN/inf inputs. The last good checkpoint is "
+                "checkpoints/last.pt."
             )
 
     # -- evaluation and selection
