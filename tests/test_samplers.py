@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,3 +194,35 @@ def test_small_classes_skip_or_error() -> None:
             assert 1 not in y[b]
     with pytest.raises(SamplerConfigError, match=r"labels \[1, 3\].*lower samples_per_class"):
         ClassBalancedBatchSampler(y, 6, 3, small_classes="error")
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        y = labels_of([6, 5, 7, 8, 6, 9, 5, 6])
+        s = ClassBalancedBatchSampler(y, 8, 2, seed=9)  # rank/world from torch.distributed
+        s.set_epoch(2)
+        batches = list(s)
+        Path(out_dir, f"rank{rank}.json").write_text(
+            json.dumps({"world": s.num_replicas, "rank": s.rank, "batches": batches})
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_real_torch_distributed_ranks(tmp_path: Path) -> None:
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [(g["world"], g["rank"]) for g in got] == [(2, 0), (2, 1)]
+    ref = ClassBalancedBatchSampler(labels_of([6, 5, 7, 8, 6, 9, 5, 6]), 8, 2, seed=9)
+    ref.set_epoch(2)
+    for k, g in enumerate(ref):
+        assert got[0]["batches"][k] + got[1]["batches"][k] == g

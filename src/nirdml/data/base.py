@@ -9,6 +9,7 @@ cache wrapper and ``with_transform`` all share the storage instead of copying im
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,27 +78,29 @@ def open_image(
 
 
 class FileStorage(ImageStorage):
-    """Images as files; paths are kept as one numpy string array (cheap to pickle to workers)."""
+    """Images as files. Paths are kept as one numpy bytes array (UTF-8): compact, and no
+    per-path Python objects whose refcounts would copy memory in forked DataLoader workers."""
 
     can_fail = True
 
     def __init__(
         self, paths: Sequence[str], convert: Callable[[Image.Image], Image.Image] | None = None
     ) -> None:
-        self.paths = np.asarray([str(p) for p in paths], dtype=np.str_)
+        encoded = [os.fsencode(str(p)) for p in paths]
+        self.paths = np.asarray(encoded, dtype=np.bytes_) if encoded else np.asarray([], "S1")
         self.convert = convert
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def load(self, pos: int) -> Image.Image:
-        return open_image(str(self.paths[pos]), self.convert)
+        return open_image(self.path(pos), self.convert)
 
     def path(self, pos: int) -> str:
-        return str(self.paths[pos])
+        return os.fsdecode(self.paths[pos])
 
     def paths_for(self, index: np.ndarray) -> list[str]:
-        return [str(p) for p in self.paths[index]]
+        return [os.fsdecode(p) for p in self.paths[index]]
 
 
 class ArrayStorage(ImageStorage):
