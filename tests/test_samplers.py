@@ -145,15 +145,29 @@ def test_state_dict_resume_mid_epoch() -> None:
     it = iter(s)
     consumed = [next(it) for _ in range(4)]
     state = s.state_dict()
-    assert state == {"seed": 7, "epoch": 3, "position": 4, "num_replicas": 1}
+    assert state == {
+        "seed": 7,
+        "epoch": 3,
+        "position": 4,
+        "num_replicas": 1,
+        "batch_size": 10,
+        "samples_per_class": 2,
+        "replacement": 1,
+    }
     assert s.state_dict(batches_consumed=2)["position"] == 2
     resumed = ClassBalancedBatchSampler(y, 10, 2, seed=0)
     resumed.load_state_dict(state)
     rest = list(resumed)
     assert consumed + rest == full
     assert list(resumed) == full  # the next pass is the whole epoch again
-    with pytest.raises(SamplerConfigError, match="same world size"):
+    again = ClassBalancedBatchSampler(y, 10, 2)
+    again.load_state_dict(state)
+    again.set_epoch(3)  # a loop that calls set_epoch at the start of the resumed epoch
+    assert list(again) == rest
+    with pytest.raises(SamplerConfigError, match="num_replicas=1.*same num_replicas"):
         ClassBalancedBatchSampler(y, 10, 2, num_replicas=5, rank=0).load_state_dict(state)
+    with pytest.raises(SamplerConfigError, match="batch_size=10"):
+        ClassBalancedBatchSampler(y, 20, 2).load_state_dict(state)
 
 
 def test_with_dataloader() -> None:

@@ -171,17 +171,22 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
             "epoch": self.epoch,
             "position": position,
             "num_replicas": self.num_replicas,
+            "batch_size": self.batch_size,
+            "samples_per_class": self.samples_per_class,
+            "replacement": int(self.replacement),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume: the next iteration continues epoch ``state["epoch"]`` after ``position``
         batches."""
-        if int(state.get("num_replicas", self.num_replicas)) != self.num_replicas:
-            raise SamplerConfigError(
-                f"checkpoint was taken with num_replicas={state['num_replicas']}, this run has "
-                f"{self.num_replicas}; the global batches would differ: resume with the same "
-                "world size"
-            )
+        mine = self.state_dict()
+        for key in ("num_replicas", "batch_size", "samples_per_class", "replacement"):
+            if key in state and int(state[key]) != mine[key]:
+                raise SamplerConfigError(
+                    f"checkpoint was taken with {key}={state[key]}, this sampler has "
+                    f"{mine[key]}; the batch sequence would differ: resume with the same "
+                    f"{key} (and world size)"
+                )
         self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])
         self._resume_from = int(state.get("position", 0))

@@ -58,7 +58,9 @@ def carve_validation(
         names = [train.class_names[c] for c in classes]
         return train.select(items, remap[train.labels[items]], names, split)
 
-    return part(keep_set, train.split), part(val_set, "val")
+    rest = part(keep_set, train.split)
+    rest.missing = list(train.missing)  # files skipped at load time stay reported on train
+    return rest, part(val_set, "val")
 
 
 def class_sort_key(name: str) -> tuple[int, int, str]:
