@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import tarfile
+import urllib.error
 import zipfile
 from pathlib import Path
 
@@ -47,6 +48,10 @@ class FakeServer:
         drop, self.drop_at = self.drop_at, None
         if rng and self.honour_range:
             start = int(rng.split("=")[1].rstrip("-"))
+            if start >= len(self.data):
+                raise urllib.error.HTTPError(
+                    request.full_url, 416, "Range Not Satisfiable", {}, None
+                )
             return FakeResponse(self.data[start:], 206)
         return FakeResponse(self.data, 200, fail_after=drop)
 
@@ -72,6 +77,14 @@ def test_resume_after_dropped_connection(tmp_path: Path) -> None:
     # Already there with the right checksum: nothing is fetched.
     download_file("http://x/a.zip", dest, md5(data), opener=server, progress=False)
     assert len(server.ranges) == 2
+
+
+def test_complete_partial_file_is_finished_without_data(tmp_path: Path) -> None:
+    data = os.urandom(5_000)
+    (tmp_path / "d.bin.part").write_bytes(data)  # stopped after the last byte, before rename
+    server = FakeServer(data)
+    download_file("http://x/d.bin", tmp_path / "d.bin", md5(data), opener=server, progress=False)
+    assert (tmp_path / "d.bin").read_bytes() == data and server.ranges == ["bytes=5000-"]
 
 
 def test_server_ignoring_range_restarts(tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import scipy.io
 
 from nirdml.data.base import DatasetSplits, split_by_class_id
 from nirdml.data.download import CARS_HELP
@@ -38,6 +37,8 @@ def _field(ann: np.ndarray, name: str, mat: Path) -> np.ndarray:
 
 
 def _read_mat(root: Path) -> tuple[list[str], list[int], dict[int, str], str]:
+    import scipy.io  # only this layout needs it
+
     mat_path = root / "cars_annos.mat"
     try:
         mat = scipy.io.loadmat(str(mat_path), squeeze_me=True)

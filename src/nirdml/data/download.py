@@ -15,6 +15,7 @@ import shutil
 import sys
 import tarfile
 import tempfile
+import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Callable
@@ -91,6 +92,31 @@ def md5sum(path: str | Path, chunk_size: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _receive(response_cm: Any, part: Path, have: int, name: str, chunk_size: int, progress: bool):
+    """Stream a response into ``part`` (appending when the server honoured the Range)."""
+    with response_cm as response:
+        status = getattr(response, "status", None) or response.getcode()
+        if have and status != 206:
+            have = 0  # the server sent the whole file: start over
+        total = response.headers.get("Content-Length") if response.headers else None
+        total_bytes = have + int(total) if total is not None else None
+        with (
+            open(part, "ab" if have else "wb") as out,
+            tqdm(
+                total=total_bytes,
+                initial=have,
+                unit="B",
+                unit_scale=True,
+                desc=name,
+                disable=not progress,
+                file=sys.stderr,
+            ) as bar,
+        ):
+            for block in iter(lambda: response.read(chunk_size), b""):
+                out.write(block)
+                bar.update(len(block))
+
+
 def download_file(
     url: str,
     dest: str | Path,
@@ -115,27 +141,14 @@ def download_file(
     request = urllib.request.Request(url)
     if have:
         request.add_header("Range", f"bytes={have}-")
-    with opener(request, timeout=timeout) as response:
-        status = getattr(response, "status", None) or response.getcode()
-        if have and status != 206:
-            have = 0  # the server sent the whole file: start over
-        total = response.headers.get("Content-Length") if response.headers else None
-        total_bytes = have + int(total) if total is not None else None
-        with (
-            open(part, "ab" if have else "wb") as out,
-            tqdm(
-                total=total_bytes,
-                initial=have,
-                unit="B",
-                unit_scale=True,
-                desc=dest.name,
-                disable=not progress,
-                file=sys.stderr,
-            ) as bar,
-        ):
-            for block in iter(lambda: response.read(chunk_size), b""):
-                out.write(block)
-                bar.update(len(block))
+    try:
+        response_cm = opener(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code != 416 or not have:  # 416: the partial file is already complete
+            raise
+        response_cm = None
+    if response_cm is not None:
+        _receive(response_cm, part, have, dest.name, chunk_size, progress)
     if md5 is not None:
         got = md5sum(part)
         if got != md5:
@@ -155,6 +168,14 @@ def _safe_members_zip(zf: zipfile.ZipFile, target: Path) -> None:
         p = (target / name).resolve()
         if p != root and root not in p.parents:
             raise ValueError(f"archive member {name!r} would extract outside {target}; refusing")
+
+
+def _safe_members_tar(tf: tarfile.TarFile, target: Path) -> None:
+    root = target.resolve()
+    for m in tf.getmembers():
+        p = (target / m.name).resolve()
+        if (p != root and root not in p.parents) or m.issym() or m.islnk() or m.isdev():
+            raise ValueError(f"archive member {m.name!r} is unsafe to extract; refusing")
 
 
 def extract_archive(archive: str | Path, parent: str | Path, top_folder: str) -> Path:
@@ -178,7 +199,11 @@ def extract_archive(archive: str | Path, parent: str | Path, top_folder: str) ->
                 zf.extractall(tmp)
         elif tarfile.is_tarfile(name):
             with tarfile.open(name) as tf:
-                tf.extractall(tmp, filter="data")
+                if hasattr(tarfile, "data_filter"):
+                    tf.extractall(tmp, filter="data")
+                else:  # Python without extraction filters: check the names ourselves
+                    _safe_members_tar(tf, tmp)
+                    tf.extractall(tmp)
         else:
             raise ValueError(f"{archive} is neither a zip nor a tar archive")
         extracted = tmp / top_folder
