@@ -1,0 +1,142 @@
+"""Datasets, zero-shot splits, class-balanced samplers, transforms, downloads and caching.
+
+``load_dataset(name, root)`` returns the class-disjoint train/test (and optional
+validation) splits of the paper's protocol (method.md sections 5-6), transformed with the
+dataset's preset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from nirdml.data.base import DatasetSplits, RetrievalDataset
+from nirdml.data.cache import build_cache, cached
+from nirdml.data.cars import load_cars196
+from nirdml.data.cub import load_cub200
+from nirdml.data.custom import load_csv, load_folder
+from nirdml.data.digits import load_digits_splits
+from nirdml.data.download import fetch_dataset
+from nirdml.data.errors import (
+    CorruptImageError,
+    DatasetLayoutError,
+    MissingImageError,
+    SamplerConfigError,
+)
+from nirdml.data.omniglot import load_omniglot
+from nirdml.data.samplers import ClassBalancedBatchSampler
+from nirdml.data.sop import load_sop
+from nirdml.data.splits import carve_validation, split_class_names
+from nirdml.data.transforms import PRESETS, build_transforms
+from nirdml.data.verify import VerifyReport, verify
+
+#: name -> (reader, default transform preset, layout options the reader accepts)
+_READERS: dict[str, tuple[Callable[..., DatasetSplits], str, frozenset[str]]] = {
+    "cub200": (load_cub200, "resnet", frozenset()),
+    "cars196": (load_cars196, "resnet", frozenset()),
+    "sop": (load_sop, "resnet", frozenset()),
+    "omniglot": (load_omniglot, "omniglot", frozenset({"source"})),
+    "digits": (load_digits_splits, "digits", frozenset()),
+    "folder": (load_folder, "resnet", frozenset({"train_classes", "test_classes"})),
+    "csv": (load_csv, "resnet", frozenset({"image_root", "train_classes", "test_classes"})),
+}
+DATASETS = tuple(_READERS)
+#: Download options load_dataset accepts (only with download=True).
+_DOWNLOAD_OPTIONS = frozenset({"urls", "opener"})
+_ALIASES = {
+    "cub": "cub200",
+    "cub200_2011": "cub200",
+    "cars": "cars196",
+    "stanford_online_products": "sop",
+}
+
+
+def load_dataset(
+    name: str,
+    root: str | Path | None = None,
+    *,
+    transform_preset: str | None = None,
+    val_classes: float | int = 0,
+    seed: int = 0,
+    download: bool = False,
+    skip_corrupt: bool = False,
+    **layout_options: Any,
+) -> DatasetSplits:
+    """Load the train/test(/val) splits of a dataset, with the preset's transforms.
+
+    name: "cub200", "cars196", "sop", "omniglot", "digits", "folder" or "csv".
+    transform_preset: "resnet", "omniglot", "digits", "none" (raw PIL images / tensors) or
+        None for the dataset's default ("resnet" for photos).
+    val_classes: a fraction in (0, 1) or a count of TRAIN classes moved (chosen from
+        ``seed``) into a class-disjoint validation split; 0 for none.
+    download: fetch and extract the public archives into ``root`` first (CUB, SOP,
+        Omniglot); ``urls={archive file name: mirror url}`` overrides a source.
+    skip_corrupt: drop missing files (counted in ``split.missing``) and replace unreadable
+        images by another image of the same class (counted in ``split.corrupt_count``).
+    layout_options: omniglot ``source`` ("auto"/"png"/"npz"); folder/csv ``train_classes``,
+        ``test_classes``; csv ``image_root``.
+    """
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in _READERS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    reader, default_preset, allowed = _READERS[key]
+    download_opts = {
+        k: layout_options.pop(k) for k in list(layout_options) if k in _DOWNLOAD_OPTIONS
+    }
+    unknown = set(layout_options) - allowed
+    if unknown:
+        raise TypeError(
+            f"{key} does not take option(s) {sorted(unknown)}; it accepts "
+            f"{sorted(allowed) or 'none'} (download options {sorted(_DOWNLOAD_OPTIONS)} need "
+            "download=True)"
+        )
+    if download_opts and not download:
+        raise TypeError(f"{sorted(download_opts)} only apply with download=True")
+    if download:
+        if root is None:
+            raise ValueError(f"download=True needs root=... (the folder to download {key} into)")
+        fetch_dataset(key, root, **download_opts)
+    splits = reader(root, skip_corrupt=skip_corrupt, **layout_options)
+
+    preset = default_preset if transform_preset is None else transform_preset
+    if preset != "none" and preset not in PRESETS:
+        raise ValueError(
+            f"unknown transform_preset {preset!r}; choose one of {', '.join(PRESETS)}, "
+            "'none' or None"
+        )
+    train, val = splits.train, splits.val
+    if val_classes:
+        if val is not None:
+            raise ValueError(
+                f"{key} data already defines a validation split; drop val_classes or the 'val' rows"
+            )
+        train, val = carve_validation(train, val_classes, seed)
+
+    def tf(ds: RetrievalDataset | None, is_train: bool) -> RetrievalDataset | None:
+        if ds is None:
+            return None
+        return ds.with_transform(None if preset == "none" else build_transforms(preset, is_train))
+
+    return DatasetSplits(tf(train, True), tf(splits.test, False), tf(val, False))
+
+
+__all__ = [
+    "DATASETS",
+    "ClassBalancedBatchSampler",
+    "CorruptImageError",
+    "DatasetLayoutError",
+    "DatasetSplits",
+    "MissingImageError",
+    "RetrievalDataset",
+    "SamplerConfigError",
+    "VerifyReport",
+    "build_cache",
+    "build_transforms",
+    "cached",
+    "carve_validation",
+    "fetch_dataset",
+    "load_dataset",
+    "split_class_names",
+    "verify",
+]

@@ -1,0 +1,210 @@
+"""Custom data: a folder of class sub-folders, or a CSV ``path,label[,split]``.
+
+Which classes train and which test (zero-shot, class-disjoint): given by the data
+(``train/`` + ``test/`` folders, or the CSV's split column), or by a rule -- the first half
+of the sorted class names train (integer names sorted numerically), or explicit
+``train_classes`` / ``test_classes`` lists.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from nirdml.data.base import (
+    DatasetSplits,
+    FileStorage,
+    RetrievalDataset,
+    check_files_exist,
+)
+from nirdml.data.errors import DatasetLayoutError, list_some
+from nirdml.data.layout import list_images, require_root, subdirs
+from nirdml.data.splits import class_sort_key, split_class_names
+
+SPLIT_NAMES = ("train", "test", "val")
+
+
+def _build(
+    name: str,
+    split: str,
+    paths: list[str],
+    labels: list[str],
+    classes: list[str],
+    source: str,
+    skip_corrupt: bool,
+    check: bool,
+) -> RetrievalDataset:
+    """One split from per-item class names; labels 0..C-1 in the order of ``classes``."""
+    position = {c: i for i, c in enumerate(classes)}
+    keep = np.array([lab in position for lab in labels], dtype=bool)
+    arr = np.asarray(paths)[keep] if len(paths) else np.asarray([], dtype=str)
+    y = np.array([position[lab] for lab in np.asarray(labels)[keep]], dtype=np.int64)
+    exists = (
+        check_files_exist(arr.tolist(), source, skip_missing=skip_corrupt)
+        if check
+        else np.ones(len(arr), dtype=bool)
+    )
+    present = sorted(set(y[exists].tolist()))
+    if len(present) < len(classes):
+        # A class whose images are all missing disappears; keep labels contiguous.
+        classes = [classes[i] for i in present]
+        remap = np.full(len(position), -1, dtype=np.int64)
+        remap[present] = np.arange(len(present))
+        y = remap[y]
+    return RetrievalDataset(
+        FileStorage(arr[exists].tolist()),
+        y[exists],
+        classes,
+        name=name,
+        split=split,
+        skip_corrupt=skip_corrupt,
+        missing=arr[~exists].tolist(),
+    )
+
+
+def _scan(folder: Path) -> tuple[list[str], list[str], list[str]]:
+    """(paths, class name per path, class names) of ``folder/<class>/*`` images."""
+    paths: list[str] = []
+    labels: list[str] = []
+    classes: list[str] = []
+    for d in subdirs(folder):
+        files = list_images(d)
+        if files:  # empty folders are not classes
+            classes.append(d.name)
+            paths += [str(f) for f in files]
+            labels += [d.name] * len(files)
+    return paths, labels, classes
+
+
+def load_folder(
+    root: str | Path | None,
+    *,
+    train_classes: Sequence[str] | None = None,
+    test_classes: Sequence[str] | None = None,
+    skip_corrupt: bool = False,
+) -> DatasetSplits:
+    """A folder of class sub-folders (``root/<class>/*.jpg``), or ``root/train/<class>/`` +
+    ``root/test/<class>/`` (the split is then given by the folders)."""
+    how = "Pass the folder that holds one sub-folder of images per class."
+    root = require_root(root, "folder", how)
+    halves = [root / s for s in ("train", "test")]
+    if all(h.is_dir() for h in halves) and all(_scan(h)[2] for h in halves):
+        if train_classes is not None or test_classes is not None:
+            raise ValueError(
+                f"{root} has train/ and test/ folders, which fix the split; drop "
+                "train_classes/test_classes or use a flat folder of classes"
+            )
+        (tp, tl, tc), (sp, sl, sc) = _scan(halves[0]), _scan(halves[1])
+        both = sorted(set(tc) & set(sc))
+        if both:
+            raise DatasetLayoutError(
+                f"classes {list_some(both)} are in both {halves[0]} and {halves[1]}; the splits "
+                "must be class-disjoint (zero-shot retrieval): move or rename them"
+            )
+        tc, sc = sorted(tc, key=class_sort_key), sorted(sc, key=class_sort_key)
+        train = _build("folder", "train", tp, tl, tc, str(halves[0]), skip_corrupt, False)
+        test = _build("folder", "test", sp, sl, sc, str(halves[1]), skip_corrupt, False)
+        return DatasetSplits(train, test)
+    paths, labels, classes = _scan(root)
+    if len(classes) < 2:
+        entries = sorted(p.name for p in root.iterdir())
+        raise DatasetLayoutError(
+            f"folder: {root} should hold one sub-folder of images per class (at least 2 "
+            f"classes), found {len(classes)} class folder(s) with images among "
+            f"{list_some(entries)}. {how}"
+        )
+    train_c, test_c = split_class_names(classes, train_classes, test_classes)
+    train = _build("folder", "train", paths, labels, train_c, str(root), skip_corrupt, False)
+    test = _build("folder", "test", paths, labels, test_c, str(root), skip_corrupt, False)
+    return DatasetSplits(train, test)
+
+
+def _read_csv(path: Path, image_root: Path) -> tuple[list[str], list[str], list[str] | None]:
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.reader(f) if r and any(x.strip() for x in r)]
+    if rows and [x.strip().lower() for x in rows[0][:2]] == ["path", "label"]:
+        header, rows = [x.strip().lower() for x in rows[0]], rows[1:]
+    else:
+        header = None
+    if not rows:
+        raise DatasetLayoutError(f"{path} has no data rows; expected lines 'path,label[,split]'")
+    width = len(rows[0])
+    has_split = width >= 3 and (header is None or (len(header) >= 3 and header[2] == "split"))
+    paths, labels, splits = [], [], []
+    for lineno, r in enumerate(rows, start=2 if header else 1):
+        if len(r) < 2 or len(r) != width:
+            raise DatasetLayoutError(
+                f"{path}:{lineno}: expected {width} fields like the first row "
+                f"('path,label[,split]'), found {r!r}"
+            )
+        p = Path(r[0].strip())
+        paths.append(str(p if p.is_absolute() else image_root / p))
+        labels.append(r[1].strip())
+        if has_split:
+            s = r[2].strip().lower()
+            if s not in SPLIT_NAMES:
+                raise DatasetLayoutError(
+                    f"{path}:{lineno}: split {r[2]!r} is not one of {', '.join(SPLIT_NAMES)}"
+                )
+            splits.append(s)
+    return paths, labels, splits if has_split else None
+
+
+def load_csv(
+    root: str | Path | None,
+    *,
+    image_root: str | Path | None = None,
+    train_classes: Sequence[str] | None = None,
+    test_classes: Sequence[str] | None = None,
+    skip_corrupt: bool = False,
+) -> DatasetSplits:
+    """A CSV file ``path,label[,split]`` (optional header row ``path,label,split``).
+
+    Relative paths are resolved against ``image_root`` (default: the CSV's folder). With a
+    split column (train/test/val) the split is given; each class must lie in one split.
+    """
+    how = "Pass the path of a CSV file with rows 'path,label[,split]'."
+    csv_path = require_root(root, "csv", how)
+    if not csv_path.is_file():
+        raise DatasetLayoutError(f"csv: {csv_path} is a folder, not a CSV file. {how}")
+    base = Path(image_root) if image_root is not None else csv_path.parent
+    paths, labels, splits = _read_csv(csv_path, base)
+    source = str(csv_path)
+    if splits is not None:
+        if train_classes is not None or test_classes is not None:
+            raise ValueError(
+                f"{csv_path} has a split column, which fixes the split; drop "
+                "train_classes/test_classes or remove the column"
+            )
+        by_class: dict[str, set[str]] = {}
+        for lab, s in zip(labels, splits, strict=True):
+            by_class.setdefault(lab, set()).add(s)
+        crossing = sorted(c for c, s in by_class.items() if len(s) > 1)
+        if crossing:
+            raise DatasetLayoutError(
+                f"{csv_path}: classes {list_some(crossing)} appear in more than one split; "
+                "retrieval splits must be class-disjoint (zero-shot): give each class one split"
+            )
+        per = {
+            s: sorted((c for c, ss in by_class.items() if s in ss), key=class_sort_key)
+            for s in SPLIT_NAMES
+        }
+        if not per["train"] or not per["test"]:
+            raise DatasetLayoutError(
+                f"{csv_path}: the split column must name both train and test rows (found "
+                f"{sorted(set(splits))})"
+            )
+        out = {
+            s: _build("csv", s, paths, labels, per[s], source, skip_corrupt, True)
+            for s in SPLIT_NAMES
+            if per[s]
+        }
+        return DatasetSplits(out["train"], out["test"], out.get("val"))
+    train_c, test_c = split_class_names(labels, train_classes, test_classes)
+    return DatasetSplits(
+        _build("csv", "train", paths, labels, train_c, source, skip_corrupt, True),
+        _build("csv", "test", paths, labels, test_c, source, skip_corrupt, True),
+    )

@@ -1,0 +1,91 @@
+"""Scan a split for unreadable images before training (with a progress bar)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from nirdml.data.base import RetrievalDataset
+from nirdml.data.errors import CorruptImageError, MissingImageError
+
+
+@dataclass(frozen=True)
+class BadImage:
+    """One unreadable item: its index in the split, file path and the decoder's message."""
+
+    index: int
+    path: str | None
+    error: str
+
+
+@dataclass
+class VerifyReport:
+    """Result of ``verify``: how many items were decoded and which failed."""
+
+    checked: int
+    bad: list[BadImage] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad
+
+    def __str__(self) -> str:
+        if self.ok:
+            return f"all {self.checked:,} images decode"
+        lines = [f"{len(self.bad)} of {self.checked:,} images are unreadable:"]
+        lines += [f"  {b.path}: {b.error}" for b in self.bad]
+        return "\n".join(lines)
+
+
+def _as_list(batch: list) -> list:
+    return batch
+
+
+class _Probe(Dataset):
+    """Decodes item i of a split (no transform); returns (i, error message or "")."""
+
+    def __init__(self, ds: RetrievalDataset) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> tuple[int, str]:
+        try:
+            self.ds.storage.load(int(self.ds.index[i]))
+        except (CorruptImageError, MissingImageError) as e:
+            return i, getattr(e, "reason", str(e))
+        return i, ""
+
+
+def verify(
+    dataset: RetrievalDataset, *, num_workers: int = 0, progress: bool = True
+) -> VerifyReport:
+    """Decode every image of ``dataset`` (all of it, so truncation is caught) and list the
+    bad ones. With ``skip_corrupt=True`` datasets, the bad files are also marked, so
+    training replaces them without trying to decode them again."""
+    loader = DataLoader(
+        _Probe(dataset),
+        batch_size=64,
+        num_workers=num_workers,
+        collate_fn=_as_list,
+    )
+    bad: list[BadImage] = []
+    with tqdm(
+        total=len(dataset),
+        desc=f"verify {dataset.name}/{dataset.split}",
+        disable=not progress,
+        file=sys.stderr,
+    ) as bar:
+        for batch in loader:
+            for i, err in batch:
+                if err:
+                    pos = int(dataset.index[i])
+                    bad.append(BadImage(int(i), dataset.storage.path(pos), err))
+                    if dataset._bad is not None:
+                        dataset._bad[pos] = 1
+            bar.update(len(batch))
+    return VerifyReport(len(dataset), bad)
