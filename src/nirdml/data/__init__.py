@@ -15,7 +15,7 @@ from nirdml.data.base import DatasetSplits, RetrievalDataset
 from nirdml.data.cache import build_cache, cached
 from nirdml.data.cars import load_cars196
 from nirdml.data.cub import load_cub200
-from nirdml.data.custom import load_csv, load_folder
+from nirdml.data.custom import load_csv, load_folder, load_image_folder
 from nirdml.data.digits import load_digits_splits
 from nirdml.data.download import fetch_dataset
 from nirdml.data.errors import (
@@ -50,6 +50,14 @@ _ALIASES = {
     "cars": "cars196",
     "stanford_online_products": "sop",
 }
+
+
+def default_transform_preset(name: str) -> str:
+    """The transform preset a dataset uses unless told otherwise ("resnet" for photos)."""
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in _READERS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return _READERS[key][1]
 
 
 def load_dataset(
@@ -136,7 +144,9 @@ __all__ = [
     "cached",
     "carve_validation",
     "fetch_dataset",
+    "default_transform_preset",
     "load_dataset",
+    "load_image_folder",
     "split_class_names",
     "verify",
 ]

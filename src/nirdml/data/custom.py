@@ -208,3 +208,24 @@ def load_csv(
         _build("csv", "train", paths, labels, train_c, source, skip_corrupt, True),
         _build("csv", "test", paths, labels, test_c, source, skip_corrupt, True),
     )
+
+
+def load_image_folder(folder: str | Path, *, transform=None) -> RetrievalDataset:
+    """Every image under ``folder`` as ONE dataset (no train/test split), for embedding.
+
+    ``folder/<class>/*.jpg`` gives one label per class folder (sorted by name); images
+    directly in ``folder`` form the single class ``"."`` (unlabelled data).
+    """
+    how = "Pass a folder of images, or of class sub-folders of images."
+    root = require_root(folder, "image folder", how)
+    if not root.is_dir():
+        raise DatasetLayoutError(f"{root} is not a folder. {how}")
+    paths, labels, classes = _scan(root)
+    flat = [str(p) for p in list_images(root)]
+    if flat:
+        paths, labels, classes = flat + paths, ["."] * len(flat) + labels, ["."] + classes
+    if not paths:
+        entries = sorted(p.name for p in root.iterdir())
+        raise DatasetLayoutError(f"no images found in {root} among {list_some(entries)}. {how}")
+    ds = _build("folder", "all", paths, labels, classes, str(root), False, False)
+    return ds.with_transform(transform)

@@ -121,13 +121,13 @@ def embed_folder(
     (label -1). ``.npz`` gets arrays ``embeddings``, ``labels``, ``paths``, ``class_names``;
     ``.pt`` gets the same as a weights_only-loadable dict.
     """
-    from nirdml.data import build_transforms, image_folder_dataset
+    from nirdml.data import build_transforms, load_image_folder
     from nirdml.evaluation import compute_embeddings
 
     dev = resolve_device(device)
     run = load_trained(checkpoint, dev)
     transform = build_transforms(run.config.data.transform or _preset(run.config), train=False)
-    data = image_folder_dataset(folder, transform=transform)
+    data = load_image_folder(folder, transform=transform)
     emb, labels = compute_embeddings(
         run.model, data, batch_size=batch_size, device=dev, num_workers=num_workers
     )

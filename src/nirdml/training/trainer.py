@@ -133,12 +133,16 @@ def build_model_from_config(cfg: RunConfig) -> nn.Module:
     )
 
 
-def load_splits(cfg: RunConfig):
-    """The dataset splits of ``cfg.data`` (train / test / optional val)."""
-    from nirdml.data import load_dataset
+def load_splits(cfg: RunConfig, progress: bool = False):
+    """The dataset splits of ``cfg.data`` (train / test / optional val).
+
+    With ``data.cache`` set, every split is served from a pre-resized uint8 cache in that
+    folder (built on first use), so JPEG decoding does not bound training.
+    """
+    from nirdml.data import DatasetSplits, build_cache, cached, load_dataset
 
     d = cfg.data
-    return load_dataset(
+    splits = load_dataset(
         d.name,
         d.root,
         transform_preset=d.transform,
@@ -146,8 +150,22 @@ def load_splits(cfg: RunConfig):
         seed=cfg.seed,
         download=d.download,
         skip_corrupt=d.skip_corrupt,
-        cache=d.cache,
         **d.options,
+    )
+    if d.cache is None:
+        return splits
+
+    def from_cache(split, name: str):
+        if split is None:
+            return None
+        folder = Path(d.cache) / name
+        build_cache(split, folder, num_workers=d.num_workers, progress=progress)
+        return cached(split, folder)
+
+    return DatasetSplits(
+        from_cache(splits.train, "train"),
+        from_cache(splits.test, "test"),
+        from_cache(splits.val, "val"),
     )
 
 
@@ -294,7 +312,7 @@ class _Run:
         self.progress = (cfg.log.progress if progress is None else progress) and dist.is_main
         self.amp_dtype = _amp_dtype(cfg, self.device)
 
-        self.splits = load_splits(cfg)
+        self.splits = load_splits(cfg, progress=self.progress)
         train_set = self.splits.train
         with seeded(cfg.seed):
             model = build_model_from_config(cfg)
