@@ -88,8 +88,12 @@ class NIRConfig:
     enabled: bool = False
     objective: str = "exp_nll"
     """"exp_nll": authors' code form; "nll": paper form (method.md section 3)."""
-    proxy_weight: float = 0.01
-    nir_weight: float = 1.0
+    proxy_weight: float | None = None
+    """Weight of the proxy loss in "exp_nll" (None: NIRLoss's default)."""
+    nir_weight: float | None = None
+    """Weight of the mean NLL in "nll" (None: NIRLoss's default)."""
+    nll_cap: float = 30.0
+    """exp(nll) is exact below this NLL and continued linearly above (no overflow)."""
     flow: FlowConfig = field(default_factory=FlowConfig)
 
 
@@ -386,7 +390,11 @@ def validate(cfg: RunConfig) -> None:
         f"loss.name {cfg.loss.name!r} is unknown; use one of {', '.join(LOSS_NAMES)}",
     )
     _check(n.objective in ("exp_nll", "nll"), "loss.nir.objective must be exp_nll or nll")
-    _check(n.proxy_weight >= 0 and n.nir_weight >= 0, "loss.nir weights must be >= 0")
+    _check(
+        all(w is None or w >= 0 for w in (n.proxy_weight, n.nir_weight)),
+        "loss.nir.proxy_weight and loss.nir.nir_weight must be >= 0",
+    )
+    _check(n.nll_cap > 0, "loss.nir.nll_cap must be > 0")
     f = n.flow
     _check(
         f.num_blocks >= 1 and f.hidden_layers >= 2 and f.hidden_width >= 1,

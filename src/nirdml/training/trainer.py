@@ -114,6 +114,7 @@ def build_loss(cfg: LossConfig, num_classes: int, embed_dim: int) -> nn.Module:
         proxy_weight=cfg.nir.proxy_weight,
         nir_weight=cfg.nir.nir_weight,
         flow=flow,
+        nll_cap=cfg.nir.nll_cap,
     )
 
 
