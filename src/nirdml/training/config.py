@@ -246,9 +246,9 @@ def _build_dataclass(cls: type, values: Mapping[str, Any], where: str) -> Any:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            prefix = f"{where}." if where else ""
+            full = f"{where}.{key}" if where else str(key)
             raise ConfigError(
-                f"unknown config key {prefix}{key!r}.{hint} Valid keys here: {', '.join(names)}."
+                f"unknown config key {full!r}.{hint} Valid keys here: {', '.join(names)}."
             )
         sub = f"{where}.{key}" if where else key
         kwargs[key] = _coerce(value, hints[key], sub)

@@ -1,0 +1,128 @@
+"""Config loading: strict keys, typed values, overrides, presets in sync with the generator."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+import yaml
+
+from nirdml.training.config import (
+    ConfigError,
+    RunConfig,
+    list_presets,
+    load_config,
+    parse_override,
+)
+from tests.conftest import REPO_ROOT
+
+
+def test_default_is_the_digits_preset():
+    cfg = load_config()
+    assert isinstance(cfg, RunConfig)
+    assert cfg.data.name == "digits"
+
+
+def test_unknown_key_names_it_and_suggests_the_closest():
+    with pytest.raises(ConfigError, match=r"'optim\.lrr'.*Did you mean 'lr'"):
+        load_config("digits", ["optim.lrr=0.1"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'modle'.*'model'"):
+        load_config({"modle": {"arch": "resnet50"}})
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lr=-1", "optim.lr must be > 0"),
+        ("optim.lr=fast", "optim.lr: expected a number"),
+        ("epochs=0", "epochs must be >= 1"),
+        ("data.batch_size=91", r"divisible by data.samples_per_class"),
+        ("data.name=imagenet", "not a known dataset"),
+        ("model.pooling=mean", "model.pooling must be"),
+        ("loss.name=arcface", "loss.name 'arcface' is unknown"),
+        ("loss.nir.objective=likelihood", "objective must be exp_nll or nll"),
+        ("optim.milestones=[50, 10]", "milestones must be increasing"),
+        ("model.pretrained=maybe", "expected true or false"),
+        ("amp=fp8", "amp must be none, bf16 or fp16"),
+        ("data.batch_size=1.5", "expected an integer"),
+    ],
+)
+def test_impossible_values_are_clear_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("digits", [override])
+
+
+def test_overrides_parse_yaml_values_and_nest():
+    assert parse_override("optim.lr=0.5") == {"optim": {"lr": 0.5}}
+    assert parse_override("optim.milestones=[140, 230]") == {"optim": {"milestones": [140, 230]}}
+    assert parse_override("loss.nir.enabled=true") == {"loss": {"nir": {"enabled": True}}}
+    cfg = load_config("digits", ["optim.lr=2e-5", "loss.nir.enabled=true", "seed=3"])
+    assert cfg.optim.lr == pytest.approx(2e-5)
+    assert cfg.loss.nir.enabled is True
+    assert cfg.seed == 3
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        parse_override("optim.lr")
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(evil)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config("cub200-r128-avg-proxyanchor-nir", ["data.root=/data/cub"])
+    path = tmp_path / "config.yaml"
+    path.write_text(cfg.to_yaml())
+    again = load_config(path)
+    assert again == cfg
+    assert load_config(cfg.to_dict()) == cfg
+
+
+def test_missing_file_and_unknown_preset():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("no/such/file.yaml")
+    with pytest.raises(ConfigError, match="nirdml presets"):
+        load_config("cub200-r128-avg-proxyanchr-nir")
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location(
+        "make_presets", REPO_ROOT / "tools" / "make_presets.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["make_presets"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paper_presets_match_the_generator_and_the_recipe():
+    gen = _generator()
+    presets = gen.all_paper_presets()
+    assert len(presets) == 3 * 2 * 2 * 3 * 2
+    shipped = set(list_presets())
+    for name, config in presets.items():
+        assert name in shipped, f"{name} missing: run python tools/make_presets.py"
+        text = (gen.PRESET_DIR / f"{name}.yaml").read_text()
+        assert yaml.safe_load(text) == config, f"{name} is stale: run tools/make_presets.py"
+
+    cub = load_config("cub200-r128-avg-proxyanchor-nir")
+    assert (cub.epochs, cub.data.batch_size, cub.data.samples_per_class) == (100, 90, 2)
+    assert cub.loss.nir.enabled and cub.loss.nir.proxy_weight == pytest.approx(0.0075)
+    assert (cub.optim.proxy_lr_mult, cub.optim.flow_lr_mult, cub.optim.warmup_epochs) == (
+        4000.0,
+        50.0,
+        1,
+    )
+    assert cub.optim.lr == pytest.approx(1e-5) and cub.optim.weight_decay == pytest.approx(4e-4)
+    cars = load_config("cars196-r512-avgmax-proxyanchor-nir")
+    assert cars.loss.nir.proxy_weight == pytest.approx(0.01) and cars.model.pooling == "avg+max"
+    sop = load_config("sop-r128-avg-proxyanchor-nir")
+    assert (sop.epochs, sop.optim.milestones, sop.optim.gamma) == (300, [140, 230], 0.2)
+    assert (sop.optim.flow_lr_mult, sop.optim.warmup_epochs) == (1.0, 5)
+    assert sop.loss.nir.proxy_weight == pytest.approx(0.3)
+    base = load_config("cub200-r128-avg-proxyanchor-baseline")
+    assert not base.loss.nir.enabled
+    assert (base.optim.proxy_lr_mult, base.optim.warmup_epochs) == (2000.0, 0)
