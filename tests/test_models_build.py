@@ -180,3 +180,12 @@ def test_model_from_spec_rejects_non_spec() -> None:
 def test_random_init_resnet_accepts_grey_input() -> None:
     model = build_model("resnet18", 8, pretrained=False, in_channels=1)
     assert model(_input(1, 32)).shape == (3, 8)
+
+
+def test_mixed_precision_embeddings_are_float32_unit_vectors() -> None:
+    model = build_model("small_cnn", 16, in_channels=1).eval()
+    x = _input(1, 28)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        z = model(x)
+    assert z.dtype == torch.float32
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(3), atol=1e-6, rtol=0)

@@ -72,3 +72,19 @@ def test_input_remap_matches_package_preprocessing(shared_data: Path, size) -> N
     with torch.no_grad():
         wrong = ref_net.extract_features(_imagenet_normalise(x01))
     assert (wrong - ref).abs().max() > 0.1
+
+
+def test_pickled_and_rebuilt_models_keep_the_input_remap() -> None:
+    import pickle
+
+    from nirdml.models import model_from_spec
+
+    model = build_model("efficientnet_lite0", 16).train()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x)
+        for clone in (
+            pickle.loads(pickle.dumps(model)),
+            model_from_spec(model.spec, model.state_dict()),
+        ):
+            torch.testing.assert_close(clone.train()(x), ref, atol=1e-6, rtol=0)

@@ -136,7 +136,8 @@ class EfficientNetLite0Backbone(nn.Module):
 
     Differences from ``EfficientNet.from_pretrained`` that leave the pretrained function
     unchanged: TF "SAME" padding is computed from the actual input size (the package's
-    default fixes it for 224x224; identical there, correct for other sizes), stochastic
+    default fixes it for 224x224; identical there, correct for other sizes) and, for the
+    stride-1 convs, done by the conv itself instead of a separate padding copy; stochastic
     depth is off (deterministic features, no global RNG use in train mode) and the unused
     ImageNet classifier is removed. The ImageNet-mean/std input is re-mapped to the
     package's ``(x01*255 - 127) / 128``.
@@ -146,6 +147,7 @@ class EfficientNetLite0Backbone(nn.Module):
         super().__init__()
         efficientnet, _ = _import_efficientnet()
         net = efficientnet.from_name("efficientnet-lite0", image_size=None, drop_connect_rate=0.0)
+        _symmetric_same_padding_(net)
         del net._fc  # unused classifier: keep its 1.3M parameters out of the optimizer
         self.renorm = InputRenorm(IMAGENET_MEAN, IMAGENET_STD, (127 / 255,) * 3, (128 / 255,) * 3)
         self.net = net
@@ -157,6 +159,33 @@ class EfficientNetLite0Backbone(nn.Module):
     def load_reference_state_dict(self, state: Mapping[str, Tensor]) -> None:
         """Load an efficientnet-lite-pytorch state_dict (its ``_fc`` classifier is ignored)."""
         load_matching(self.net, state, what="efficientnet-lite0", ignore_prefixes=("_fc.",))
+
+
+def _symmetric_same_padding_(net: nn.Module) -> None:
+    """Give stride-1 "SAME" convs a plain symmetric ``padding`` (in place).
+
+    For stride 1 and an odd kernel, TF "SAME" padding is ``k // 2`` on every side whatever
+    the input size, so the conv's own zero padding computes exactly the same thing as the
+    package's explicit ``F.pad`` (a full copy of the activation) before an unpadded conv.
+    Only the few stride-2 convs keep the input-size-dependent, asymmetric padding.
+    """
+    for name, child in list(net.named_children()):
+        is_same_conv = type(child).__name__ == "Conv2dDynamicSamePadding"
+        if is_same_conv and tuple(child.stride) == (1, 1) and tuple(child.dilation) == (1, 1):
+            kh, kw = child.kernel_size
+            if kh % 2 == 1 and kw % 2 == 1:
+                conv = nn.Conv2d(
+                    child.in_channels,
+                    child.out_channels,
+                    child.kernel_size,
+                    padding=(kh // 2, kw // 2),
+                    groups=child.groups,
+                    bias=child.bias is not None,
+                )
+                conv.load_state_dict(child.state_dict())
+                setattr(net, name, conv)
+                continue
+        _symmetric_same_padding_(child)
 
 
 def load_efficientnet_lite0_imagenet(backbone: EfficientNetLite0Backbone) -> str:
