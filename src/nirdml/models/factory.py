@@ -1,0 +1,210 @@
+"""build_model: the one entry point that assembles an EmbeddingModel from a few choices."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .backbones import (
+    EfficientNetLite0Backbone,
+    ResNetBackbone,
+    TimmBackbone,
+    load_efficientnet_lite0_imagenet,
+    torchvision_weights,
+)
+from .batchnorm import freeze_batchnorm
+from .embedding import EmbeddingModel
+from .pooling import build_pooling
+from .small_cnn import SmallCNN
+from .weights import fetch_url_state_dict, is_embedding_state, load_matching, read_state_dict
+
+__all__ = ["ARCHS", "build_model", "model_from_spec"]
+
+ARCHS = ("resnet50", "resnet18", "efficientnet_lite0", "small_cnn", "timm:<name>")
+_SPEC_KEYS = (
+    "arch",
+    "embed_dim",
+    "pooling",
+    "pretrained",
+    "weights",
+    "freeze_bn",
+    "freeze_bn_affine",
+    "in_channels",
+    "seed",
+)
+
+
+def build_model(
+    arch: str,
+    embed_dim: int,
+    *,
+    pooling: str = "avg",
+    pretrained: bool | str | None = None,
+    weights: str | Path | None = None,
+    freeze_bn: bool | None = None,
+    freeze_bn_affine: bool = False,
+    in_channels: int = 3,
+    seed: int = 0,
+) -> EmbeddingModel:
+    """Build an :class:`EmbeddingModel`: backbone, global pooling, Linear head, L2 norm.
+
+    Args:
+        arch: ``"resnet50"``, ``"resnet18"``, ``"efficientnet_lite0"``, ``"small_cnn"`` or
+            ``"timm:<name>"`` (any timm model, e.g. ``"timm:resnet50.a1_in1k"``).
+        embed_dim: embedding dimension D.
+        pooling: ``"avg"``, ``"max"`` or ``"avg+max"`` (sum of both: the authors' "double").
+        pretrained: start from ImageNet weights. ``None`` (default): yes, except for
+            ``small_cnn``, which has none. For ResNets a torchvision weights name selects
+            the version: ``True`` = ``"IMAGENET1K_V1"`` (the authors'), ``"IMAGENET1K_V2"``.
+        weights: a local weights file used instead of any download: the backbone's upstream
+            state_dict (torchvision / efficientnet-lite / timm format) or one of our own
+            ``EmbeddingModel`` states (then the head is loaded too).
+        freeze_bn: keep the BatchNorm running statistics fixed (also in train mode).
+            ``None`` (default): frozen when the backbone starts from pretrained weights
+            (``pretrained`` or ``weights``), trained normally otherwise and for ``small_cnn``.
+        freeze_bn_affine: also freeze the BatchNorm weight and bias (needs frozen BN).
+        in_channels: input channels (3 for RGB). Pretrained torchvision / EfficientNet
+            backbones need 3; timm adapts its first conv itself.
+        seed: seed of the random initialisation (a local RNG: the global one is untouched).
+    """
+    if not isinstance(embed_dim, int) or isinstance(embed_dim, bool) or embed_dim < 1:
+        raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r}.")
+    if not isinstance(in_channels, int) or in_channels < 1:
+        raise ValueError(f"in_channels must be a positive int, got {in_channels!r}.")
+    pool = build_pooling(pooling)
+    _check_arch(arch)
+    if weights is not None:
+        weights = Path(weights).expanduser()
+        if not weights.is_file():
+            raise FileNotFoundError(
+                f"weights={str(weights)!r} does not exist: pass the path of a saved state_dict "
+                "(or weights=None to use pretrained= instead)."
+            )
+    pretrained = _resolve_pretrained(arch, pretrained, from_file=weights is not None)
+    if freeze_bn is None:
+        freeze_bn = arch != "small_cnn" and (bool(pretrained) or weights is not None)
+    if freeze_bn_affine and not freeze_bn:
+        raise ValueError(
+            "freeze_bn_affine=True only applies to frozen BatchNorm: pass freeze_bn=True as well."
+        )
+    if in_channels != 3 and pretrained and not arch.startswith("timm:"):
+        raise ValueError(
+            f"Pretrained {arch} takes 3-channel RGB input, got in_channels={in_channels}: convert "
+            "grey images to RGB in the transform, or pass pretrained=False."
+        )
+    if arch == "efficientnet_lite0" and in_channels != 3:
+        raise ValueError(
+            "efficientnet_lite0 takes 3-channel RGB input (its input re-normalisation is per RGB "
+            f"channel), got in_channels={in_channels}: convert the images to RGB."
+        )
+
+    spec = {
+        "arch": arch,
+        "embed_dim": embed_dim,
+        "pooling": pooling,
+        "pretrained": pretrained,
+        "weights": None if weights is None else str(weights),
+        "freeze_bn": bool(freeze_bn),
+        "freeze_bn_affine": bool(freeze_bn_affine),
+        "in_channels": in_channels,
+        "seed": int(seed),
+    }
+    state = read_state_dict(weights) if weights is not None else None
+    own_state = state is not None and is_embedding_state(state)
+
+    # Construct under a forked, seeded RNG: reproducible init, global RNG left untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        backbone = _build_backbone(arch, pretrained, in_channels)
+        if state is not None and not own_state:
+            backbone.load_reference_state_dict(state)
+        if freeze_bn:
+            freeze_batchnorm(backbone, freeze_affine=freeze_bn_affine)
+        model = EmbeddingModel(backbone, pool, backbone.num_features, embed_dim, spec)
+    if own_state:
+        load_matching(model, state, what=f"EmbeddingModel({arch}, embed_dim={embed_dim})")
+    return model
+
+
+def model_from_spec(
+    spec: Mapping[str, Any], state_dict: Mapping[str, Tensor] | None = None
+) -> EmbeddingModel:
+    """Rebuild the model that ``build_model`` described in ``spec`` (``model.spec``).
+
+    No weights are downloaded or read: the structure (including frozen BN) is rebuilt with
+    random weights, then ``state_dict`` (e.g. from a checkpoint) is loaded if given.
+    """
+    unknown = set(spec) - set(_SPEC_KEYS)
+    missing = {"arch", "embed_dim"} - set(spec)
+    if unknown or missing:
+        raise ValueError(
+            f"Not a model spec (unknown keys {sorted(unknown)}, missing {sorted(missing)}): pass "
+            "the dict stored as model.spec by build_model."
+        )
+    model = build_model(
+        spec["arch"],
+        spec["embed_dim"],
+        pooling=spec.get("pooling", "avg"),
+        pretrained=False,
+        freeze_bn=spec.get("freeze_bn", False),
+        freeze_bn_affine=spec.get("freeze_bn_affine", False),
+        in_channels=spec.get("in_channels", 3),
+        seed=spec.get("seed", 0),
+    )
+    model.spec = dict(spec)
+    if state_dict is not None:
+        load_matching(model, state_dict, what=f"EmbeddingModel({spec['arch']})")
+    return model
+
+
+def _check_arch(arch: str) -> None:
+    if not isinstance(arch, str) or not (
+        arch in ARCHS[:-1] or (arch.startswith("timm:") and len(arch) > len("timm:"))
+    ):
+        raise ValueError(f"Unknown arch {arch!r}: use one of {', '.join(ARCHS)}.")
+
+
+def _resolve_pretrained(arch: str, pretrained: bool | str | None, *, from_file: bool) -> bool | str:
+    """What to download: False, True, or a torchvision weights name (ResNets)."""
+    if from_file:
+        return False  # a local weights file replaces any download
+    if pretrained is None:
+        pretrained = arch != "small_cnn"
+    if arch == "small_cnn" and pretrained:
+        raise ValueError(
+            "small_cnn has no pretrained weights: pass pretrained=False (or leave it None)."
+        )
+    if isinstance(pretrained, str):
+        if arch not in ("resnet18", "resnet50"):
+            raise ValueError(
+                f"pretrained={pretrained!r}: named weight versions are for the torchvision "
+                f"ResNets; for {arch} pass pretrained=True (timm: put the tag in the name, "
+                "e.g. 'timm:resnet50.a1_in1k')."
+            )
+        return torchvision_weights(arch, pretrained).name
+    if not isinstance(pretrained, bool):
+        raise ValueError(f"pretrained must be a bool, a weights name or None, got {pretrained!r}.")
+    if pretrained and arch in ("resnet18", "resnet50"):
+        return "IMAGENET1K_V1"
+    return pretrained
+
+
+def _build_backbone(arch: str, pretrained: bool | str, in_channels: int) -> nn.Module:
+    if arch in ("resnet18", "resnet50"):
+        backbone = ResNetBackbone(int(arch[len("resnet") :]), in_channels=in_channels)
+        if pretrained:
+            tv = torchvision_weights(arch, pretrained)
+            backbone.load_reference_state_dict(fetch_url_state_dict(tv.url, f"{arch} {tv.name}"))
+        return backbone
+    if arch == "efficientnet_lite0":
+        backbone = EfficientNetLite0Backbone()
+        if pretrained:
+            load_efficientnet_lite0_imagenet(backbone)
+        return backbone
+    if arch == "small_cnn":
+        return SmallCNN(in_channels=in_channels)
+    return TimmBackbone(arch[len("timm:") :], pretrained=bool(pretrained), in_channels=in_channels)

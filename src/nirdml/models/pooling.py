@@ -1,0 +1,50 @@
+"""Global pooling of a backbone feature map (B, F, H, W) to a feature vector (B, F).
+
+``"avg+max"`` is the sum of the average and the max pooled vectors: the authors' "double"
+pooling (their code adds ``avgpool(x) + maxpool(x)``).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+__all__ = ["POOLINGS", "GlobalAvgPool", "GlobalMaxPool", "GlobalAvgMaxPool", "build_pooling"]
+
+
+class GlobalAvgPool(nn.Module):
+    """Mean over the spatial positions."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean(dim=(-2, -1))
+
+
+class GlobalMaxPool(nn.Module):
+    """Maximum over the spatial positions."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.amax(dim=(-2, -1))
+
+
+class GlobalAvgMaxPool(nn.Module):
+    """Average pooling plus max pooling (the authors' "double" pooling)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean(dim=(-2, -1)) + x.amax(dim=(-2, -1))
+
+
+POOLINGS: dict[str, type[nn.Module]] = {
+    "avg": GlobalAvgPool,
+    "max": GlobalMaxPool,
+    "avg+max": GlobalAvgMaxPool,
+}
+
+
+def build_pooling(name: str) -> nn.Module:
+    """The pooling module called ``name`` (one of :data:`POOLINGS`)."""
+    try:
+        return POOLINGS[name]()
+    except KeyError:
+        raise ValueError(
+            f"Unknown pooling {name!r}: use one of {', '.join(repr(k) for k in POOLINGS)} "
+            "('avg+max' is the authors' 'double' pooling)."
+        ) from None
