@@ -14,7 +14,6 @@ from nirdml.training.checkpoint import atomic_write, load_checkpoint
 from nirdml.training.config import RunConfig, load_config
 from nirdml.training.trainer import (
     build_loss,
-    build_model_from_config,
     eval_metrics,
     evaluate_model,
     load_splits,
@@ -33,20 +32,16 @@ class TrainedRun:
     state: dict[str, Any]
 
 
-def load_trained(
-    checkpoint: str | Path, device: str | torch.device = "cpu", *, pretrained: bool = False
-) -> TrainedRun:
+def load_trained(checkpoint: str | Path, device: str | torch.device = "cpu") -> TrainedRun:
     """Rebuild model and loss from a checkpoint (a .pt file or a run folder) and load weights.
 
-    ``pretrained=False`` skips fetching ImageNet weights: the checkpoint overwrites them.
+    Nothing is downloaded: the model is rebuilt from its stored spec, then loaded.
     """
+    from nirdml.models import model_from_spec
+
     state = load_checkpoint(checkpoint)
     cfg = load_config(state["config"])
-    cfg.model.pretrained = pretrained
-    cfg.model.weights = None
-    with seeded(cfg.seed):
-        model = build_model_from_config(cfg)
-    model.load_state_dict(state["model"])
+    model = model_from_spec(state["model_spec"], state["model"])
     with seeded(cfg.seed + 1):
         loss = build_loss(cfg.loss, int(state["num_classes"]), cfg.model.embed_dim)
     loss.load_state_dict(state["loss"])

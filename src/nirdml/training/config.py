@@ -60,8 +60,11 @@ class ModelConfig:
     arch: str = "small_cnn"
     embed_dim: int = 128
     pooling: str = "avg"
-    pretrained: bool = True
+    pretrained: bool | str | None = None
+    """None: ImageNet weights for backbones that have them (not small_cnn); a string picks a
+    torchvision weights version (e.g. IMAGENET1K_V2)."""
     weights: str | None = None
+    """A local weights file (torchvision/timm state_dict or an nirdml checkpoint)."""
     freeze_bn: bool | None = None
     """None: frozen running statistics exactly when the backbone is pretrained."""
     freeze_bn_affine: bool = False

@@ -119,6 +119,7 @@ def build_loss(cfg: LossConfig, num_classes: int, embed_dim: int) -> nn.Module:
 
 
 def build_model_from_config(cfg: RunConfig) -> nn.Module:
+    """The embedding model of ``cfg.model``, initialised from ``cfg.seed``."""
     from nirdml.models import build_model
 
     m = cfg.model
@@ -131,6 +132,7 @@ def build_model_from_config(cfg: RunConfig) -> nn.Module:
         freeze_bn=m.freeze_bn,
         freeze_bn_affine=m.freeze_bn_affine,
         in_channels=m.in_channels,
+        seed=cfg.seed,
     )
 
 
@@ -315,8 +317,7 @@ class _Run:
 
         self.splits = load_splits(cfg, progress=self.progress)
         train_set = self.splits.train
-        with seeded(cfg.seed):
-            model = build_model_from_config(cfg)
+        model = build_model_from_config(cfg)
         with seeded(cfg.seed + 1):
             loss = build_loss(cfg.loss, train_set.num_classes, cfg.model.embed_dim)
         if cfg.model.channels_last:
