@@ -198,7 +198,7 @@ def eval_metrics(cfg: RunConfig) -> list[str]:
 
     if cfg.eval.metrics:
         return list(cfg.eval.metrics)
-    return list(DEFAULT_METRICS.get(cfg.data.name, DEFAULT_METRICS["default"]))
+    return list(DEFAULT_METRICS.get(cfg.data.name, DEFAULT_METRICS["cub200"]))
 
 
 def evaluate_model(
@@ -230,7 +230,7 @@ def evaluate_model(
             batch_size=batch_size,
             device=device,
             num_workers=num_workers,
-            amp_dtype=amp_dtype,
+            amp=amp_dtype is not None,
         )
     return evaluate(
         embeddings, labels, metrics=metrics, num_clusters=num_clusters, seed=seed, device=device
