@@ -60,7 +60,8 @@ def plot_curves(path: Path, history: Sequence[Mapping[str, Any]], select_metric:
     ax_metric.set_xlabel("epoch")
     ax_metric.set_ylabel(select_metric)
     ax_metric.set_title(f"{select_metric} per epoch")
-    ax_metric.legend()
+    if ax_metric.lines:
+        ax_metric.legend()
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
