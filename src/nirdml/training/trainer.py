@@ -145,6 +145,14 @@ def load_splits(cfg: RunConfig, progress: bool = False):
     from nirdml.data import DatasetSplits, build_cache, cached, load_dataset
 
     d = cfg.data
+    if d.root is None and d.name != "digits":
+        from nirdml.training.config import ConfigError
+
+        raise ConfigError(
+            f"data.root is not set: {d.name} is read from a folder you provide. Pass "
+            f"--set data.root=/path/to/{d.name} (or data.root and data.download=true to fetch "
+            "the public archives, where the dataset allows it)"
+        )
     splits = load_dataset(
         d.name,
         d.root,
