@@ -90,5 +90,7 @@ def train_loader(
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
+        # The loader draws its workers' base seed from this generator, not the global RNG.
+        generator=torch.Generator().manual_seed(seed),
     )
     return loader, sampler
