@@ -23,6 +23,11 @@ def _batch(b: int, d: int, c: int, seed: int) -> tuple[torch.Tensor, torch.Tenso
     return x, labels
 
 
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max abs difference relative to the largest reference entry."""
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
 def _assert_same_value_and_grads(ours, theirs, their_proxies, x, labels, to_ours=lambda g: g):
     xa = x.clone().requires_grad_()
     xb = x.clone().requires_grad_()
@@ -30,8 +35,8 @@ def _assert_same_value_and_grads(ours, theirs, their_proxies, x, labels, to_ours
     torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
     ga = torch.autograd.grad(la, [xa, ours.proxies])
     gb = torch.autograd.grad(lb, [xb, their_proxies])
-    torch.testing.assert_close(ga[0], gb[0], rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(ga[1], to_ours(gb[1]), rtol=1e-4, atol=1e-7)
+    assert _rel(ga[0], gb[0]) < 1e-5
+    assert _rel(ga[1], to_ours(gb[1])) < 1e-5
 
 
 @pytest.mark.parametrize(("b", "d", "c"), [(30, 16, 20), (90, 128, 100), (8, 8, 3)])
@@ -84,7 +89,7 @@ def test_proxy_anchor_samples_equals_hand_computation_and_authors_code() -> None
     ga = torch.autograd.grad(loss(xa, torch.tensor(y)), [xa, loss.proxies])
     gb = torch.autograd.grad(authors_panc(xb, loss.proxies, torch.tensor(y)), [xb, loss.proxies])
     for a, b in zip(ga, gb, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        assert _rel(a, b) < 1e-5
 
 
 def test_proxy_anchor_modes_differ_only_with_repeated_classes() -> None:
@@ -121,7 +126,7 @@ def test_proxy_nca_exclude_positive_equals_hand_computation() -> None:
         total += -math.log(
             math.exp(-3.0 * d[yi]) / sum(math.exp(-3.0 * d[k]) for k in range(5) if k != yi)
         )
-    assert math.isclose(float(loss(x, torch.tensor(y))), total / 6, rel_tol=1e-5)
+    assert math.isclose(loss(x, torch.tensor(y)).item(), total / 6, rel_tol=1e-5)
 
 
 def test_soft_triple_equals_pml_without_and_with_center_regulariser() -> None:

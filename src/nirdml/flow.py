@@ -493,7 +493,7 @@ class ConditionalFlow(nn.Module):
         return torch.mm(g, in_w)
 
     def _chain_backward(
-        self, g_z: Tensor, g_logdet: Tensor | None, saved: tuple, w: tuple
+        self, g_z: Tensor, g_logdet: Tensor, saved: tuple, w: tuple
     ) -> tuple[Tensor, Tensor, list]:
         """Gradients of ``_chain_forward`` w.r.t. x, the first-layer offsets and the weights."""
         l1 = self.len1
@@ -502,7 +502,7 @@ class ConditionalFlow(nn.Module):
         n_layers = self.hidden_layers
         per_block = 6 + 2 * n_layers
         g_offsets = g_z.new_empty(g_z.shape[0], self.num_blocks * 2 * self.hidden_width)
-        g_l = None if g_logdet is None else g_logdet.unsqueeze(1)
+        g_l = g_logdet.unsqueeze(1)
         gh = g_z
         for k in reversed(range(self.num_blocks)):
             blk = saved[k * per_block : (k + 1) * per_block]
@@ -513,18 +513,14 @@ class ConditionalFlow(nn.Module):
             gy1, gy2 = gh[:, :l1], gh[:, l1:]
             # y2 = exp(s1) * x2 + t1, s1 = clamp * 0.636 * atan(u1), (u1, t1) = subnet_b(y1)
             g_x2 = gy2 * e1
-            g_u1 = g_x2 * x2
-            if g_l is not None:
-                g_u1 += g_l
+            g_u1 = g_x2 * x2 + g_l  # d logdet / d s1 = 1
             g_u1.mul_(dscale).div_(u1.square().add_(1.0))
             gy1 = gy1 + self._subnet_backward(
                 k, 1, torch.cat([g_u1, gy2], 1), acts_b, w, grads, g_offsets
             )
             # y1 = exp(s2) * x1 + t2, (u2, t2) = subnet_a(x2)
             g_x1 = gy1 * e2
-            g_u2 = g_x1 * x1
-            if g_l is not None:
-                g_u2 += g_l
+            g_u2 = g_x1 * x1 + g_l
             g_u2.mul_(dscale).div_(u2.square().add_(1.0))
             g_x2 += self._subnet_backward(
                 k, 0, torch.cat([g_u2, gy1], 1), acts_a, w, grads, g_offsets
@@ -611,12 +607,10 @@ class _CouplingChain(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_z: Tensor | None, g_logdet: Tensor | None):
+    def backward(ctx, g_z: Tensor, g_logdet: Tensor):  # undefined grads arrive as zeros
         flow: ConditionalFlow = ctx.flow
         tensors = ctx.saved_tensors
         saved, present = tensors[: ctx.n_saved], iter(tensors[ctx.n_saved :])
         weights = tuple(next(present) if p else None for p in ctx.weight_present)
-        if g_z is None:
-            g_z = saved[0].new_zeros(saved[0].shape[0], flow.dim)
         g_x, g_offsets, g_weights = flow._chain_backward(g_z, g_logdet, saved, weights)
         return (None, g_x, g_offsets, *g_weights)

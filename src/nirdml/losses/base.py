@@ -84,26 +84,27 @@ class ProxyLoss(nn.Module, ABC):
                     f"call loss.to({embeddings.dtype}) or pass {dtype} embeddings"
                 )
             embeddings = embeddings.to(dtype)
-        labels = torch.as_tensor(labels, device=embeddings.device)
+        labels = torch.as_tensor(labels)
         if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
             raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
-        labels = labels.long()
         if labels.shape != (embeddings.shape[0],):
             raise ValueError(
                 f"labels must have shape ({embeddings.shape[0]},) to match the embeddings, got "
                 f"{tuple(labels.shape)}"
             )
+        # Checked where the labels live: free for CPU labels (as a DataLoader yields them),
+        # one host sync for labels already on an accelerator.
         if bool(((labels < 0) | (labels >= self.num_classes)).any()):
             raise ValueError(
                 f"labels must lie in [0, {self.num_classes}): got values in "
                 f"[{int(labels.min())}, {int(labels.max())}]; remap the dataset's classes to "
                 "0..num_classes-1 or build the loss with the right num_classes"
             )
-        return embeddings, labels
+        return embeddings, labels.to(device=embeddings.device, dtype=torch.long, non_blocking=True)
 
     def class_condition(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """(B, dim) L2-normalised proxy of each sample's own class; NOT detached."""
-        return F.normalize(self.proxies, dim=-1)[labels]
+        return F.normalize(self.proxies.index_select(0, labels), dim=-1)
 
     def param_groups(
         self, lr: float, proxy_lr_mult: float, flow_lr_mult: float = 1.0

@@ -52,12 +52,15 @@ class ProxyAnchorLoss(ProxyLoss):
 
     def compute(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         x = F.normalize(embeddings, dim=-1)
-        sims = x @ F.normalize(self.proxies, dim=-1).t()  # (B, C)
-        classes = torch.arange(self.num_classes, device=labels.device)
-        neg_mask = labels.unsqueeze(1) != classes.unsqueeze(0)
-        neg = log1p_sum_exp(self.alpha * (sims + self.delta), neg_mask, dim=0).mean()
-        # Column j: the positive term of the proxy of sample j's class (B x B, no second mm).
-        pos_sims = sims.index_select(1, labels)
+        p = F.normalize(self.proxies, dim=-1)
+        # Negatives, (B, C): alpha * (s + delta) in one addmm; each sample's own class is
+        # masked with the dtype's most negative value (B entries, not a (B, C) mask), and
+        # log(1 + sum exp) = softplus(logsumexp): all O(B * C) work is done in 3 passes.
+        w_neg = torch.addmm(x.new_full((1,), self.alpha * self.delta), x, p.t(), alpha=self.alpha)
+        w_neg.scatter_(1, labels.unsqueeze(1), torch.finfo(w_neg.dtype).min)
+        neg = F.softplus(torch.logsumexp(w_neg, dim=0)).mean()
+        # Positives, (B, B): column j holds the term of the proxy of sample j's class.
+        pos_sims = x @ p.index_select(0, labels).t()
         same = labels.unsqueeze(1) == labels.unsqueeze(0)
         pos_cols = log1p_sum_exp(-self.alpha * (pos_sims - self.delta), same, dim=0)
         if self.positive_mean == "samples":
