@@ -194,7 +194,7 @@ def test_input_validation_names_problem_and_fix() -> None:
         loss(x.double(), torch.tensor([0, 1, 2, 3]))
     with pytest.raises(ValueError, match="positive_mean"):
         ProxyAnchorLoss(5, 8, positive_mean="batch")
-    assert float(loss(x, [0, 1, 2, 3])) > 0  # lists / numpy labels are accepted
+    assert loss(x, [0, 1, 2, 3]).item() > 0  # lists / numpy labels are accepted
 
 
 @pytest.mark.parametrize("cls", [ProxyAnchorLoss, ProxyNCALoss, SoftTripleLoss])

@@ -49,6 +49,17 @@ _WEIGHT_NAMES = (
 )
 
 
+def no_autocast(device: torch.device) -> AbstractContextManager:
+    """Autocast switched off on ``device`` (a no-op context when it is not on)."""
+    try:
+        enabled = torch.is_autocast_enabled(device.type)
+    except TypeError:  # torch < 2.4: no device_type argument
+        enabled = (
+            torch.is_autocast_cpu_enabled() if device.type == "cpu" else torch.is_autocast_enabled()
+        )
+    return torch.autocast(device.type, enabled=False) if enabled else nullcontext()
+
+
 def _linear_init(
     out_features: int, in_features: int, generator: torch.Generator | None
 ) -> tuple[Tensor, Tensor]:
@@ -399,14 +410,9 @@ class ConditionalFlow(nn.Module):
     def _weights(self) -> tuple[Tensor | None, ...]:
         return tuple(getattr(self, name) for name in _WEIGHT_NAMES)
 
-    def _no_autocast(self, device: torch.device) -> AbstractContextManager:
-        if torch.is_autocast_enabled(device.type):
-            return torch.autocast(device.type, enabled=False)
-        return nullcontext()
-
     def forward(self, x: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
         """Embedding ``x`` (B, D) -> residual ``z`` (B, D) and ``log|det dz/dx|`` (B,)."""
-        with self._no_autocast(x.device):
+        with no_autocast(x.device):
             x, cond = self._prepare(x, cond, "x")
             offsets = self._first_layer_offsets(cond)
             weights = self._weights()
@@ -533,7 +539,7 @@ class ConditionalFlow(nn.Module):
 
         Plain autograd (not the fused backward): meant for sampling and checks.
         """
-        with self._no_autocast(z.device):
+        with no_autocast(z.device):
             z, cond = self._prepare(z, cond, "z")
             offsets = self._first_layer_offsets(cond)
             w = self._weights()

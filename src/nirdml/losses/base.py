@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nirdml.flow import no_autocast
+
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def no_autocast(device: torch.device) -> AbstractContextManager:
-    """Autocast switched off on ``device`` (a no-op context when it is not on)."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return nullcontext()
 
 
 def init_proxies(num_rows: int, dim: int, generator: torch.Generator | None) -> nn.Parameter:

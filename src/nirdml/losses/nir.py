@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from nirdml.errors import NonFiniteLossError
-from nirdml.flow import ConditionalFlow
-from nirdml.losses.base import ProxyLoss, no_autocast
+from nirdml.flow import ConditionalFlow, no_autocast
+from nirdml.losses.base import ProxyLoss
 from nirdml.losses.pml import PMLProxyLoss
 
 OBJECTIVES = ("exp_nll", "nll")
