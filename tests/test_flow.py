@@ -204,6 +204,22 @@ def test_fused_backward_passes_gradcheck(hidden_layers: int) -> None:
     assert torch.autograd.gradcheck(lambda a: flow(a, c)[1], (x,))
 
 
+def test_cond_index_equals_per_sample_conditions() -> None:
+    flow = ConditionalFlow(16, generator=torch.Generator().manual_seed(9))
+    rows = _unit(3, 16, seed=23).requires_grad_()
+    index = torch.tensor([2, 0, 2, 1, 1, 2])
+    x = _unit(6, 16, seed=24).requires_grad_()
+    nll = flow.nll(x, rows, index)
+    grads = torch.autograd.grad(nll.sum(), [x, rows, flow.cond_weight])
+    ref = flow.nll(x, rows[index])
+    ref_grads = torch.autograd.grad(ref.sum(), [x, rows, flow.cond_weight])
+    torch.testing.assert_close(nll, ref)
+    for a, b in zip(grads, ref_grads, strict=True):
+        assert _rel(a, b) < 1e-5
+    with pytest.raises(ValueError, match="cond_index"):
+        flow.nll(x, rows, index.int())
+
+
 def test_double_backward_is_refused_clearly() -> None:
     flow = ConditionalFlow(8, hidden_width=8)
     x = _unit(4, 8, seed=14).requires_grad_()

@@ -361,16 +361,29 @@ class ConditionalFlow(nn.Module):
         return layout
 
     # ------------------------------------------------------------------ computation
-    def _prepare(self, x: Tensor, cond: Tensor, what: str) -> tuple[Tensor, Tensor]:
+    def _prepare(
+        self, x: Tensor, cond: Tensor, what: str, cond_index: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         ref = self.in_bias
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(
                 f"{what} must have shape (batch, {self.dim}), got {tuple(x.shape)}: pass a 2-D "
                 "batch whose width is the flow's dim"
             )
-        if cond.dim() == 1:
+        if cond_index is not None:
+            if cond_index.shape != (x.shape[0],) or cond_index.dtype != torch.long:
+                raise ValueError(
+                    f"cond_index must be an int64 tensor of shape ({x.shape[0]},) (the row of "
+                    f"cond for each sample), got {cond_index.dtype} {tuple(cond_index.shape)}"
+                )
+            if cond.dim() != 2 or cond.shape[1] != self.dim:
+                raise ValueError(
+                    f"with cond_index, cond must have shape (n, {self.dim}), got "
+                    f"{tuple(cond.shape)}"
+                )
+        elif cond.dim() == 1:
             cond = cond.expand(x.shape[0], -1)
-        if cond.shape != (x.shape[0], self.dim):
+        if cond_index is None and cond.shape != (x.shape[0], self.dim):
             raise ValueError(
                 f"cond must have shape ({x.shape[0]}, {self.dim}) or ({self.dim},), got "
                 f"{tuple(cond.shape)}: pass one condition (normalised proxy) per sample"
@@ -410,11 +423,21 @@ class ConditionalFlow(nn.Module):
     def _weights(self) -> tuple[Tensor | None, ...]:
         return tuple(getattr(self, name) for name in _WEIGHT_NAMES)
 
-    def forward(self, x: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
-        """Embedding ``x`` (B, D) -> residual ``z`` (B, D) and ``log|det dz/dx|`` (B,)."""
+    def forward(
+        self, x: Tensor, cond: Tensor, cond_index: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Embedding ``x`` (B, D) -> residual ``z`` (B, D) and ``log|det dz/dx|`` (B,).
+
+        ``cond`` is (B, D), one condition per sample, or (D,) for all. With ``cond_index``
+        (B,) int64, ``cond`` holds n distinct conditions (n, D) and sample i uses row
+        ``cond_index[i]``: the same result, with the condition projections computed once per
+        distinct row (NIRLoss passes the batch's classes this way).
+        """
         with no_autocast(x.device):
-            x, cond = self._prepare(x, cond, "x")
+            x, cond = self._prepare(x, cond, "x", cond_index)
             offsets = self._first_layer_offsets(cond)
+            if cond_index is not None:
+                offsets = offsets.index_select(0, cond_index)
             weights = self._weights()
             inputs = (x, offsets, *weights)
             if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
@@ -558,12 +581,13 @@ class ConditionalFlow(nn.Module):
                 h = torch.cat([x1, x2], 1).index_select(1, self.inverse_permutations[k])
             return h, logdet
 
-    def nll(self, x: Tensor, cond: Tensor) -> Tensor:
+    def nll(self, x: Tensor, cond: Tensor, cond_index: Tensor | None = None) -> Tensor:
         """Per-sample negative log-likelihood ``0.5 * ||z||^2 - logdet`` (B,), the NIR term.
 
-        The constant ``D/2 * log(2 pi)`` is left out, as in the authors' code.
+        The constant ``D/2 * log(2 pi)`` is left out, as in the authors' code. Arguments as
+        in :meth:`forward`.
         """
-        z, logdet = self(x, cond)
+        z, logdet = self(x, cond, cond_index)
         return 0.5 * torch.sum(z**2, dim=1) - logdet
 
     def sample(self, cond: Tensor, n: int, *, generator: torch.Generator | None = None) -> Tensor:

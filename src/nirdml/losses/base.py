@@ -33,6 +33,8 @@ class ProxyLoss(nn.Module, ABC):
 
     num_classes: int
     embedding_dim: int
+    condition_per_class: bool = True
+    """True when :meth:`class_condition` depends on the label only (not on the embedding)."""
 
     def __init__(self, num_classes: int, embedding_dim: int) -> None:
         super().__init__()
@@ -98,7 +100,11 @@ class ProxyLoss(nn.Module, ABC):
 
     def class_condition(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """(B, dim) L2-normalised proxy of each sample's own class; NOT detached."""
-        return F.normalize(self.proxies.index_select(0, labels), dim=-1)
+        return self.proxy_condition(labels)
+
+    def proxy_condition(self, classes: Tensor) -> Tensor:
+        """(n, dim) L2-normalised proxies of ``classes`` (only for ``condition_per_class``)."""
+        return F.normalize(self.proxies.index_select(0, classes), dim=-1)
 
     def param_groups(
         self, lr: float, proxy_lr_mult: float, flow_lr_mult: float = 1.0

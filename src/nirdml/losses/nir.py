@@ -137,11 +137,11 @@ class NIRLoss(nn.Module):
         return torch.where(over, math.exp(cap) * (nll - cap + 1.0), exact)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        given = labels if isinstance(labels, Tensor) else torch.as_tensor(labels)
         embeddings, labels = self.base_loss.check_inputs(embeddings, labels)
         with no_autocast(embeddings.device):
             proxy_loss = self.base_loss.compute(embeddings, labels)
-            cond = self.base_loss.class_condition(embeddings, labels)
-            nll = self.flow.nll(embeddings, cond)
+            nll = self._nll(embeddings, labels, given)
             if self.objective == "exp_nll":
                 wide = torch.float64 if nll.device.type in ("cpu", "cuda") else nll.dtype
                 nll_wide = nll.to(wide)
@@ -166,6 +166,18 @@ class NIRLoss(nn.Module):
         else:
             self.last_stats["nonfinite"] = (~torch.isfinite(nll.detach())).sum()
         return loss
+
+    def _nll(self, embeddings: Tensor, labels: Tensor, given: Tensor) -> Tensor:
+        """Per-sample NLL under the flow conditioned on each sample's class condition."""
+        base = self.base_loss
+        if base.condition_per_class and given.device.type == "cpu":
+            # A batch holds few classes (45 x 2 samples): condition once per class. The
+            # unique runs on the CPU labels, so it never syncs an accelerator.
+            classes, index = torch.unique(given, return_inverse=True)
+            device = embeddings.device
+            cond = base.proxy_condition(classes.to(device, torch.long, non_blocking=True))
+            return self.flow.nll(embeddings, cond, index.to(device, non_blocking=True))
+        return self.flow.nll(embeddings, base.class_condition(embeddings, labels))
 
     def _diagnose(self, embeddings: Tensor, nll: Tensor, proxy_loss: Tensor) -> str:
         def finite(t: Tensor) -> bool:

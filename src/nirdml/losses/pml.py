@@ -54,6 +54,7 @@ class PMLProxyLoss(ProxyLoss):
         self._attr = attr
         self._rows = rows
         self.centers_per_class = centers
+        self.condition_per_class = centers == 1
 
     @property
     def proxies(self) -> Tensor:

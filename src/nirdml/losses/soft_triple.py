@@ -40,6 +40,8 @@ class SoftTripleLoss(ProxyLoss):
     similarity-weighted center (:func:`weighted_class_center`).
     """
 
+    condition_per_class = False  # the weighted center depends on the embedding
+
     def __init__(
         self,
         num_classes: int,
