@@ -162,7 +162,7 @@ def _parity(authors: AuthorsNIR, ours: NIRLoss, x: Tensor, y: Tensor) -> dict[st
         _rel(p.grad, q) for p, q in zip(ours.flow.parameters(), mapped.parameters(), strict=True)
     )
     out = {
-        "loss": abs(float(val) - float(ref)) / abs(float(ref)),
+        "loss": abs(val.item() - ref.item()) / abs(ref.item()),
         "grad embeddings": _rel(xb.grad, xa.grad),
         "grad proxies": _rel(ours.base_loss.proxies.grad, authors.proxies.grad),
         "grad flow (worst tensor)": flow_rel,
