@@ -1,0 +1,136 @@
+"""ProxyLoss: the small interface every proxy loss implements (docs/architecture.md)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nirdml.flow import no_autocast
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def init_proxies(num_rows: int, dim: int, generator: torch.Generator | None) -> nn.Parameter:
+    """The authors' proxy init ``randn(rows, dim) / 8``.
+
+    Only the direction matters to the losses (all normalise), but the norm sets how fast
+    Adam turns the proxies, so the published lr multipliers (x2000 / x4000) assume it.
+    """
+    return nn.Parameter(torch.randn(num_rows, dim, generator=generator) / 8)
+
+
+class ProxyLoss(nn.Module, ABC):
+    """A proxy-based metric-learning loss: ``loss(embeddings, labels) -> scalar``.
+
+    Subclasses hold ``proxies`` (``(num_classes, dim)``, or ``(num_classes * K, dim)`` for
+    K centers per class) and implement :meth:`compute`. ``forward`` validates the inputs,
+    computes in the proxies' dtype (fp16/bf16 embeddings are upcast, autocast is off
+    inside) and records ``last_stats["proxy_loss"]`` (detached, no host sync).
+    """
+
+    num_classes: int
+    embedding_dim: int
+    condition_per_class: bool = True
+    """True when :meth:`class_condition` depends on the label only (not on the embedding)."""
+
+    def __init__(self, num_classes: int, embedding_dim: int) -> None:
+        super().__init__()
+        if int(num_classes) < 1 or int(embedding_dim) < 1:
+            raise ValueError(
+                f"num_classes and dim must be >= 1, got {num_classes} and {embedding_dim}"
+            )
+        self.num_classes = int(num_classes)
+        self.embedding_dim = int(embedding_dim)
+        self.last_stats: dict[str, Tensor] = {}
+
+    @abstractmethod
+    def compute(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """The loss on inputs already checked by :meth:`check_inputs` (scalar tensor)."""
+
+    def proxy_parameters(self) -> list[nn.Parameter]:
+        """The learned tensors of the loss (the proxies), for the optimizer."""
+        return [self.proxies]
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        embeddings, labels = self.check_inputs(embeddings, labels)
+        with no_autocast(embeddings.device):
+            loss = self.compute(embeddings, labels)
+        self.last_stats = {"proxy_loss": loss.detach()}
+        return loss
+
+    def check_inputs(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Validated ``(embeddings in the proxies' dtype, int64 labels on their device)``."""
+        if not isinstance(embeddings, Tensor):
+            raise TypeError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_dim:
+            raise ValueError(
+                f"embeddings must have shape (batch, {self.embedding_dim}), got "
+                f"{tuple(embeddings.shape)}: the loss was built for dim={self.embedding_dim}"
+            )
+        if embeddings.shape[0] == 0:
+            raise ValueError("empty batch: pass at least one embedding")
+        dtype = self.proxy_parameters()[0].dtype
+        if embeddings.dtype != dtype:
+            if embeddings.dtype not in _LOW_PRECISION:
+                raise ValueError(
+                    f"embeddings are {embeddings.dtype} but the loss's proxies are {dtype}: "
+                    f"call loss.to({embeddings.dtype}) or pass {dtype} embeddings"
+                )
+            embeddings = embeddings.to(dtype)
+        labels = torch.as_tensor(labels)
+        if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+            raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
+        if labels.shape != (embeddings.shape[0],):
+            raise ValueError(
+                f"labels must have shape ({embeddings.shape[0]},) to match the embeddings, got "
+                f"{tuple(labels.shape)}"
+            )
+        # Checked where the labels live: free for CPU labels (as a DataLoader yields them),
+        # one host sync for labels already on an accelerator.
+        if bool(((labels < 0) | (labels >= self.num_classes)).any()):
+            raise ValueError(
+                f"labels must lie in [0, {self.num_classes}): got values in "
+                f"[{int(labels.min())}, {int(labels.max())}]; remap the dataset's classes to "
+                "0..num_classes-1 or build the loss with the right num_classes"
+            )
+        return embeddings, labels.to(device=embeddings.device, dtype=torch.long, non_blocking=True)
+
+    def class_condition(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """(B, dim) L2-normalised proxy of each sample's own class; NOT detached."""
+        return self.proxy_condition(labels)
+
+    def proxy_condition(self, classes: Tensor) -> Tensor:
+        """(n, dim) L2-normalised proxies of ``classes`` (only for ``condition_per_class``)."""
+        return F.normalize(self.proxies.index_select(0, classes), dim=-1)
+
+    def param_groups(
+        self, lr: float, proxy_lr_mult: float, flow_lr_mult: float = 1.0
+    ) -> list[dict]:
+        """Optimizer group of the proxies (lr x ``proxy_lr_mult``, no weight decay).
+
+        ``flow_lr_mult`` is accepted for a uniform interface with ``NIRLoss``; a plain proxy
+        loss has no flow.
+        """
+        return [
+            {
+                "name": "proxies",
+                "params": self.proxy_parameters(),
+                "lr": lr * proxy_lr_mult,
+                "weight_decay": 0.0,
+            }
+        ]
+
+
+def log1p_sum_exp(values: Tensor, mask: Tensor, dim: int = 0) -> Tensor:
+    """``log(1 + sum_{mask} exp(values))`` along ``dim``; 0 where the mask is empty.
+
+    Masked entries are filled with the dtype's most negative value and a zero is appended,
+    as in the authors' and pytorch-metric-learning's masked logsumexp.
+    """
+    values = values.masked_fill(~mask, torch.finfo(values.dtype).min)
+    shape = list(values.shape)
+    shape[dim] = 1
+    return torch.logsumexp(torch.cat([values, values.new_zeros(shape)], dim=dim), dim=dim)

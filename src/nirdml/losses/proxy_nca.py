@@ -1,0 +1,66 @@
+"""ProxyNCALoss (Movshovitz-Attias et al., ICCV 2017) on normalised embeddings and proxies."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nirdml.losses.base import ProxyLoss, init_proxies
+
+
+class ProxyNCALoss(ProxyLoss):
+    """Softmax over ``-scale * ||x - p||^2`` of normalised embedding x and proxies p.
+
+    ``loss_i = -log( exp(-scale d(x_i, p_y)) / sum_{p in Z} exp(-scale d(x_i, p)) )``, mean
+    over the batch, with ``d`` the squared Euclidean distance (``2 - 2 cos`` on the sphere).
+
+    Args:
+        num_classes, dim: number of classes (one proxy each) and embedding dimension.
+        scale: multiplies the squared distances. 9 is the usual setting for normalised
+            vectors (Kim et al. 2020's ProxyNCA baseline scales both vectors by 3;
+            ProxyNCA++ uses temperature 1/9); pytorch-metric-learning calls it
+            ``softmax_scale`` (default 1 there).
+        exclude_positive: ``False`` (default): ``Z`` is all proxies -- cross-entropy, the
+            form of pytorch-metric-learning's ``ProxyNCALoss`` (equal to it with
+            ``softmax_scale=scale``), ProxyNCA++ and Kim et al.'s code. ``True``: ``Z`` is the
+            other classes' proxies only, the original paper's NCA denominator.
+        generator: draws the initial proxies ``randn(C, dim) / 8``.
+
+    Unlike pytorch-metric-learning, the log-softmax is computed stably, so no sample is
+    dropped when its probability underflows.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        scale: float = 9.0,
+        exclude_positive: bool = False,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(num_classes, dim)
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        if exclude_positive and num_classes < 2:
+            raise ValueError("exclude_positive=True needs num_classes >= 2 (negative proxies)")
+        self.scale = float(scale)
+        self.exclude_positive = bool(exclude_positive)
+        self.proxies = init_proxies(num_classes, dim, generator)
+
+    def compute(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        x = F.normalize(embeddings, dim=-1)
+        cos = x @ F.normalize(self.proxies, dim=-1).t()
+        logits = -self.scale * (2.0 - 2.0 * cos).clamp_min(0.0)
+        if not self.exclude_positive:
+            return F.cross_entropy(logits, labels)
+        own = logits.gather(1, labels.unsqueeze(1)).squeeze(1)
+        others = logits.scatter(1, labels.unsqueeze(1), float("-inf"))
+        return (torch.logsumexp(others, dim=1) - own).mean()
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, dim={self.embedding_dim}, scale={self.scale}, "
+            f"exclude_positive={self.exclude_positive}"
+        )
