@@ -52,6 +52,7 @@ class _GatherWithGrad(torch.autograd.Function):
 def gather_batch(embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """The global batch from every rank's slice (embeddings keep their autograd graph)."""
     world = dist.get_world_size()
+    labels = labels.to(embeddings.device)
     parts = [torch.empty_like(labels) for _ in range(world)]
     dist.all_gather(parts, labels.contiguous())
     return _GatherWithGrad.apply(embeddings), torch.cat(parts)

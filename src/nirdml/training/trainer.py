@@ -115,6 +115,9 @@ def build_loss(cfg: LossConfig, num_classes: int, embed_dim: int) -> nn.Module:
         nir_weight=cfg.nir.nir_weight,
         flow=flow,
         nll_cap=cfg.nir.nll_cap,
+        # No per-step host sync: non-finite steps are skipped and counted by GuardedStep,
+        # and a run of them stops training with a clear error.
+        check_finite=False,
     )
 
 
@@ -459,7 +462,7 @@ class _Run:
         )
         for images, labels in self.loader:
             images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
+            # Labels stay on the CPU: the losses move them without a device sync.
             if cfg.model.channels_last and images.dim() == 4:
                 images = images.contiguous(memory_format=torch.channels_last)
             with autocast:
