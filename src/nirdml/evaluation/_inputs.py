@@ -64,8 +64,8 @@ def as_labels(y: ArrayLike, n: int, name: str = "labels") -> np.ndarray:
         )
     if len(a) != n:
         raise ValueError(
-            f"{name} has {len(a)} entries but there are {n} embeddings; pass one label "
-            "per embedding row."
+            f"{name} has {len(a)} entries but {n} are expected (one per embedding / item); "
+            "pass one label per row."
         )
     if not np.issubdtype(a.dtype, np.integer):
         if (
