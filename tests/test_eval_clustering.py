@@ -140,3 +140,24 @@ def test_kmeans_bad_input():
         kmeans(x, 2, backend="sklearn")
     with pytest.raises(ValueError, match="clusters has 2 entries but 3 are expected"):
         nmi([0, 1, 2], [0, 1])
+
+
+@pytest.mark.skipif(not faiss_available(), reason="faiss not installed")
+@pytest.mark.parametrize("seed", [0, 3])
+def test_faiss_kmeans_early_stop_equals_one_full_faiss_run(seed):
+    """Our faiss driver runs one iteration per call and stops at a fixed point; it must
+    equal a single 20-iteration faiss run, also when empty clusters get split."""
+    import faiss
+
+    rng = np.random.default_rng(seed)
+    # many identical points: duplicate initial centroids, empty clusters, splits
+    x = (rng.integers(0, 4, (400, 3)) + 0.01 * rng.integers(0, 3, (400, 3))).astype(np.float32)
+    clus = faiss.Clustering(3, 60)
+    clus.niter, clus.seed = 20, seed
+    clus.min_points_per_centroid, clus.max_points_per_centroid = 1, 2**31 - 1
+    index = faiss.IndexFlatL2(3)
+    clus.train(x, index)
+    stats = clus.iteration_stats
+    assert sum(stats.at(i).nsplit for i in range(stats.size())) > 0  # splits happened
+    _, ref = index.search(x, 1)
+    np.testing.assert_array_equal(kmeans(x, 60, seed=seed, backend="faiss"), ref[:, 0])

@@ -146,3 +146,19 @@ def test_torch_tensors_in_and_grad_ignored():
     x = torch.randn(30, 4, requires_grad=True)
     d, i = knn_search(x, None, 2)
     assert i.dtype == torch.int64 and d.dtype == torch.float32 and not d.requires_grad
+
+
+def test_multi_tile_gallery_small_k_equals_brute_force():
+    # 5,000 items: the small-k path splits the gallery into 4,096-column tiles
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((5000, 10))
+    x[4500] = x[10]  # a duplicate across the tile boundary
+    d, i = knn_search(x, None, 6, device="cpu")
+    sq = (x * x).sum(1)
+    for s in range(0, 5000, 1000):
+        dd = sq[s : s + 1000, None] + sq[None, :] - 2 * x[s : s + 1000] @ x.T
+        dd[np.arange(1000), np.arange(s, s + 1000)] = np.inf
+        idx = np.tile(np.arange(5000), (1000, 1))
+        ref = np.lexsort((idx, dd), axis=1)[:, :6]
+        np.testing.assert_array_equal(i[s : s + 1000].numpy(), ref)
+    assert i[10, 0].item() == 4500 and i[4500, 0].item() == 10

@@ -16,7 +16,7 @@ from nirdml.evaluation.api import (
 )
 from nirdml.evaluation.clustering import ami, nmi, pairwise_f1
 from nirdml.evaluation.embed import compute_embeddings
-from nirdml.evaluation.kmeans import kmeans
+from nirdml.evaluation.kmeans_backends import kmeans
 from nirdml.evaluation.knn import faiss_available, knn_search
 from nirdml.evaluation.retrieval import (
     map_at,

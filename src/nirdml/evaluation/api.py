@@ -16,7 +16,7 @@ import torch
 
 from nirdml.evaluation import clustering, retrieval, structure
 from nirdml.evaluation._inputs import ArrayLike, as_embeddings, as_labels, resolve_device
-from nirdml.evaluation.kmeans import DEFAULT_NITER, kmeans, resolve_kmeans_backend
+from nirdml.evaluation.kmeans_backends import DEFAULT_NITER, kmeans, resolve_kmeans_backend
 from nirdml.evaluation.knn import DEFAULT_MEMORY_BUDGET_MB, iter_knn, resolve_knn_backend
 
 _COMMON = ("map@r", "r_precision", "map@1000", "map@1000_authors", "nmi", "f1")

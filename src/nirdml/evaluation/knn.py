@@ -36,6 +36,10 @@ DEFAULT_MEMORY_BUDGET_MB = 512.0
 # Below this k the per-row threshold comes from an exact ``topk``; above it from a sample.
 _EXACT_THRESHOLD_MAX_K = 256
 _SAMPLE_COLUMNS = 4096
+# Tile shape for small k (measured on a 2-core AMD EPYC: ~1.4x the GEMM throughput of
+# whole 60k-column rows).
+_SMALL_K_TILE_COLS = 4096
+_MAX_QUERY_ROWS = 2048
 # Bytes of temporaries per distance-matrix entry (distances, mask, selection scratch).
 _BYTES_PER_ENTRY = 16
 
@@ -165,16 +169,44 @@ def _iter_knn_torch(
     g_sqn = (g * g).sum(1)
     q_sqn_all = g_sqn if exclude_self else (q_all * q_all).sum(1)
     n_g = g.shape[0]
-    # Gallery block: whole gallery unless even 64 query rows would not fit the budget.
-    g_block = min(n_g, rows_for_budget(_BYTES_PER_ENTRY * 64, memory_budget_mb, minimum=k + 1))
+    # Small k: cache-sized tiles (faster matrix products, cheap running-top-k merges).
+    # Large k: whole gallery rows (few merges of long candidate lists), unless even 64
+    # query rows would not fit the budget.
+    g_cap = _SMALL_K_TILE_COLS if k <= _EXACT_THRESHOLD_MAX_K else n_g
+    g_block = min(n_g, g_cap, rows_for_budget(_BYTES_PER_ENTRY * 64, memory_budget_mb, k + 1))
     q_block = rows_for_budget(_BYTES_PER_ENTRY * g_block + 48 * k, memory_budget_mb)
-    q_block = min(q_block, 8192, q_all.shape[0])
+    q_block = min(q_block, _MAX_QUERY_ROWS, q_all.shape[0])
+    # One reusable buffer for the distance block and one for the selection mask: fresh
+    # multi-megabyte allocations are page-faulted in on every block, which costs as much
+    # as the matrix product itself on CPU.
+    scratch = _Scratch(q_block * g_block, g.dtype, device)
     for s in range(0, q_all.shape[0], q_block):
         e = min(s + q_block, q_all.shape[0])
         d, i = _topk_block(
-            q_all[s:e], q_sqn_all[s:e], g, g_sqn, k, s if exclude_self else None, g_block
+            q_all[s:e],
+            q_sqn_all[s:e],
+            g,
+            g_sqn,
+            k,
+            s if exclude_self else None,
+            g_block,
+            scratch,
         )
         yield s, e, d, i
+
+
+class _Scratch:
+    """Preallocated distance and mask buffers, viewed at any shape up to their size."""
+
+    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.dist = torch.empty(numel, dtype=dtype, device=device)
+        self.mask = torch.empty(numel, dtype=torch.bool, device=device)
+
+    def dist_view(self, rows: int, cols: int) -> torch.Tensor:
+        return self.dist[: rows * cols].view(rows, cols)
+
+    def mask_view(self, rows: int, cols: int) -> torch.Tensor:
+        return self.mask[: rows * cols].view(rows, cols)
 
 
 def _topk_block(
@@ -185,6 +217,7 @@ def _topk_block(
     k: int,
     self_offset: int | None,
     g_block: int,
+    scratch: _Scratch,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k of one query block over the whole gallery, in (distance, index) order.
 
@@ -197,13 +230,14 @@ def _topk_block(
     best_i: torch.Tensor | None = None
     for c0 in range(0, g.shape[0], g_block):
         c1 = min(c0 + g_block, g.shape[0])
-        d = torch.addmm(g_sqn[c0:c1].unsqueeze(0), q, g[c0:c1].T, beta=1.0, alpha=-2.0)
+        d = scratch.dist_view(n_q, c1 - c0)
+        torch.addmm(g_sqn[c0:c1].unsqueeze(0), q, g[c0:c1].T, beta=1.0, alpha=-2.0, out=d)
         self_col = None
         if self_offset is not None:
             self_col = rows + (self_offset - c0)
             inside = (self_col >= 0) & (self_col < c1 - c0)
             d[rows[inside], self_col[inside]] = math.inf
-        cand_d, cand_i = _block_candidates(d, k, self_col)
+        cand_d, cand_i = _block_candidates(d, k, self_col, scratch)
         cand_i += c0
         if best_d is None:
             best_d, best_i = cand_d, cand_i
@@ -221,7 +255,7 @@ def _topk_block(
 
 
 def _block_candidates(
-    d: torch.Tensor, k: int, self_col: torch.Tensor | None
+    d: torch.Tensor, k: int, self_col: torch.Tensor | None, scratch: _Scratch | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, every entry within the row's k smallest, ties at the boundary included,
     as padded ``(rows, m)`` arrays (pad: value inf, column ``n_cols``) whose rows are in
@@ -255,7 +289,9 @@ def _block_candidates(
     sample = torch.linspace(0, n_cols - 1, min(n_cols, _SAMPLE_COLUMNS), device=d.device).long()
     r = min(sample.numel(), math.ceil(1.2 * k * sample.numel() / n_cols) + 16)
     thr = torch.topk(d[:, sample], r, dim=1, largest=False, sorted=False).values.amax(1)
-    vals, cols = _masked_candidates(d, d <= thr.unsqueeze(1), self_col)
+    mask = None if scratch is None else scratch.mask_view(n_rows, n_cols)
+    mask = torch.le(d, thr.unsqueeze(1), out=mask)
+    vals, cols = _masked_candidates(d, mask, self_col)
     short = (cols < n_cols).sum(1) < k
     if bool(short.any()):
         bad = short.nonzero().squeeze(1)

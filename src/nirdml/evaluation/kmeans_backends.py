@@ -5,7 +5,9 @@ Two backends:
 - ``faiss``: ``faiss.Clustering`` set up as in the NIR / "Revisiting DML" authors' code
   (``niter`` Lloyd iterations, default 20; no subsampling: ``max_points_per_centroid``
   effectively infinite, ``min_points_per_centroid = 1``; init = ``k`` distinct random points
-  drawn with ``seed``), then every point is assigned to its nearest final centroid. With
+  drawn with ``seed``), then every point is assigned to its nearest final centroid. It is
+  driven one iteration at a time so that it can stop once the centroids no longer change
+  (the result is identical to running all ``niter`` iterations, usually in far fewer). With
   the same seed and ``niter`` this is the clustering pytorch-metric-learning's
   ``FaissKMeans`` computes whenever it does not subsample (``n <= 256 k``, always true for
   DML test sets clustered into the number of classes).
@@ -32,6 +34,9 @@ from nirdml.evaluation.knn import DEFAULT_MEMORY_BUDGET_MB, faiss_available
 
 KMEANS_BACKENDS = ("auto", "torch", "faiss")
 DEFAULT_NITER = 20
+# Distance tile shape of the assignment step (cache-friendly matrix products).
+_TILE_COLS = 4096
+_TILE_ROWS = 2048
 
 
 def resolve_kmeans_backend(backend: str) -> str:
@@ -80,19 +85,43 @@ def kmeans(
     )
 
 
-def _kmeans_faiss(x: torch.Tensor, k: int, niter: int, seed: int) -> np.ndarray:
+def _faiss_clustering(d: int, k: int, seed: int):
     import faiss
 
-    data = np.ascontiguousarray(x.to(torch.float32).numpy())
-    d = data.shape[1]
     clus = faiss.Clustering(d, k)
-    clus.niter = niter
+    clus.niter = 1
     clus.seed = int(seed)
     clus.min_points_per_centroid = 1
     clus.max_points_per_centroid = 2**31 - 1
     clus.verbose = False
+    return clus
+
+
+def _kmeans_faiss(x: torch.Tensor, k: int, niter: int, seed: int) -> np.ndarray:
+    """``faiss.Clustering`` with ``niter`` iterations, run one iteration per call.
+
+    Each call continues from the previous centroids (faiss skips its random init when
+    centroids are given, and its empty-cluster split re-seeds its generator every
+    iteration), so the chain is the same computation as one ``niter``-iteration run; it
+    stops early once an iteration leaves the centroids bit-identical, because every later
+    iteration would repeat it."""
+    import faiss
+
+    data = np.ascontiguousarray(x.to(torch.float32).numpy())
+    d = data.shape[1]
     index = faiss.IndexFlatL2(d)
+    clus = _faiss_clustering(d, k, seed)
     clus.train(data, index)
+    prev = faiss.vector_to_array(clus.centroids).copy()
+    for _ in range(niter - 1):
+        clus = _faiss_clustering(d, k, seed)
+        faiss.copy_array_to_vector(prev, clus.centroids)
+        index.reset()
+        clus.train(data, index)
+        cur = faiss.vector_to_array(clus.centroids).copy()
+        if np.array_equal(cur, prev):
+            break
+        prev = cur
     # The index holds the final centroids: assign every point to its nearest one.
     _, assign = index.search(data, 1)
     return assign[:, 0].astype(np.int64)
@@ -106,23 +135,51 @@ class _Lloyd:
         self.x_sqn = (x * x).sum(1)
         self.k = k
         self.budget = memory_budget_mb
+        self.buf = torch.empty(0, dtype=x.dtype, device=x.device)
 
     def nearest(
         self, pts: torch.Tensor, cent_ids: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """For the points ``pts`` (indices), the nearest centroid among ``cent_ids`` (all
-        when None; ids ascending) and ``||c||^2 - 2 x.c`` to it. Ties: lowest id."""
+        when None; ids ascending) and ``||c||^2 - 2 x.c`` to it. Ties: lowest id.
+
+        Works in (point block x centroid tile) pieces written into one reused buffer
+        (fresh large allocations are page-faulted in on every chunk); tiles are visited in
+        ascending centroid order and only a strictly smaller value replaces the running
+        best, so ties keep the lowest id."""
         c = self.c if cent_ids is None else self.c[cent_ids]
         c_sqn = self.c_sqn if cent_ids is None else self.c_sqn[cent_ids]
+        n_c = c.shape[0]
         best_val = torch.empty(pts.shape[0], dtype=self.x.dtype, device=self.x.device)
         best_id = torch.empty(pts.shape[0], dtype=torch.long, device=self.x.device)
-        rows = rows_for_budget(8 * c.shape[0], self.budget, minimum=1)
+        cols = min(n_c, _TILE_COLS)
+        rows = min(pts.shape[0], _TILE_ROWS, rows_for_budget(8 * cols, self.budget))
+        if self.buf.numel() < rows * cols:
+            self.buf = torch.empty(rows * cols, dtype=self.x.dtype, device=self.x.device)
         for s in range(0, pts.shape[0], rows):
-            p = pts[s : s + rows]
-            d = torch.addmm(c_sqn.unsqueeze(0), self.x[p], c.T, beta=1.0, alpha=-2.0)
-            v, i = d.min(dim=1)
-            best_val[s : s + rows] = v
-            best_id[s : s + rows] = i if cent_ids is None else cent_ids[i]
+            xp = self.x[pts[s : s + rows]]
+            bv = bi = None
+            for c0 in range(0, n_c, cols):
+                w = min(cols, n_c - c0)
+                d = self.buf[: xp.shape[0] * w].view(xp.shape[0], w)
+                torch.addmm(
+                    c_sqn[c0 : c0 + w].unsqueeze(0),
+                    xp,
+                    c[c0 : c0 + w].T,
+                    beta=1.0,
+                    alpha=-2.0,
+                    out=d,
+                )
+                v, i = d.min(dim=1)
+                if bv is None:
+                    bv, bi = v, i
+                else:
+                    better = v < bv
+                    bv = torch.where(better, v, bv)
+                    bi = torch.where(better, i + c0, bi)
+            assert bv is not None and bi is not None
+            best_val[s : s + rows] = bv
+            best_id[s : s + rows] = bi if cent_ids is None else cent_ids[bi]
         return best_val, best_id
 
     def set_centroids(self, c: torch.Tensor) -> None:
