@@ -1,18 +1,22 @@
 """Exact k-nearest-neighbour search in bounded memory.
 
-The torch backend computes squared Euclidean distances block by block
-(``||g||^2 - 2 q.g + ||q||^2`` through one ``addmm`` per block, clamped at 0) and keeps a
-running top-k per query, so the ``N x N`` distance matrix never exists. Block sizes follow
-from ``memory_budget_mb``. Neighbours are ordered by (distance, gallery index): among equal
-distances the lower gallery index ranks first, on every backend and for every chunking.
-In self-retrieval mode each query's own row is excluded *by index*, so an exact duplicate
-of the query (distance 0) is still returned as a neighbour.
+The torch backend ranks each query's gallery by ``||g||^2 - 2 q.g`` (the squared
+Euclidean distance minus the per-query constant ``||q||^2``), computed block by block with
+one ``addmm`` into a reused buffer, and keeps a running top-k per query, so the ``N x N``
+distance matrix never exists. ``||q||^2`` is added back (and the result clamped at 0) for
+the k returned distances only. Block sizes follow from ``memory_budget_mb``: for small k
+(<= 256) the gallery is cut into cache-sized tiles of 4,096 columns; for large k each query
+block sees whole gallery rows. Neighbours are ordered by (distance, gallery index): among
+equal distances the lower gallery index ranks first, on every backend and for every
+chunking. In self-retrieval each query's own row is excluded *by index*, so an exact
+duplicate of the query (distance 0) is still returned as a neighbour.
 
-Selection per block: the k-th smallest distance of each row is found (``topk`` for small
-k; for large k an estimate from a fixed column sample, checked by counting and corrected
-exactly where it is too low), every entry ``<= `` that threshold becomes a candidate (so
-ties at the boundary are all kept), and one stable sort by distance of
-``[running top-k | candidates in gallery order]`` yields the (distance, index) order.
+Selection per block: for small k, ``topk(k + 1)``; where the (k+1)-th value equals the
+k-th (a tie at the boundary) the row falls back to taking every entry ``<=`` the k-th
+value. For large k, a threshold estimated from a fixed sample of 4,096 columns, checked
+per row and replaced by the exact k-th value where too low; every entry ``<=`` it is a
+candidate. One stable sort by distance of ``[running top-k | block candidates]`` (both in
+(distance, index) or index order) then yields the (distance, index) order.
 
 faiss (``IndexFlatL2``, exact) is an optional backend; its results are re-sorted by
 (distance, index) so that tie order matches the torch backend.

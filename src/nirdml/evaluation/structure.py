@@ -45,8 +45,8 @@ def singular_values(x: ArrayLike, *, device: str | torch.device | None = None) -
     """The ``min(n, dim)`` singular values of ``x`` (uncentred), descending, float64."""
     t = as_embeddings(x, "embeddings").to(resolve_device(device))
     gram = torch.zeros(t.shape[1], t.shape[1], dtype=torch.float64, device=t.device)
-    for s in range(0, t.shape[0], 65536):
-        block = t[s : s + 65536].to(torch.float64)
+    for s in range(0, t.shape[0], 16384):
+        block = t[s : s + 16384].to(torch.float64)
         gram += block.T @ block
     eig = torch.linalg.eigvalsh(gram).clamp(min=0).flip(0)
     return eig[: min(t.shape)].sqrt().cpu()
