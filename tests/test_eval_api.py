@@ -160,3 +160,26 @@ def test_compute_embeddings_errors():
         compute_embeddings(net, TensorDataset(torch.randn(4, 6)))
     with pytest.raises(ValueError, match="empty"):
         compute_embeddings(net, TensorDataset(torch.randn(0, 6), torch.zeros(0)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_equals_cpu():
+    x, y = small(n=600)
+    names = [
+        "recall@1",
+        "recall@4",
+        "map@r",
+        "r_precision",
+        "map@100",
+        "map@100_authors",
+        "rho_spectrum",
+        "pi_ratio",
+        "uniformity_g2",
+    ]
+    cpu = evaluate(x, y, names, device="cpu")
+    gpu = evaluate(torch.from_numpy(x).cuda(), y, names, device="cuda")
+    for name in names:
+        assert gpu[name] == pytest.approx(cpu[name], abs=1e-6), name
+    a = evaluate(x, y, ["nmi"], backend="torch", device="cuda", seed=2)
+    b = evaluate(x, y, ["nmi"], backend="torch", device="cuda", seed=2)
+    assert a == b  # seeded and reproducible on GPU too

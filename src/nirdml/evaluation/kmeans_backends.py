@@ -7,7 +7,9 @@ Two backends:
   effectively infinite, ``min_points_per_centroid = 1``; init = ``k`` distinct random points
   drawn with ``seed``), then every point is assigned to its nearest final centroid. It is
   driven one iteration at a time so that it can stop once the centroids no longer change
-  (the result is identical to running all ``niter`` iterations, usually in far fewer). With
+  (the result is identical to running all ``niter`` iterations, usually in far fewer;
+  faiss >= 1.15 also stops at an unchanged objective by itself, older versions always ran
+  all ``niter``, as in the authors' runs). With
   the same seed and ``niter`` this is the clustering pytorch-metric-learning's
   ``FaissKMeans`` computes whenever it does not subsample (``n <= 256 k``, always true for
   DML test sets clustered into the number of classes).
@@ -107,7 +109,7 @@ def _kmeans_faiss(x: torch.Tensor, k: int, niter: int, seed: int) -> np.ndarray:
     iteration would repeat it."""
     import faiss
 
-    data = np.ascontiguousarray(x.to(torch.float32).numpy())
+    data = np.ascontiguousarray(x.detach().cpu().to(torch.float32).numpy())
     d = data.shape[1]
     index = faiss.IndexFlatL2(d)
     clus = _faiss_clustering(d, k, seed)
@@ -115,6 +117,8 @@ def _kmeans_faiss(x: torch.Tensor, k: int, niter: int, seed: int) -> np.ndarray:
     prev = faiss.vector_to_array(clus.centroids).copy()
     for _ in range(niter - 1):
         clus = _faiss_clustering(d, k, seed)
+        if hasattr(clus, "check_input_data_for_NaNs"):
+            clus.check_input_data_for_NaNs = False  # checked once already
         faiss.copy_array_to_vector(prev, clus.centroids)
         index.reset()
         clus.train(data, index)
