@@ -24,7 +24,8 @@ Rows:
 - ``ours_full``: the full SOP metric set (recall@1,10,100,1000, r_precision, map@r,
   map@1000, map@1000_authors, nmi, ami, f1, rho_spectrum, pi_ratio, uniformity_g2).
 
-Run (takes ~20-40 min on 2 cores; writes benchmarks/results/eval_speed.md):
+Run (about 11 min on an idle 2-core machine with --reps 2, longer under load; writes
+benchmarks/results/eval_speed.md):
 
     nohup /work/venv/bin/python benchmarks/eval_speed.py > benchmarks/results/eval_speed.log 2>&1 &
 
