@@ -1,0 +1,85 @@
+"""``compute_embeddings``: run a model over a dataset or loader, in eval mode."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from nirdml.evaluation._inputs import resolve_device
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def compute_embeddings(
+    model: nn.Module,
+    dataset_or_loader: Dataset | DataLoader,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    amp: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embed every item; returns ``(embeddings, labels)`` as float32 / int64 CPU tensors in
+    dataset order.
+
+    The model runs in eval mode under ``torch.inference_mode`` (its previous train/eval
+    mode is restored afterwards). Items must be ``(input, label)`` pairs. A ``DataLoader``
+    is used as given (``batch_size`` and ``num_workers`` then do not apply; it must not
+    shuffle if the order matters). ``device`` None means the model's own device; the model
+    is never moved. ``amp=True`` runs the forward pass under float16 autocast (CUDA only).
+    """
+    dev = _model_device(model) if device is None else resolve_device(device)
+    if _model_device(model) != dev and not (
+        dev.type == _model_device(model).type and dev.index is None
+    ):
+        raise ValueError(
+            f"the model is on {_model_device(model)} but device={dev}; move it first "
+            "(model.to(device)) or pass device=None."
+        )
+    if amp and dev.type != "cuda":
+        raise ValueError("amp=True needs a CUDA device; pass amp=False on CPU.")
+    if isinstance(dataset_or_loader, DataLoader):
+        loader = dataset_or_loader
+    else:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        loader = DataLoader(
+            dataset_or_loader,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            pin_memory=dev.type == "cuda",
+        )
+    was_training = model.training
+    model.eval()
+    embs: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    try:
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+            for batch in loader:
+                if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                    raise ValueError(
+                        "dataset items must be (input, label) pairs; wrap the dataset so "
+                        "__getitem__ returns (tensor, int)."
+                    )
+                x, y = batch[0], batch[1]
+                out = model(x.to(dev, non_blocking=True))
+                if not isinstance(out, torch.Tensor) or out.ndim != 2:
+                    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                    raise ValueError(
+                        f"the model must return a (batch, dim) tensor of embeddings, got {got}."
+                    )
+                embs.append(out.float().cpu())
+                labels.append(torch.as_tensor(y).long().cpu().reshape(-1))
+    finally:
+        model.train(was_training)
+    if not embs:
+        raise ValueError("the dataset is empty; nothing to embed.")
+    return torch.cat(embs), torch.cat(labels)

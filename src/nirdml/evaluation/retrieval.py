@@ -1,0 +1,106 @@
+"""Retrieval metrics from ranked neighbour lists, one value per query.
+
+Every function takes ``hits``, a ``(num_queries, K)`` boolean tensor (``hits[i, j]``: the
+j-th nearest gallery item of query i has the query's class; neighbours ranked by
+(distance, gallery index), the query itself already excluded in self-retrieval) and
+``num_relevant``, the number of same-class gallery items of each query (``R``; in
+self-retrieval the class size minus one). They return float64 per-query values; queries
+with ``R = 0`` get NaN where the metric is undefined, and the caller averages the others.
+
+Definitions (``P@j``: fraction of hits among the first j neighbours):
+
+- ``recall@k``: 1 if a hit is among the first k neighbours, else 0 (the DML "Recall@k",
+  a hit rate; equal to pytorch-metric-learning's ``precision_at_1`` for k = 1).
+- ``r_precision``: hits among the first R neighbours, divided by R (Musgrave et al. 2020).
+- ``map@r``: sum of ``P@j`` over hits j <= R, divided by R (Musgrave et al. 2020,
+  pytorch-metric-learning's ``mean_average_precision_at_r``).
+- ``map@m``: average precision truncated at m: sum of ``P@j`` over hits j <= m, divided by
+  ``min(m, R)`` (reaches 1 for a perfect ranking).
+- ``map@m_authors``: the same sum divided by ``R + 1``, the class size *including* the
+  query, as in the NIR / "Revisiting DML" authors' ``mAP_1000``; it cannot reach 1, and
+  queries with ``R = 0`` count as 0 instead of being left out.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _check(hits: torch.Tensor, num_relevant: torch.Tensor, needed: int, name: str) -> None:
+    if hits.ndim != 2 or hits.dtype != torch.bool:
+        raise ValueError(f"hits must be a 2-D bool tensor, got {hits.dtype} {tuple(hits.shape)}.")
+    if num_relevant.shape != (hits.shape[0],):
+        raise ValueError(
+            f"num_relevant must have one entry per query ({hits.shape[0]}), "
+            f"got shape {tuple(num_relevant.shape)}."
+        )
+    if hits.shape[1] < needed:
+        raise ValueError(
+            f"{name} needs at least {needed} ranked neighbours per query but hits has "
+            f"{hits.shape[1]}; search more neighbours."
+        )
+
+
+def _undefined_to_nan(values: torch.Tensor, num_relevant: torch.Tensor) -> torch.Tensor:
+    return torch.where(num_relevant > 0, values, torch.full_like(values, float("nan")))
+
+
+def recall_at_k(hits: torch.Tensor, num_relevant: torch.Tensor, k: int) -> torch.Tensor:
+    """1.0 where a same-class item is among the first ``k`` neighbours (NaN if R = 0).
+
+    ``k`` larger than the number of ranked neighbours is allowed only when the list holds
+    every gallery item (then the answer is exact anyway)."""
+    _check(hits, num_relevant, 0, f"recall@{k}")
+    values = hits[:, :k].any(dim=1).to(torch.float64)
+    return _undefined_to_nan(values, num_relevant)
+
+
+def _relevance_window(num_relevant: torch.Tensor, width: int, limit: torch.Tensor) -> torch.Tensor:
+    cols = torch.arange(width, device=num_relevant.device)
+    return cols.unsqueeze(0) < limit.unsqueeze(1)
+
+
+def r_precision(hits: torch.Tensor, num_relevant: torch.Tensor) -> torch.Tensor:
+    """Hits among the first R neighbours over R (NaN if R = 0)."""
+    r_max = int(num_relevant.max()) if num_relevant.numel() else 0
+    _check(hits, num_relevant, r_max, "r_precision")
+    h = hits[:, :r_max]
+    window = _relevance_window(num_relevant, h.shape[1], num_relevant)
+    found = (h & window).sum(dim=1).to(torch.float64)
+    return _undefined_to_nan(found / num_relevant.clamp(min=1), num_relevant)
+
+
+def _precision_sum(hits: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+    """Per query, sum of P@j over hits at ranks j <= limit."""
+    window = _relevance_window(limit, hits.shape[1], limit)
+    h = hits & window
+    cum = torch.cumsum(h, dim=1, dtype=torch.int64).to(torch.float64)
+    ranks = torch.arange(1, hits.shape[1] + 1, device=hits.device, dtype=torch.float64)
+    return (cum * h / ranks).sum(dim=1)
+
+
+def map_at_r(hits: torch.Tensor, num_relevant: torch.Tensor) -> torch.Tensor:
+    """MAP@R: sum of P@j over hits j <= R, divided by R (NaN if R = 0)."""
+    r_max = int(num_relevant.max()) if num_relevant.numel() else 0
+    _check(hits, num_relevant, r_max, "map@r")
+    s = _precision_sum(hits[:, :r_max], num_relevant)
+    return _undefined_to_nan(s / num_relevant.clamp(min=1), num_relevant)
+
+
+def map_at(hits: torch.Tensor, num_relevant: torch.Tensor, m: int) -> torch.Tensor:
+    """AP truncated at m, divided by min(m, R) (NaN if R = 0).
+
+    ``hits`` must hold at least ``min(m, gallery size)`` neighbours."""
+    _check(hits, num_relevant, 0, f"map@{m}")
+    h = hits[:, :m]
+    s = _precision_sum(h, torch.full_like(num_relevant, h.shape[1]))
+    return _undefined_to_nan(s / num_relevant.clamp(min=1, max=m), num_relevant)
+
+
+def map_at_authors(hits: torch.Tensor, num_relevant: torch.Tensor, m: int) -> torch.Tensor:
+    """The NIR authors' mAP@m: AP truncated at m divided by R + 1 (the class size including
+    the query); queries with R = 0 score 0. Self-retrieval only."""
+    _check(hits, num_relevant, 0, f"map@{m}_authors")
+    h = hits[:, :m]
+    s = _precision_sum(h, torch.full_like(num_relevant, h.shape[1]))
+    return s / (num_relevant + 1).to(torch.float64)
