@@ -56,6 +56,8 @@ def compute_embeddings(
             shuffle=False,
             num_workers=num_workers,
             pin_memory=dev.type == "cuda",
+            # DataLoader draws its base seed from a generator: keep the global RNG untouched.
+            generator=torch.Generator().manual_seed(0),
         )
     was_training = model.training
     model.eval()
