@@ -8,6 +8,7 @@ import sys
 import pytest
 import yaml
 
+from conftest import REPO_ROOT
 from nirdml.training.config import (
     ConfigError,
     RunConfig,
@@ -15,7 +16,6 @@ from nirdml.training.config import (
     load_config,
     parse_override,
 )
-from tests.conftest import REPO_ROOT
 
 
 def test_default_is_the_digits_preset():

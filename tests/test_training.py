@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import REPO_ROOT
 from nirdml.training.checkpoint import load_checkpoint
 from nirdml.training.config import list_presets, load_config
 from nirdml.training.trainer import NonFiniteLossError, train
-from tests.conftest import REPO_ROOT
 
 FAST = ["epochs=4", "eval.every=2", "log.progress=false"]
 
