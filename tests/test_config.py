@@ -43,7 +43,7 @@ def test_unknown_key_names_it_and_suggests_the_closest():
         ("loss.name=arcface", "loss.name 'arcface' is unknown"),
         ("loss.nir.objective=likelihood", "objective must be exp_nll or nll"),
         ("optim.milestones=[50, 10]", "milestones must be increasing"),
-        ("model.pretrained=maybe", "expected true or false"),
+        ("model.pretrained=maybe", "model.pretrained must be true, false"),
         ("amp=fp8", "amp must be none, bf16 or fp16"),
         ("data.batch_size=1.5", "expected an integer"),
     ],

@@ -386,6 +386,11 @@ def validate(cfg: RunConfig) -> None:
     _check(d.num_workers >= 0, "data.num_workers must be >= 0")
     _check(d.val_classes >= 0, "data.val_classes must be >= 0 (a fraction < 1 or a class count)")
     _check(m.embed_dim >= 2, f"model.embed_dim must be >= 2, got {m.embed_dim}")
+    _check(
+        not isinstance(m.pretrained, str) or m.pretrained.startswith("IMAGENET1K_V"),
+        f"model.pretrained must be true, false or a torchvision weights version such as "
+        f"IMAGENET1K_V1 / IMAGENET1K_V2, not {m.pretrained!r}",
+    )
     _check(m.pooling in ("avg", "max", "avg+max"), "model.pooling must be avg, max or avg+max")
     _check(m.in_channels in (1, 3), "model.in_channels must be 1 or 3")
     _check(
