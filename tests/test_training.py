@@ -231,3 +231,36 @@ def test_cli_presets_and_evaluate_and_embed(tmp_path):
         _cli("train", "digits", "--set", "optim.lrr=1"), env=_env(), capture_output=True, text=True
     )
     assert bad.returncode == 2 and "Did you mean 'lr'" in bad.stderr
+
+
+def test_tensorboard_and_wandb_offline_loggers(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    wandb = pytest.importorskip("wandb")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = load_config(
+        "digits", ["epochs=1", "log.progress=false", "log.tensorboard=true", "log.wandb=true"]
+    )
+    result = train(cfg, tmp_path / "run")
+    events = EventAccumulator(str(result.out_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "test/recall@1", "lr/proxies"} <= tags
+    value = events.Scalars("test/recall@1")[-1].value
+    assert value == pytest.approx(result.summary["final"]["test/recall@1"], rel=1e-6)
+    runs = list((result.out_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+    assert wandb.run is None  # finished
+
+
+def test_wandb_online_without_credentials_is_a_clear_error(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    cfg = load_config(
+        "digits", ["epochs=1", "log.progress=false", "log.wandb=true", "log.wandb_mode=online"]
+    )
+    with pytest.raises(RuntimeError, match="WANDB_API_KEY in the environment"):
+        train(cfg, tmp_path / "run")
