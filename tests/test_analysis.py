@@ -344,3 +344,59 @@ def test_bad_inputs_name_the_fix(digits_run, tmp_path):
     with pytest.raises(ValueError, match="2-D map method"):
         analyze(npz, tmp_path / "o", map_method="mds")
     assert main(["analyze", str(tmp_path / "nope.pt"), "-o", str(tmp_path / "o")]) == 2
+
+
+# ----------------------------------------------------------------------------- flow samples
+
+
+def _small_nir(base):
+    from nirdml.losses import NIRLoss
+    from nirdml.models import build_model
+
+    model = build_model("small_cnn", 16, in_channels=1, seed=0).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        loss = NIRLoss(base).eval()
+    return model, loss
+
+
+def test_flow_samples_are_the_flows_own_draws_around_the_proxy():
+    from nirdml.analysis import draw_flow_samples
+    from nirdml.data import build_transforms, load_dataset
+    from nirdml.losses import ProxyAnchorLoss
+
+    train = load_dataset("digits").train.with_transform(build_transforms("digits", train=False))
+    model, loss = _small_nir(ProxyAnchorLoss(5, 16, generator=torch.Generator().manual_seed(0)))
+    fs = draw_flow_samples(model, loss, train, classes=[2, 4], num_samples=7, max_real=9, seed=5)
+    assert fs.classes == [2, 4] and fs.names == ["2", "4"]
+    assert [r.shape for r in fs.real] == [(9, 16), (9, 16)]
+    proxy = torch.nn.functional.normalize(loss.proxies[2].detach(), dim=0)
+    with torch.no_grad():
+        own = loss.flow.sample(proxy, 7, generator=torch.Generator().manual_seed(5))
+    assert np.allclose(fs.samples[0], own.numpy(), atol=1e-5)
+    assert np.allclose(fs.proxies[0], proxy.numpy(), atol=1e-6)
+    again = draw_flow_samples(model, loss, train, classes=[2, 4], num_samples=7, max_real=9, seed=5)
+    assert all(np.array_equal(a, b) for a, b in zip(fs.samples, again.samples, strict=True))
+    # the real embeddings' NLL matches the flow's own nll()
+    real = torch.from_numpy(fs.real[1])
+    cond = torch.nn.functional.normalize(loss.proxies[4].detach(), dim=0).expand(9, -1)
+    with torch.no_grad():
+        assert fs.stats[1]["nll_real"] == pytest.approx(
+            float(loss.flow.nll(real, cond).mean()), abs=1e-4
+        )
+
+
+def test_flow_samples_for_soft_triple_use_the_per_sample_condition():
+    from nirdml.analysis import draw_flow_samples
+    from nirdml.data import build_transforms, load_dataset
+    from nirdml.losses import SoftTripleLoss
+
+    train = load_dataset("digits").train.with_transform(build_transforms("digits", train=False))
+    model, loss = _small_nir(SoftTripleLoss(5, 16, centers_per_class=3))
+    fs = draw_flow_samples(model, loss, train, num_classes=2, num_samples=11, max_real=4, seed=0)
+    assert len(fs.classes) == 2 and fs.samples[0].shape == (11, 16)
+    assert all(math.isfinite(v) for st in fs.stats for v in st.values())
+    with pytest.raises(ValueError, match="not training classes"):
+        draw_flow_samples(model, loss, train, classes=[7])
+    with pytest.raises(ValueError, match="NIR model"):
+        draw_flow_samples(model, loss.base_loss, train)

@@ -144,6 +144,9 @@ def curves_plot(curves: Sequence[Curve], ylabel: str, title: str) -> bytes:
             ax.fill_between(
                 curve.epochs[complete], mean - std, mean + std, color=color, alpha=0.18, lw=0
             )
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
