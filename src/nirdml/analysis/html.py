@@ -38,11 +38,14 @@ def fmt(value: object, digits: int = 4) -> str:
     return esc(value)
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence[object]], left: int = 1) -> str:
-    """An HTML table; the first ``left`` columns are left-aligned text."""
+def table(
+    header: Sequence[str], rows: Sequence[Sequence[object]], text: Sequence[int] = (0,)
+) -> str:
+    """An HTML table; the columns listed in ``text`` are left-aligned text, the others
+    right-aligned numbers."""
 
     def cell(tag: str, i: int, v: object) -> str:
-        cls = ' class="l"' if i < left else ""
+        cls = ' class="l"' if i in text else ""
         return f"<{tag}{cls}>{fmt(v) if tag == 'td' else esc(v)}</{tag}>"
 
     head = "".join(cell("th", i, h) for i, h in enumerate(header))

@@ -52,7 +52,7 @@ def project_2d(x: np.ndarray, method: str = "auto", seed: int = 0) -> tuple[np.n
     if method == "umap":
         import umap
 
-        reducer = umap.UMAP(n_components=2, n_neighbors=min(15, n - 1), random_state=seed)
+        reducer = umap.UMAP(n_components=2, n_neighbors=min(15, n - 1), random_state=seed, n_jobs=1)
         return np.asarray(reducer.fit_transform(x), dtype=np.float64), "umap"
     from sklearn.manifold import TSNE
 

@@ -130,6 +130,7 @@ def analyze(
         seed: every random choice (queries, map sample, flow draws) comes from it.
     """
     from nirdml.evaluation import evaluate, singular_values
+    from nirdml.training.trainer import resolve_device
 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -145,7 +146,8 @@ def analyze(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder; choose another -o folder")
-    inp = load_input(source, dataset=dataset, root=root, split=split, device=device)
+    dev = resolve_device(device)
+    inp = load_input(source, dataset=dataset, root=root, split=split, device=str(dev))
     lap("load_and_embed")
     overridden = dataset is not None or root is not None
     emb, labels = inp.embeddings, inp.labels
@@ -162,12 +164,17 @@ def analyze(
 
     metric_names = _metric_names(inp, overridden)
     metrics = evaluate(
-        emb, labels, metric_names, num_clusters=_num_clusters(inp, overridden), seed=seed
+        emb,
+        labels,
+        metric_names,
+        num_clusters=_num_clusters(inp, overridden),
+        seed=seed,
+        device=dev,
     )
 
     lap("metrics")
     spread = class_spread(emb, labels)
-    sv = singular_values(emb).numpy()
+    sv = singular_values(emb, device=dev).numpy()
     figures["spectrum.png"] = plots.spectrum_plot(sv, metrics["rho_spectrum"])
     figures["spread.png"] = plots.spread_plot(spread.intra, spread.inter, spread.pi_ratio)
 
@@ -184,7 +191,7 @@ def analyze(
     )
 
     lap("map")
-    scores = query_scores(emb, labels)
+    scores = query_scores(emb, labels, device=dev)
     random_q = pick_queries(labels, num_queries, seed)
     worst_q = scores.worst(num_queries)
 
@@ -213,7 +220,9 @@ def analyze(
             f"the {len(worst_q)} worst queries by {scores.metric}, top {k}",
         ),
     ):
-        rows = retrieval_rows(emb, labels, queries, k, notes={i: note(i) for i in queries})
+        rows = retrieval_rows(
+            emb, labels, queries, k, notes={i: note(i) for i in queries}, device=dev
+        )
         png, _ = render_retrieval_grid(rows, inp.images, inp.class_names, title=title)
         figures[name] = png
         grids[name] = rows
@@ -449,8 +458,8 @@ def _render_html(inp, metrics, spread, figures, method, subset, scores, grids, f
     parts.append(
         H.table(
             ["tightest class", "items", "spread", "widest class", "items", "spread"],
-            [(a, b, c, e, f, g) for a, b, c, e, f, g in ext_rows],
-            left=1,
+            ext_rows,
+            text=(0, 3),
         )
     )
 
@@ -553,7 +562,6 @@ def _render_html(inp, metrics, spread, figures, method, subset, scores, grids, f
                     "|z| real",
                 ],
                 srows,
-                left=1,
             )
         )
     elif flow_note:
