@@ -25,7 +25,7 @@ from nirdml.analysis import (
 )
 from nirdml.analysis.images import dataset_images, find_normalize, tensor_to_rgb
 from nirdml.analysis.retrieval_grid import CORRECT_RGB, QUERY_RGB, UNKNOWN_RGB, WRONG_RGB
-from nirdml.analysis.search import embed_images
+from nirdml.analysis.search import embed_images, search_grid
 from nirdml.cli import main
 from nirdml.evaluation import evaluate, pi_ratio
 from nirdml.training.artifacts import embed_folder, load_trained
@@ -303,6 +303,24 @@ def test_search_cli_prints_ranked_paths(digits_run, gallery, tmp_path, capsys):
     assert lines[0].split()[2] == str((gallery / "digit9" / "0.png").resolve())
     assert float(lines[0].split()[1]) == pytest.approx(1.0, abs=1e-5)
     assert "cache written" in out
+
+
+def test_search_in_an_unlabelled_folder_leaves_the_class_unknown(digits_run, gallery, tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for j, f in enumerate(sorted((gallery / "digit6").iterdir())[:5]):
+        (flat / f"{j}.png").write_bytes(f.read_bytes())
+    result = search(
+        digits_run, flat, flat / "0.png", k=3, cache_dir=tmp_path / "c", grid=tmp_path / "g.png"
+    )
+    assert result.query_in_gallery[0] == 0 and [h.rank for h in result.hits[0]] == [1, 2, 3]
+    assert all(h.path != str((flat / "0.png").resolve()) for h in result.hits[0])
+    assert (tmp_path / "g.png").read_bytes()[:8] == PNG_MAGIC
+    png, layout = search_grid(result)
+    img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    assert layout.result_colors == [[UNKNOWN_RGB] * 3]
+    for x0, y0, x1, _ in layout.result_boxes[0]:
+        assert tuple(img[y0 + 1, (x0 + x1) // 2]) == UNKNOWN_RGB
 
 
 def test_analyze_an_exported_embeddings_file_through_the_cli(digits_run, gallery, tmp_path):

@@ -132,15 +132,7 @@ def analyze(
     from nirdml.evaluation import evaluate, singular_values
     from nirdml.training.trainer import resolve_device
 
-    t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-    clock = [t0]
-
-    def lap(name: str) -> None:
-        now = time.perf_counter()
-        timings[name] = round(now - clock[0], 3)
-        clock[0] = now
-
+    watch = _Stopwatch()
     if k < 1 or num_queries < 1:
         raise ValueError(f"k and num_queries must be >= 1, got k={k}, num_queries={num_queries}")
     out = Path(out_dir)
@@ -148,7 +140,11 @@ def analyze(
         raise FileExistsError(f"{out} exists and is not a folder; choose another -o folder")
     dev = resolve_device(device)
     inp = load_input(source, dataset=dataset, root=root, split=split, device=str(dev))
-    lap("load_and_embed")
+    if flow_classes and (inp.run is None or not is_nir(inp.run.loss)):
+        raise ValueError(
+            "flow classes were given but the input is not a NIR checkpoint (no flow to sample)"
+        )
+    watch.lap("load_and_embed")
     overridden = dataset is not None or root is not None
     emb, labels = inp.embeddings, inp.labels
     n = emb.shape[0]
@@ -159,26 +155,24 @@ def analyze(
             "classes and a class with 2 or more items"
         )
     k = min(k, n - 1)
-    files: dict[str, Path] = {}
     figures: dict[str, bytes] = {}
 
-    metric_names = _metric_names(inp, overridden)
     metrics = evaluate(
         emb,
         labels,
-        metric_names,
+        _metric_names(inp, overridden),
         num_clusters=_num_clusters(inp, overridden),
         seed=seed,
         device=dev,
     )
+    watch.lap("metrics")
 
-    lap("metrics")
     spread = class_spread(emb, labels)
     sv = singular_values(emb, device=dev).numpy()
     figures["spectrum.png"] = plots.spectrum_plot(sv, metrics["rho_spectrum"])
     figures["spread.png"] = plots.spread_plot(spread.intra, spread.inter, spread.pi_ratio)
+    watch.lap("structure")
 
-    lap("structure")
     subset, highlight = map_subset(labels, map_points, map_classes, seed)
     xy, method = project_2d(emb[subset].numpy(), map_method, seed)
     figures["map.png"] = plots.map_plot(
@@ -189,45 +183,12 @@ def analyze(
         method,
         f"{len(subset):,} of {n:,} embeddings",
     )
+    watch.lap("map")
 
-    lap("map")
     scores = query_scores(emb, labels, device=dev)
-    random_q = pick_queries(labels, num_queries, seed)
-    worst_q = scores.worst(num_queries)
+    grids = _retrieval_grids(inp, scores, k, num_queries, seed, dev, figures)
+    watch.lap("retrieval")
 
-    def note(i: int) -> str:
-        hit = int(scores.first_hit[i])
-        where = (
-            f"first same-class item at rank {hit}"
-            if hit
-            else f"no same-class item in the first {scores.window}"
-        )
-        return (
-            f"{scores.metric} {scores.ap[i]:.3f}, {where} (sim "
-            f"{scores.nearest_positive[i]:.3f}), {int(scores.num_relevant[i])} in gallery"
-        )
-
-    grids = {}
-    for name, queries, title in (
-        (
-            "retrieval_random.png",
-            random_q,
-            f"{len(random_q)} random queries (one per class), top {k}",
-        ),
-        (
-            "retrieval_worst.png",
-            worst_q,
-            f"the {len(worst_q)} worst queries by {scores.metric}, top {k}",
-        ),
-    ):
-        rows = retrieval_rows(
-            emb, labels, queries, k, notes={i: note(i) for i in queries}, device=dev
-        )
-        png, _ = render_retrieval_grid(rows, inp.images, inp.class_names, title=title)
-        figures[name] = png
-        grids[name] = rows
-
-    lap("retrieval")
     flow: FlowSamples | None = None
     flow_note = None
     if inp.run is not None and is_nir(inp.run.loss):
@@ -246,41 +207,98 @@ def analyze(
             figures["flow_samples.png"] = plots.flow_plot(
                 flow.real, flow.samples, flow.proxies, flow.names
             )
-    elif flow_classes:
-        raise ValueError(
-            "flow classes were given but the input is not a NIR checkpoint (no flow to sample)"
-        )
+    watch.lap("flow")
 
-    lap("flow")
-    history = list(inp.run.state.get("history", [])) if inp.run is not None else []
-    if history:
-        select = inp.run.config.eval.select_metric
-        curves = []
-        for s in ("test", "val"):
-            key = f"{s}/{select}"
-            pts = [(r["epoch"], r[key]) for r in history if key in r]
-            if pts:
-                ep, val = zip(*pts, strict=True)
-                curves.append(plots.Curve(s, np.asarray(ep), np.asarray([val], dtype=float)))
-        if curves:
-            figures["training.png"] = plots.curves_plot(
-                curves, select, f"{select} per epoch during training ({inp.run.config.name})"
-            )
+    if inp.run is not None:
+        curve = _training_curve(inp.run)
+        if curve is not None:
+            figures["training.png"] = curve
 
     out.mkdir(parents=True, exist_ok=True)
-    for name, png in figures.items():
-        files[name] = atomic_write(out / name, lambda f, b=png: f.write(b))
-
+    files = {
+        name: atomic_write(out / name, lambda f, b=png: f.write(b)) for name, png in figures.items()
+    }
     numbers = _numbers(inp, metrics, spread, method, len(subset), scores, grids, flow, seed)
-    lap("write")
-    numbers["timings_s"] = timings
-    numbers["seconds"] = round(time.perf_counter() - t0, 2)
+    watch.lap("write")
+    numbers["timings_s"] = watch.timings
+    numbers["seconds"] = watch.total()
     files["report.json"] = atomic_write_json(out / "report.json", json_safe(numbers))
     page = _render_html(
         inp, metrics, spread, figures, method, subset, scores, grids, flow, flow_note, k
     )
     files["report.html"] = atomic_write_text(out / "report.html", page)
     return AnalysisReport(out, files["report.html"], files, numbers)
+
+
+class _Stopwatch:
+    """Wall time per named stage (``lap`` closes the stage that has just run)."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = round(now - self.last, 3)
+        self.last = now
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self.start, 2)
+
+
+def _retrieval_grids(inp, scores, k, num_queries, seed, device, figures) -> dict[str, list]:
+    """Grids of random queries (one per class) and of the worst queries, into ``figures``."""
+
+    def note(i: int) -> str:
+        hit = int(scores.first_hit[i])
+        where = (
+            f"first same-class item at rank {hit}"
+            if hit
+            else f"no same-class item in the first {scores.window}"
+        )
+        return (
+            f"{scores.metric} {scores.ap[i]:.3f}, {where} (sim "
+            f"{scores.nearest_positive[i]:.3f}), {int(scores.num_relevant[i])} in gallery"
+        )
+
+    random_q = pick_queries(inp.labels, num_queries, seed)
+    worst_q = scores.worst(num_queries)
+    grids = {}
+    for name, queries, title in (
+        ("retrieval_random.png", random_q, f"{len(random_q)} random queries (one per class)"),
+        ("retrieval_worst.png", worst_q, f"the {len(worst_q)} worst queries by {scores.metric}"),
+    ):
+        rows = retrieval_rows(
+            inp.embeddings,
+            inp.labels,
+            queries,
+            k,
+            notes={i: note(i) for i in queries},
+            device=device,
+        )
+        figures[name], _ = render_retrieval_grid(
+            rows, inp.images, inp.class_names, title=f"{title}, top {k}"
+        )
+        grids[name] = rows
+    return grids
+
+
+def _training_curve(run) -> bytes | None:
+    """The selection metric per evaluated epoch (test, and val if any), from the history."""
+    history = list(run.state.get("history", []))
+    select = run.config.eval.select_metric
+    curves = []
+    for split in ("test", "val"):
+        key = f"{split}/{select}"
+        pts = [(r["epoch"], r[key]) for r in history if key in r]
+        if pts:
+            ep, val = zip(*pts, strict=True)
+            curves.append(plots.Curve(split, np.asarray(ep), np.asarray([val], dtype=float)))
+    if not curves:
+        return None
+    return plots.curves_plot(
+        curves, select, f"{select} per epoch during training ({run.config.name})"
+    )
 
 
 def _row_json(row, paths: list[str] | None) -> dict[str, Any]:

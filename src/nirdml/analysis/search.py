@@ -276,6 +276,13 @@ def search(
 
 
 def _write_grid(result: SearchResult, path: Path) -> Path:
+    png, _ = search_grid(result)
+    return atomic_write(path, lambda f: f.write(png))
+
+
+def search_grid(result: SearchResult):
+    """PNG bytes and :class:`~nirdml.analysis.retrieval_grid.GridLayout` of a search's
+    queries and results (frames by class when the query's class is known, else grey)."""
     from nirdml.analysis.retrieval_grid import RetrievalRow, render_retrieval_grid
 
     index = result.gallery
@@ -283,7 +290,11 @@ def _write_grid(result: SearchResult, path: Path) -> Path:
     all_paths = list(result.queries) + index.paths
     rows = []
     for qi, (hits, own) in enumerate(zip(result.hits, result.query_in_gallery, strict=True)):
+        # A query's class is known when it is a gallery file in a class folder (images
+        # directly in the gallery form the unlabelled class ".").
         label = int(index.labels[own]) if own is not None else -1
+        if label >= 0 and index.class_names[label] == ".":
+            label = -1
         rows.append(
             RetrievalRow(
                 query=qi,
@@ -297,10 +308,9 @@ def _write_grid(result: SearchResult, path: Path) -> Path:
                 note=Path(result.queries[qi]).name,
             )
         )
-    png, _ = render_retrieval_grid(
+    return render_retrieval_grid(
         rows,
         path_images(all_paths),
         index.class_names,
         title=f"search: top {len(result.hits[0])} of {len(index.paths):,} gallery images",
     )
-    return atomic_write(path, lambda f: f.write(png))
