@@ -23,7 +23,7 @@ from nirdml.analysis.retrieval_grid import (
     render_retrieval_grid,
     retrieval_rows,
 )
-from nirdml.analysis.search import GalleryIndex, SearchResult, embed_gallery, search
+from nirdml.analysis.search import GalleryIndex, SearchResult, embed_gallery, search, search_grid
 from nirdml.analysis.spread import ClassSpread, class_spread
 
 __all__ = [
@@ -48,4 +48,5 @@ __all__ = [
     "render_retrieval_grid",
     "retrieval_rows",
     "search",
+    "search_grid",
 ]

@@ -258,7 +258,7 @@ def render_retrieval_grid(
     bytes and the tile positions.
 
     ``images(i)`` gives item i's picture (HxWx3 uint8); without it (or when it returns None)
-    the tile shows the class name on grey.
+    the tile is left grey (the caption under it still names the class).
     """
     if not rows:
         raise ValueError("no rows to draw")
@@ -269,7 +269,8 @@ def render_retrieval_grid(
     margin, gap, sep = 10, 6, 22
     header_h, caption_h, row_gap = 18, 30, 14
     head = 44 if title else 26
-    width = 2 * margin + tile + sep + k * tile + (k - 1) * gap
+    # At least wide enough for the title and the legend when k is small.
+    width = max(2 * margin + tile + sep + k * tile + (k - 1) * gap, 560)
     row_h = header_h + tile + caption_h + row_gap
     height = head + len(rows) * row_h + margin
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
