@@ -76,6 +76,69 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from nirdml.analysis import analyze
+
+    report = analyze(
+        args.source,
+        args.output,
+        dataset=args.dataset,
+        root=args.root,
+        split=args.split,
+        k=args.k,
+        num_queries=args.queries,
+        map_method=args.map,
+        flow_classes=args.flow_classes,
+        device=args.device,
+        seed=args.seed,
+    )
+    metrics = report.numbers["metrics"]
+    width = max(len(k) for k in metrics)
+    for key, value in metrics.items():
+        print(f"{key:<{width}}  {value:.4f}")
+    print(f"wrote {report.html} ({len(report.files) - 2} figures beside it)")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from nirdml.analysis import compare_runs
+
+    result = compare_runs(args.runs, args.output, metric=args.metric, split=args.split)
+    print(result.table)
+    if args.output:
+        print(f"wrote {', '.join(str(p) for p in result.files.values())}")
+    else:
+        print("(pass -o DIR to also write the curves, compare.png, and an HTML page)")
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from nirdml.analysis import search
+
+    result = search(
+        args.checkpoint,
+        args.gallery,
+        args.query,
+        k=args.k,
+        cache_dir=args.cache_dir,
+        grid=args.grid,
+        device=args.device,
+    )
+    index = result.gallery
+    state = "reused" if index.from_cache else "written"
+    print(f"gallery: {len(index.paths):,} images; embeddings cache {state}: {index.cache_file}")
+    for query, own, hits in zip(result.queries, result.query_in_gallery, result.hits, strict=True):
+        print(
+            f"query {query}"
+            + (" (a gallery image: left out of its results)" if own is not None else "")
+        )
+        for hit in hits:
+            print(f"{hit.rank:>4}  {hit.similarity:.4f}  {hit.path}")
+    if result.grid is not None:
+        print(f"wrote {result.grid}")
+    return 0
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     from nirdml.training.config import list_presets, load_config
 
@@ -131,6 +194,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=256)
     p.set_defaults(func=_cmd_embed)
+
+    p = sub.add_parser(
+        "analyze", help="HTML report of a checkpoint's (or exported) embedding space"
+    )
+    p.add_argument("source", help="run folder, .pt checkpoint, or .npz/.pt embeddings file")
+    p.add_argument("-o", "--output", required=True, help="output folder for report.html + PNGs")
+    p.add_argument("--dataset", help="embed this dataset instead of the run's (checkpoints)")
+    p.add_argument("--root", help="dataset root folder")
+    p.add_argument("--split", default="test", choices=["test", "val", "train"])
+    p.add_argument("-k", type=int, default=8, help="neighbours per query in the grids")
+    p.add_argument("--queries", type=int, default=8, help="random and worst queries shown")
+    p.add_argument(
+        "--map",
+        default="auto",
+        choices=["auto", "umap", "tsne", "pca"],
+        help="2-D map method (auto: UMAP if installed, else t-SNE)",
+    )
+    p.add_argument(
+        "--flow-classes",
+        type=int,
+        nargs="+",
+        metavar="CLASS",
+        help="training class indices to draw NIR flow samples for",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_analyze)
+
+    p = sub.add_parser("compare", help="table and curves of several runs (grouped over seeds)")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders from `nirdml train`")
+    p.add_argument("-o", "--output", help="also write compare.png/.md/.json/.html here")
+    p.add_argument("--metric", help="metric of the curves (default: the runs' select metric)")
+    p.add_argument("--split", default="test", choices=["test", "val"], help="split of the curves")
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("search", help="the gallery images most similar to a query image")
+    p.add_argument("checkpoint", help="a .pt checkpoint or a run folder")
+    p.add_argument("--gallery", required=True, help="folder of images or class sub-folders")
+    p.add_argument("--query", required=True, nargs="+", metavar="IMAGE", help="query image(s)")
+    p.add_argument("-k", type=int, default=10, help="results per query")
+    p.add_argument("--grid", help="also write the results as a PNG grid here")
+    p.add_argument("--cache-dir", help="gallery embedding cache (default ~/.cache/nirdml/search)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_search)
 
     p = sub.add_parser("presets", help="list the shipped presets")
     p.add_argument("-v", "--verbose", action="store_true", help="with descriptions")
