@@ -65,24 +65,15 @@ def gallery_key(checkpoint: str | Path, paths: list[str]) -> str:
     return hashlib.sha256(json.dumps(payload).encode("utf-8")).hexdigest()
 
 
-def _file_reader(dataset_name: str):
-    """How the run's dataset reads image files (Omniglot PNGs are inverted to ink = 255)."""
-    if dataset_name == "omniglot":
-        from nirdml.data.omniglot import ink_high
-
-        return ink_high
-    return None
-
-
 def _preprocess(run: Any):
     """(file reader, test transform) the run's model was evaluated with."""
-    from nirdml.data import build_transforms, default_transform_preset
+    from nirdml.data import build_transforms, default_transform_preset, file_reader
 
     cfg = run.config
     transform = build_transforms(
         cfg.data.transform or default_transform_preset(cfg.data.name), train=False
     )
-    return _file_reader(cfg.data.name), transform
+    return file_reader(cfg.data.name), transform
 
 
 @dataclass
@@ -101,10 +92,7 @@ class GalleryIndex:
 def _gallery_dataset(folder: str | Path, reader, transform):
     from nirdml.data import load_image_folder
 
-    data = load_image_folder(folder, transform=transform)
-    if reader is not None:
-        data.storage.convert = reader
-    return data
+    return load_image_folder(folder, transform=transform, convert=reader)
 
 
 def embed_gallery(

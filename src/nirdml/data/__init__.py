@@ -52,6 +52,20 @@ _ALIASES = {
 }
 
 
+def file_reader(name: str) -> Callable[[Any], Any] | None:
+    """How dataset ``name`` post-processes a decoded image file (None: as decoded).
+
+    Omniglot PNGs are black ink on white; the reader inverts them to ink = 255, the
+    convention of the whole Omniglot pipeline. Use it to embed new files like the training data.
+    """
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key == "omniglot":
+        from nirdml.data.omniglot import ink_high
+
+        return ink_high
+    return None
+
+
 def default_transform_preset(name: str) -> str:
     """The transform preset a dataset uses unless told otherwise ("resnet" for photos)."""
     key = _ALIASES.get(name.lower(), name.lower())
@@ -145,6 +159,7 @@ __all__ = [
     "carve_validation",
     "fetch_dataset",
     "default_transform_preset",
+    "file_reader",
     "load_dataset",
     "load_image_folder",
     "split_class_names",

@@ -210,11 +210,12 @@ def load_csv(
     )
 
 
-def load_image_folder(folder: str | Path, *, transform=None) -> RetrievalDataset:
+def load_image_folder(folder: str | Path, *, transform=None, convert=None) -> RetrievalDataset:
     """Every image under ``folder`` as ONE dataset (no train/test split), for embedding.
 
     ``folder/<class>/*.jpg`` gives one label per class folder (sorted by name); images
-    directly in ``folder`` form the single class ``"."`` (unlabelled data).
+    directly in ``folder`` form the single class ``"."`` (unlabelled data). ``convert``
+    post-processes each decoded file (see ``nirdml.data.file_reader``).
     """
     how = "Pass a folder of images, or of class sub-folders of images."
     root = require_root(folder, "image folder", how)
@@ -228,4 +229,5 @@ def load_image_folder(folder: str | Path, *, transform=None) -> RetrievalDataset
         entries = sorted(p.name for p in root.iterdir())
         raise DatasetLayoutError(f"no images found in {root} among {list_some(entries)}. {how}")
     ds = _build("folder", "all", paths, labels, classes, str(root), False, False)
+    ds.storage.convert = convert
     return ds.with_transform(transform)

@@ -116,20 +116,23 @@ def embed_folder(
     (label -1). ``.npz`` gets arrays ``embeddings``, ``labels``, ``paths``, ``class_names``;
     ``.pt`` gets the same as a weights_only-loadable dict.
     """
-    from nirdml.data import build_transforms, load_image_folder
+    from nirdml.data import build_transforms, file_reader, load_image_folder
     from nirdml.evaluation import compute_embeddings
 
     dev = resolve_device(device)
     run = load_trained(checkpoint, dev)
     transform = build_transforms(run.config.data.transform or _preset(run.config), train=False)
-    data = load_image_folder(folder, transform=transform)
+    data = load_image_folder(folder, transform=transform, convert=file_reader(run.config.data.name))
     emb, labels = compute_embeddings(
         run.model, data, batch_size=batch_size, device=dev, num_workers=num_workers
     )
     out_file = Path(out_file)
+    labels = np.asarray(labels, dtype=np.int64)
+    if "." in data.class_names:  # images directly in the folder: unlabelled
+        labels = np.where(labels == data.class_names.index("."), -1, labels)
     payload = {
         "embeddings": emb.cpu().numpy().astype(np.float32),
-        "labels": np.asarray(labels, dtype=np.int64),
+        "labels": labels,
         "paths": np.asarray([str(p) for p in data.paths]),
         "class_names": np.asarray(list(data.class_names)),
     }
