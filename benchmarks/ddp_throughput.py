@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from nirdml.flow import ConditionalFlow
 from nirdml.losses import NIRLoss, ProxyAnchorLoss
@@ -66,6 +65,16 @@ def _context() -> DistContext:
         )
     env = DistContext.from_env()
     return _DDPOnEveryWorldSize(env.rank, env.world_size, env.local_rank)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _sync(device: torch.device) -> None:
@@ -172,10 +181,12 @@ def main() -> None:
 
     if not ctx.is_main:
         return
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     result = {
         "device": str(device),
-        "device_name": name or platform.machine(),
+        "device_name": name,
+        "cpu_cores": os.cpu_count(),
+        "load_average_1min_at_end": os.getloadavg()[0],
         "host": platform.node(),
         "world_size": world,
         "torch": torch.__version__,
@@ -195,7 +206,8 @@ def main() -> None:
         f"{args.arch}, {args.image_size} px, global batch {args.batch_size}, amp {args.amp}, "
         f"frozen BN {args.freeze_bn}, NIR + ProxyAnchor (D={args.embed_dim}, "
         f"C={args.num_classes}); {args.rounds} rounds x {args.steps} steps, median; "
-        f"torch {torch.__version__}, host {platform.node()}",
+        f"torch {torch.__version__}, host {platform.node()} ({os.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.1f} at the end)",
         "",
         "| variant | images/s | ms/step |",
         "|---|---|---|",

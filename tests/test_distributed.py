@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,13 +38,14 @@ from nirdml.training.distributed import (
     DistributedBatchNorm,
     DistributedSetupError,
     convert_sync_batchnorm,
+    slice_bounds,
 )
 from nirdml.training.trainer import Criterion, train
 
 PRESET = "digits-nir"  # small CNN (trainable BatchNorm), ProxyAnchor + NIR, warmup 1 epoch
 RUN = [
     "epochs=2",
-    "data.batch_size=120",  # 7 steps per epoch
+    "data.batch_size=126",  # 7 steps per epoch; 63 per rank: a class group spans both
     "eval.every=2",
     "log.progress=false",
     "eval.metrics=[recall@1,recall@2,map@r,nmi]",
@@ -169,26 +171,25 @@ def _grad_run(ctx: DistContext, steps: int = 5, warmup: int = 2) -> dict[str, to
             ProxyAnchorLoss(6, 16, positive_mean="samples"), proxy_weight=0.01, flow=flow
         )
     model, loss = model.double(), loss.double()
-    criterion = Criterion(model, loss, ctx.gather_fn())
+    batch = 23  # 11 + 12 rows on two ranks; the class pair of rows 10-11 spans both
+    lo, hi = slice_bounds(batch, ctx.world_size, ctx.rank)
+    criterion = Criterion(model, loss, ctx.gather_fn(batch))
     params = [
         {"params": list(model.parameters()), "lr": 1e-3},
         {"params": list(loss.parameters()), "lr": 1e-2},
     ]
     optimizer = torch.optim.Adam(params)
-    batch = 24
-    per_rank = batch // ctx.world_size
-    lo = ctx.rank * per_rank
     wrapped, wrapped_for = criterion, None
     for step in range(steps):
         images = torch.randn(batch, 1, 8, 8, generator=g, dtype=torch.float64)
-        labels = torch.randint(0, 6, (batch // 2,), generator=g).repeat_interleave(2)
+        labels = torch.randint(0, 6, (batch // 2 + 1,), generator=g).repeat_interleave(2)[:batch]
         backbone_grad = step >= warmup
         if wrapped_for is not backbone_grad:
             wrapped = criterion
             exclude = () if backbone_grad else list(model.backbone_parameters())
             wrapped = ctx.wrap(criterion, device, exclude)
             wrapped_for = backbone_grad
-        out = wrapped(images[lo : lo + per_rank], labels[lo : lo + per_rank], backbone_grad)
+        out = wrapped(images[lo:hi], labels[lo:hi], backbone_grad)
         optimizer.zero_grad(set_to_none=True)
         out.backward()
         optimizer.step()
@@ -214,6 +215,7 @@ def two_ranks(tmp_path_factory) -> dict[str, Any]:
         {"kind": "resume", "out": str(root / "resume_on_two")},
         {"kind": "grad", "out": str(root / "grad.pt")},
         {"kind": "evaluate", "checkpoint": str(ref), "out": str(root / "eval_two.pt")},
+        {"kind": "errors", "out": str(root / "errors.json"), "scratch": str(root / "scratch")},
     ]
     spec = root / "tasks.json"
     spec.write_text(json.dumps(tasks))
@@ -236,7 +238,8 @@ def test_gradient_math_is_exact_in_float64(two_ranks):
     worst = max((two[k].double() - one[k].double()).abs().max().item() for k in one)
     assert worst < 1e-10, worst
     # the backbone did train after warmup (the check is not vacuous)
-    fresh = _grad_run(DistContext(), steps=2, warmup=2)
+    with _one_thread():
+        fresh = _grad_run(DistContext(), steps=2, warmup=2)
     moved = [
         k for k in one if "backbone" in k and "weight" in k and not torch.equal(one[k], fresh[k])
     ]
@@ -307,6 +310,26 @@ def clean_env(monkeypatch):
     return monkeypatch
 
 
+def test_inconsistent_launch_fails_on_every_rank_with_the_fix(two_ranks):
+    messages = json.loads((two_ranks["root"] / "errors.json").read_text())
+    assert "ranks [1] have a different config than rank 0" in messages["different_configs"]
+    assert "same preset and --set overrides" in messages["different_configs"]
+    assert not (two_ranks["root"] / "scratch").exists()  # refused before writing anything
+
+
+def test_unsynchronised_batchnorm_is_announced():
+    from nirdml.models import build_model
+
+    model = build_model("small_cnn", 8, pretrained=False, in_channels=1)
+    with pytest.warns(UserWarning, match="4 trainable BatchNorm.*model.sync_bn=true"):
+        DistContext(rank=0, world_size=2).warn_unsynced_batchnorm(model)
+    frozen = build_model("small_cnn", 8, pretrained=False, in_channels=1, freeze_bn=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DistContext(rank=0, world_size=2).warn_unsynced_batchnorm(frozen)
+        DistContext().warn_unsynced_batchnorm(model)  # one process: nothing to say
+
+
 def test_plain_process_is_rank_zero_of_one(clean_env):
     ctx = DistContext.from_env()
     assert (ctx.rank, ctx.world_size, ctx.enabled, ctx.is_main) == (0, 1, False, True)
@@ -334,16 +357,14 @@ def test_bad_world_setup_is_named_with_the_fix(clean_env, env, match):
     assert "torchrun" in str(info.value)
 
 
-def test_batch_that_does_not_split_over_ranks_is_refused():
-    ctx = DistContext(rank=0, world_size=4, local_rank=0)
-    ctx.check_batch(48, 6)  # 4 ranks x 2 classes x 6 samples
-    with pytest.raises(
-        DistributedSetupError, match="data.batch_size=48 or --set data.batch_size=72"
-    ):
-        ctx.check_batch(60, 6)
-    with pytest.raises(DistributedSetupError, match=r"GLOBAL batch.*\[1, 3, 5, 9, 15, 45\]"):
-        DistContext(rank=0, world_size=4, local_rank=0).check_batch(90, 2)
-    DistContext(rank=0, world_size=3, local_rank=0).check_batch(90, 2)
+def test_global_batch_slices_cover_it_once_and_too_small_a_batch_is_refused():
+    for world in (1, 2, 3, 4, 7, 8):
+        ctx = DistContext(rank=0, world_size=world)
+        sizes = ctx.slice_sizes(90)
+        assert sum(sizes) == 90 and max(sizes) - min(sizes) <= 1
+    with pytest.raises(DistributedSetupError, match="GLOBAL batch.*>= the world size"):
+        DistContext(rank=0, world_size=4).check_batch(3)
+    DistContext(rank=0, world_size=4).check_batch(90)  # 22/23 per rank: class pairs may split
 
 
 def test_sync_batchnorm_conversion_keeps_weights_and_refuses_unknown_layers():
@@ -421,6 +442,17 @@ def _worker(spec_path: str) -> None:
                 torch.save({**out, "metric_names": names}, task["out"])
             else:
                 assert metrics == {}  # metrics are computed once, on rank 0
+        elif kind == "errors":
+            cases = {"different_configs": [[*RUN, "seed=0"], [*RUN, "seed=1"]]}  # per rank
+            messages = {}
+            for name, per_rank in cases.items():
+                cfg = load_config(PRESET, per_rank[rank])
+                try:
+                    train(cfg, Path(task["scratch"]) / name)
+                except DistributedSetupError as exc:
+                    messages[name] = str(exc)
+            if rank == 0:
+                Path(task["out"]).write_text(json.dumps(messages))
         else:  # pragma: no cover
             raise ValueError(kind)
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import functools
 import hashlib
 import inspect
 import json
@@ -42,7 +43,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 LAUNCH_HINT = "launch with `torchrun --nproc_per_node=N -m nirdml train PRESET ...`"
@@ -57,23 +57,36 @@ class DistributedSetupError(ValueError):
 # ----------------------------------------------------------------------------- autograd
 
 
+def slice_bounds(n: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Rank ``rank``'s contiguous slice ``[lo, hi)`` of ``n`` items (sizes differ by <= 1)."""
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
+def _all_gather_rows(tensor: Tensor, sizes: list[int]) -> Tensor:
+    """Concatenate every rank's rows (rank r holds ``sizes[r]``), padding to equal shapes."""
+    longest = max(sizes)
+    pad = longest - tensor.shape[0]
+    if pad:
+        tensor = torch.cat([tensor, tensor.new_zeros((pad, *tensor.shape[1:]))])
+    parts = [torch.empty_like(tensor) for _ in sizes]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
+
+
 class _GatherWithGrad(torch.autograd.Function):
-    """All-gather along dim 0; backward sums the gradient over ranks and keeps this rank's slice."""
+    """All-gather along dim 0; backward sums the gradient over ranks and keeps this rank's rows."""
 
     @staticmethod
-    def forward(ctx: Any, tensor: Tensor) -> Tensor:
-        world = dist.get_world_size()
-        ctx.rank, ctx.size = dist.get_rank(), tensor.shape[0]
-        parts = [torch.empty_like(tensor) for _ in range(world)]
-        dist.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts, dim=0)
+    def forward(ctx: Any, tensor: Tensor, sizes: list[int]) -> Tensor:
+        rank = dist.get_rank()
+        ctx.lo, ctx.hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+        return _all_gather_rows(tensor, sizes)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        start = ctx.rank * ctx.size
-        return grad[start : start + ctx.size]
+        return grad[ctx.lo : ctx.hi], None
 
 
 class _AllReduceWithGrad(torch.autograd.Function):
@@ -92,17 +105,48 @@ class _AllReduceWithGrad(torch.autograd.Function):
         return grad
 
 
-def gather_batch(embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """The global batch from every rank's equal-sized slice, in rank order.
+def gather_batch(
+    embeddings: Tensor, labels: Tensor, sizes: list[int] | None = None
+) -> tuple[Tensor, Tensor]:
+    """The global batch from every rank's slice, in rank order.
 
-    The embeddings keep their autograd graph: under DDP (gradient averaging) the resulting
-    parameter gradients equal those of one process computing the loss on the whole batch.
+    ``sizes``: rows held by each rank (default: all equal to this rank's). The embeddings
+    keep their autograd graph: under DDP (gradient averaging) the parameter gradients
+    equal those of one process computing the loss on the whole batch, for any slice sizes.
     """
-    world = dist.get_world_size()
-    labels = labels.to(embeddings.device)
-    parts = [torch.empty_like(labels) for _ in range(world)]
-    dist.all_gather(parts, labels.contiguous())
-    return _GatherWithGrad.apply(embeddings), torch.cat(parts)
+    if sizes is None:
+        sizes = [embeddings.shape[0]] * dist.get_world_size()
+    if embeddings.shape[0] != sizes[dist.get_rank()]:
+        raise ValueError(
+            f"rank {dist.get_rank()} holds {embeddings.shape[0]} rows, expected "
+            f"{sizes[dist.get_rank()]} (sizes {sizes})"
+        )
+    labels = _all_gather_rows(labels.to(embeddings.device), sizes)
+    return _GatherWithGrad.apply(embeddings, sizes), labels
+
+
+class BatchSlicer:
+    """This rank's contiguous slice of every global batch of a batch sampler.
+
+    Wraps a sampler of GLOBAL batches (the same on every rank, e.g.
+    ``ClassBalancedBatchSampler(..., num_replicas=1)``); slices may split class groups and
+    differ in size by one, since the loss sees the gathered global batch anyway.
+    ``offset`` is the slice's first slot in the global batch (seeds its augmentation).
+    """
+
+    def __init__(self, batch_sampler: Any, batch_size: int, world_size: int, rank: int) -> None:
+        self.batch_sampler = batch_sampler
+        self.offset, self.end = slice_bounds(batch_size, world_size, rank)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batch_sampler:
+            yield list(batch)[self.offset : self.end]
 
 
 # ----------------------------------------------------------------------------- BatchNorm
@@ -323,23 +367,29 @@ class DistContext:
             )
         self._wait_group = _cpu_group()
 
-    def check_batch(self, batch_size: int, samples_per_class: int) -> None:
-        """The global batch must split into equal slices of whole class groups."""
-        group = self.world_size * samples_per_class
-        if not self.enabled or batch_size % group == 0:
-            return
-        lower = batch_size // group * group
-        options = [b for b in (lower, lower + group) if b > 0]
-        classes = batch_size // samples_per_class
-        worlds = [w for w in range(1, classes + 1) if classes % w == 0]
-        raise DistributedSetupError(
-            f"data.batch_size={batch_size} is the GLOBAL batch; over WORLD_SIZE="
-            f"{self.world_size} ranks it must be divisible by WORLD_SIZE x "
-            f"data.samples_per_class = {self.world_size} x {samples_per_class} = {group} so "
-            "every rank gets whole class groups. Use "
-            + " or ".join(f"--set data.batch_size={b}" for b in options)
-            + f", or a world size dividing its {classes} classes per batch ({worlds})"
-        )
+    def check_batch(self, batch_size: int) -> None:
+        """Every rank needs at least one sample of the global batch."""
+        if batch_size < self.world_size:
+            raise DistributedSetupError(
+                f"data.batch_size={batch_size} is the GLOBAL batch, split over WORLD_SIZE="
+                f"{self.world_size} ranks: it must be >= the world size. Raise "
+                "data.batch_size or start fewer processes"
+            )
+
+    def slice_sizes(self, batch_size: int) -> list[int]:
+        """Rows of the global batch held by each rank."""
+        return [
+            b - a
+            for a, b in (
+                slice_bounds(batch_size, self.world_size, r) for r in range(self.world_size)
+            )
+        ]
+
+    def shard(self, batch_sampler: Any, batch_size: int) -> Any:
+        """This rank's slices of a global batch sampler (the sampler itself on one process)."""
+        if not self.enabled:
+            return batch_sampler
+        return BatchSlicer(batch_sampler, batch_size, self.world_size, self.rank)
 
     def check_same(self, obj: Any, what: str, fix: str) -> None:
         """Raise on every rank if ranks hold different ``obj`` (JSON-serialisable)."""
@@ -413,8 +463,11 @@ class DistContext:
 
     # -- communication
 
-    def gather_fn(self) -> Any:
-        return gather_batch if self.enabled else None
+    def gather_fn(self, batch_size: int) -> Any:
+        """Gathers the global batch of ``batch_size`` rows from the ranks' slices."""
+        if not self.enabled:
+            return None
+        return functools.partial(gather_batch, sizes=self.slice_sizes(batch_size))
 
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's ``obj`` (picklable) on every rank."""
@@ -455,22 +508,19 @@ class DistContext:
                 f"cannot shard {n} evaluation items over {self.world_size} ranks; evaluate "
                 "with fewer processes"
             )
-        bounds = [n * r // self.world_size for r in range(self.world_size + 1)]
-        shard = Subset(dataset, range(bounds[self.rank], bounds[self.rank + 1]))
+        lo, hi = slice_bounds(n, self.world_size, self.rank)
         emb, labels = compute_embeddings(
-            model, shard, batch_size=batch_size, device=device, num_workers=num_workers, amp=amp
+            model,
+            Subset(dataset, range(lo, hi)),
+            batch_size=batch_size,
+            device=device,
+            num_workers=num_workers,
+            amp=amp,
         )
         comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
-        longest = max(bounds[r + 1] - bounds[r] for r in range(self.world_size))
-        emb_parts = [torch.empty(longest, emb.shape[1], device=comm) for _ in bounds[1:]]
-        lab_parts = [torch.empty(longest, dtype=torch.int64, device=comm) for _ in bounds[1:]]
-        pad = longest - emb.shape[0]
-        dist.all_gather(emb_parts, F.pad(emb.to(comm), (0, 0, 0, pad)))
-        dist.all_gather(lab_parts, F.pad(labels.to(comm), (0, pad)))
-        sizes = [bounds[r + 1] - bounds[r] for r in range(self.world_size)]
-        emb_all = torch.cat([p[:s] for p, s in zip(emb_parts, sizes, strict=True)])
-        lab_all = torch.cat([p[:s] for p, s in zip(lab_parts, sizes, strict=True)])
-        return emb_all.cpu(), lab_all.cpu()
+        sizes = self.slice_sizes(n)
+        emb_all = _all_gather_rows(emb.to(comm), sizes)
+        return emb_all.cpu(), _all_gather_rows(labels.to(comm), sizes).cpu()
 
 
 _CPU_GROUP: list[Any] = []  # [default group, its gloo side group]

@@ -34,7 +34,12 @@ from nirdml.training.checkpoint import (
     scheduler_state,
 )
 from nirdml.training.config import LossConfig, RunConfig, load_config
-from nirdml.training.distributed import DistContext, DistributedSetupError, convert_sync_batchnorm
+from nirdml.training.distributed import (
+    DistContext,
+    DistributedSetupError,
+    convert_sync_batchnorm,
+    slice_bounds,
+)
 from nirdml.training.loader import train_loader
 from nirdml.training.optim import build_optimizer, build_scheduler, group_lrs, param_groups
 from nirdml.training.recorder import ExternalLoggers, plot_curves, write_history
@@ -340,7 +345,7 @@ class _Run:
         dist.check_same(
             cfg.to_dict(), "config", "start every rank with the same preset and --set overrides"
         )
-        dist.check_batch(cfg.data.batch_size, cfg.data.samples_per_class)
+        dist.check_batch(cfg.data.batch_size)
         self.progress = (cfg.log.progress if progress is None else progress) and dist.is_main
         self.amp_dtype = _amp_dtype(cfg, self.device)
 
@@ -368,20 +373,19 @@ class _Run:
             d.samples_per_class,
             replacement=d.sampler == "authors",
             seed=cfg.seed,
-            num_replicas=dist.world_size,
-            rank=dist.rank,
+            num_replicas=1,  # the GLOBAL batches; each rank takes its slice of every one
+            rank=0,
         )
-        per_rank = d.batch_size // dist.world_size
         self.loader, self.seeded_sampler = train_loader(
             train_set,
-            self.batch_sampler,
+            dist.shard(self.batch_sampler, d.batch_size),
             seed=cfg.seed,
             num_workers=d.num_workers,
-            rank_offset=dist.rank * per_rank,
+            rank_offset=slice_bounds(d.batch_size, dist.world_size, dist.rank)[0],
             pin_memory=self.device.type == "cuda",
         )
 
-        self._criterion = Criterion(self.model, self.loss, dist.gather_fn())
+        self._criterion = Criterion(self.model, self.loss, dist.gather_fn(d.batch_size))
         self.criterion: nn.Module = self._criterion
         self._wrapped_backbone: bool | None = None  # whether the DDP module trains the backbone
         self.optimizer = build_optimizer(param_groups(self.model, self.loss, cfg.optim), cfg.optim)
@@ -507,7 +511,7 @@ class _Run:
                 v = v.detach().float()
                 sums[k] = sums[k] + v if k in sums else v.clone()
             n_steps += 1
-            n_images += images.shape[0] * self.dist.world_size
+            n_images += cfg.data.batch_size  # the global batch, over all ranks
             self.global_step += 1
             if n_steps % LOG_EVERY == 0 or n_steps == len(self.loader):
                 self._check_skips(last_check, n_steps, epoch)
