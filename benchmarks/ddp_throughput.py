@@ -15,7 +15,7 @@ identical weights and are timed interleaved in rounds, medians reported.
     python benchmarks/ddp_throughput.py --device cuda                  # ResNet50, 224 px, bf16
     python benchmarks/ddp_throughput.py --device cpu --arch small_cnn --image-size 28 \\
         --in-channels 1 --amp none --steps 10 --rounds 3               # quick CPU check
-    torchrun --nproc_per_node=8 benchmarks/ddp_throughput.py --device cuda   # DDP on 8 GPUs
+    torchrun --nproc_per_node=8 benchmarks/ddp_throughput.py --device cuda   # DDP, 8 GPUs
 
 Writes benchmarks/results/ddp_throughput_<device>.json and .md (or --out PREFIX).
 """
@@ -110,9 +110,8 @@ def main() -> None:
     variants = args.variants.split(",")
     if world > 1:
         variants = [v for v in variants if v != "plain"]  # one process per GPU: DDP only
-    if args.batch_size % (world * args.samples_per_class):
-        raise SystemExit("--batch-size must be divisible by WORLD_SIZE x --samples-per-class")
-    per_rank = args.batch_size // world
+    ctx.check_batch(args.batch_size)
+    per_rank = ctx.slice_sizes(args.batch_size)[ctx.rank]
     amp = torch.bfloat16 if args.amp == "bf16" and device.type == "cuda" else None
 
     model = build_model(
@@ -137,7 +136,7 @@ def main() -> None:
         if variant != "plain":
             m, _ = convert_sync_batchnorm(m, device)
         m, lo = m.to(device), lo.to(device)
-        crit = Criterion(m, lo, ctx.gather_fn() if variant != "plain" else None)
+        crit = Criterion(m, lo, ctx.gather_fn(args.batch_size) if variant != "plain" else None)
         if variant == "ddp":
             crit = ctx.wrap(crit, device)
         elif variant == "ddp_find_unused":
@@ -154,9 +153,9 @@ def main() -> None:
     g = torch.Generator().manual_seed(ctx.rank)
     shape = (per_rank, args.in_channels, args.image_size, args.image_size)
     images = torch.randn(shape, generator=g).to(device)
-    classes = torch.randint(
-        0, args.num_classes, (per_rank // args.samples_per_class,), generator=g
-    ).repeat_interleave(args.samples_per_class)
+    groups = -(-per_rank // args.samples_per_class)
+    classes = torch.randint(0, args.num_classes, (groups,), generator=g)
+    classes = classes.repeat_interleave(args.samples_per_class)[:per_rank]
     runs = {v: build(v) for v in variants}
 
     def run(variant: str, steps: int) -> float:

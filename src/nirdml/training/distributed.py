@@ -3,27 +3,30 @@
 Design (user documentation: docs/readme/distributed.md):
 
 - ``data.batch_size`` is the GLOBAL batch. Every rank draws the same global batch sequence
-  from (seed, epoch) and takes its contiguous slice (class groups kept whole), so ranks see
-  different, class-balanced samples, and augmentation is seeded by the global slot
-  (training/loader.py): the same images, augmented the same way, for any world size.
+  from (seed, epoch) and loads its contiguous slice (:class:`BatchSlicer`; any world size up
+  to the batch size, slices differ by at most one row, a class group may span two ranks),
+  and augmentation is seeded by the global slot (training/loader.py): the same images,
+  augmented the same way, for any world size.
 - Model AND loss (proxies, flow) sit in ONE DistributedDataParallel module, so every learned
   tensor is synchronised (proxies owned by the loss would otherwise drift apart).
-- Embeddings are all-gathered WITH gradients before the loss (:func:`gather_batch`), so
-  ProxyAnchor's per-proxy terms, the softmax of ProxyNCA and the NIR flow see exactly the
-  global batch that a single process sees. Every rank computes the same global loss L; the
-  gather's backward sums the ranks' gradients of each slice (``world * dL/dslice``) and
-  DDP averages over ranks, which gives exactly dL/dparameter for the backbone, the head,
-  the proxies and the flow.
+- Embeddings and labels are all-gathered WITH gradients before the loss
+  (:func:`gather_batch`), so ProxyAnchor's per-proxy terms, the softmax of ProxyNCA and the
+  NIR flow see exactly the global batch that a single process sees. Every rank computes the
+  same global loss L; the gather's backward sums the ranks' gradients of each slice
+  (``world * dL/dslice``) and DDP averages over ranks, which gives exactly dL/dparameter
+  for the backbone, the head, the proxies and the flow.
 - Warmup epochs run the backbone under no_grad. Instead of DDP's per-step unused-parameter
   search, the DDP module is rebuilt when the set of trained parameters changes: during
   warmup the backbone is left out of DDP, afterwards it is in (one rebuild per run).
-- BatchNorm: frozen statistics (the paper's recipe) are exact. Trainable BatchNorm
-  normalises per rank unless ``model.sync_bn=true``, which uses global-batch statistics:
-  torch's ``nn.SyncBatchNorm`` on CUDA, :class:`DistributedBatchNorm` on other devices.
+- BatchNorm: frozen statistics (the paper's recipe) need nothing. Trainable BatchNorm uses
+  global-batch statistics when ``model.sync_bn`` (default): torch's ``nn.SyncBatchNorm``
+  on CUDA, :class:`DistributedBatchNorm` on other devices.
 - Evaluation: each rank embeds a contiguous shard, the shards are gathered, rank 0 computes
   the metrics once and shares them; only rank 0 writes files and logs.
 - Long waits (a download or cache build on rank 0, metrics on rank 0) use a CPU (gloo)
-  group with a long timeout, so NCCL's watchdog does not kill the run meanwhile.
+  group with a long timeout, so NCCL's watchdog does not stop the run meanwhile.
+- The process group lives as long as the process: re-creating it (e.g. for a second run in
+  the same process) races between ranks under torchrun's store.
 """
 
 from __future__ import annotations
