@@ -162,7 +162,8 @@ class DistributedBatchNorm(nn.modules.batchnorm._BatchNorm):
     In training mode the per-channel mean and (biased) variance are computed over the
     samples of ALL ranks with two all-reduces that carry gradients, so outputs, gradients
     and running statistics equal those of one process holding the whole batch. In eval
-    mode it normalises with the running statistics and communicates nothing.
+    mode it communicates nothing (ranks may embed different numbers of batches): it
+    normalises with the running statistics, as ``nn.SyncBatchNorm`` does.
     torch's ``nn.SyncBatchNorm`` (fused kernels) is used instead on CUDA.
     """
 
@@ -172,8 +173,7 @@ class DistributedBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        use_batch_stats = self.training or self.running_mean is None
-        if not use_batch_stats or not (dist.is_initialized() and dist.get_world_size() > 1):
+        if not self.training or not (dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(input)
         dims = [0, *range(2, input.dim())]
         shape = [1, -1] + [1] * (input.dim() - 2)
@@ -189,7 +189,7 @@ class DistributedBatchNorm(nn.modules.batchnorm._BatchNorm):
         out = centered * torch.rsqrt(var + self.eps).reshape(shape)
         if self.affine:
             out = out * self.weight.reshape(shape) + self.bias.reshape(shape)
-        if self.training and self.track_running_stats and self.running_mean is not None:
+        if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 if self.momentum is None:  # cumulative moving average, as nn.BatchNorm
@@ -226,13 +226,14 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> tuple[nn.
                     "model.freeze_bn=true, or model.sync_bn=false for per-rank statistics"
                 )
             cls = nn.SyncBatchNorm if device.type == "cuda" else DistributedBatchNorm
+            like = next(iter([*child.parameters(), *child.buffers()]), None)
             new = cls(
                 child.num_features,
                 child.eps,
                 child.momentum,
                 child.affine,
                 child.track_running_stats,
-                device=child.weight.device if child.affine else None,
+                device=like.device if like is not None else None,
                 dtype=child.weight.dtype if child.affine else None,
             )
             new.load_state_dict(child.state_dict())
