@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -24,6 +25,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         results = [result]
     elif args.config is None:
         results = run_default(args.out or "runs", overrides=args.set, progress=progress)
+        if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
+            return 0
         print()
         print("Embedded default: sklearn digits, train on digits 0-4, retrieve among 5-9")
         print(compare_table(results))
@@ -35,6 +38,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.set)
         result = train(cfg, args.out, progress=progress)
         results = [result]
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
+        return 0
     for r in results:
         best = r.summary.get("best") or {}
         print(

@@ -70,6 +70,10 @@ class ModelConfig:
     freeze_bn_affine: bool = False
     in_channels: int = 3
     channels_last: bool = False
+    sync_bn: bool = True
+    """Distributed runs: trainable BatchNorm normalises with global-batch statistics, as one
+    process does (false: per-rank statistics, no BatchNorm communication, results depend on
+    the world size). No effect on frozen BatchNorm or on a single process."""
 
 
 @dataclass

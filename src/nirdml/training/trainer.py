@@ -34,7 +34,12 @@ from nirdml.training.checkpoint import (
     scheduler_state,
 )
 from nirdml.training.config import LossConfig, RunConfig, load_config
-from nirdml.training.distributed import DistContext
+from nirdml.training.distributed import (
+    DistContext,
+    DistributedSetupError,
+    convert_sync_batchnorm,
+    slice_bounds,
+)
 from nirdml.training.loader import train_loader
 from nirdml.training.optim import build_optimizer, build_scheduler, group_lrs, param_groups
 from nirdml.training.recorder import ExternalLoggers, plot_curves, write_history
@@ -62,15 +67,27 @@ class RunResult:
 
 
 def resolve_device(name: str, dist: DistContext | None = None) -> torch.device:
-    """``auto`` -> the rank's CUDA device when available, else CPU."""
+    """``auto`` -> the rank's CUDA device when available, else CPU.
+
+    Distributed: ``auto`` and ``cuda`` mean ``cuda:LOCAL_RANK``; an explicit ``cuda:N`` is
+    kept (for launchers that give every process one GPU through CUDA_VISIBLE_DEVICES).
+    """
+    distributed = dist is not None and dist.enabled
     if name == "auto":
-        if torch.cuda.is_available():
-            index = dist.local_rank if dist is not None and dist.enabled else 0
-            return torch.device("cuda", index)
-        return torch.device("cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        name = "cuda" if distributed else "cuda:0"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device={name!r} but CUDA is not available; use device=auto or cpu")
+    if device.type == "cuda" and device.index is None and distributed:
+        if dist.local_rank >= torch.cuda.device_count():
+            raise DistributedSetupError(
+                f"LOCAL_RANK={dist.local_rank} but this node has {torch.cuda.device_count()} "
+                "GPU(s); use torchrun --nproc_per_node <= the GPU count, or device=cuda:0 if "
+                "your launcher gives every process its own GPU via CUDA_VISIBLE_DEVICES"
+            )
+        device = torch.device("cuda", dist.local_rank)
     return device
 
 
@@ -230,7 +247,12 @@ def evaluate_model(
 
     if dist is not None and dist.enabled:
         embeddings, labels = dist.compute_embeddings(
-            model, dataset, batch_size=batch_size, device=device, num_workers=num_workers
+            model,
+            dataset,
+            batch_size=batch_size,
+            device=device,
+            num_workers=num_workers,
+            amp=amp_dtype is not None,
         )
         if not dist.is_main:
             return {}
@@ -301,10 +323,7 @@ def train(
                 f"{out_dir} already holds a run; resume it with `nirdml train --resume {out_dir}` "
                 "or choose another --out folder"
             )
-    try:
-        return _Run(cfg, out_dir, state, dist, progress).fit(stop_after_epoch)
-    finally:
-        dist.close()
+    return _Run(cfg, out_dir, state, dist, progress).fit(stop_after_epoch)
 
 
 class _Run:
@@ -323,12 +342,21 @@ class _Run:
         self.dist = dist
         self.device = resolve_device(cfg.device, dist)
         dist.init(self.device)
+        dist.check_same(
+            cfg.to_dict(), "config", "start every rank with the same preset and --set overrides"
+        )
+        dist.check_batch(cfg.data.batch_size)
         self.progress = (cfg.log.progress if progress is None else progress) and dist.is_main
         self.amp_dtype = _amp_dtype(cfg, self.device)
 
-        self.splits = load_splits(cfg, progress=self.progress)
+        with dist.main_first():  # downloads, caches and weights fetched once
+            self.splits = load_splits(cfg, progress=self.progress)
+            model = build_model_from_config(cfg)
         train_set = self.splits.train
-        model = build_model_from_config(cfg)
+        if dist.enabled and cfg.model.sync_bn:
+            model, _ = convert_sync_batchnorm(model, self.device)
+        else:
+            dist.warn_unsynced_batchnorm(model)
         with seeded(cfg.seed + 1):
             loss = build_loss(cfg.loss, train_set.num_classes, cfg.model.embed_dim)
         if cfg.model.channels_last:
@@ -345,21 +373,21 @@ class _Run:
             d.samples_per_class,
             replacement=d.sampler == "authors",
             seed=cfg.seed,
-            num_replicas=dist.world_size,
-            rank=dist.rank,
+            num_replicas=1,  # the GLOBAL batches; each rank takes its slice of every one
+            rank=0,
         )
-        per_rank = d.batch_size // dist.world_size
         self.loader, self.seeded_sampler = train_loader(
             train_set,
-            self.batch_sampler,
+            dist.shard(self.batch_sampler, d.batch_size),
             seed=cfg.seed,
             num_workers=d.num_workers,
-            rank_offset=dist.rank * per_rank,
+            rank_offset=slice_bounds(d.batch_size, dist.world_size, dist.rank)[0],
             pin_memory=self.device.type == "cuda",
         )
 
-        self.criterion: nn.Module = Criterion(self.model, self.loss, dist.gather_fn())
-        self.criterion = dist.wrap(self.criterion, self.device, cfg.optim.warmup_epochs > 0)
+        self._criterion = Criterion(self.model, self.loss, dist.gather_fn(d.batch_size))
+        self.criterion: nn.Module = self._criterion
+        self._wrapped_backbone: bool | None = None  # whether the DDP module trains the backbone
         self.optimizer = build_optimizer(param_groups(self.model, self.loss, cfg.optim), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)
         self.step = GuardedStep(self.optimizer, self.device, fp16=self.amp_dtype == torch.float16)
@@ -435,10 +463,20 @@ class _Run:
 
     # -- one epoch
 
+    def _wrap(self, backbone_grad: bool) -> None:
+        """(Re)build the DDP module when the trained parameters change (end of warmup)."""
+        if self._wrapped_backbone is backbone_grad:
+            return
+        self.criterion = self._criterion  # drops the previous DDP module and its hooks
+        exclude = () if backbone_grad else list(self.model.backbone_parameters())
+        self.criterion = self.dist.wrap(self._criterion, self.device, exclude)
+        self._wrapped_backbone = backbone_grad
+
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         cfg = self.cfg
-        self.criterion.train()
         backbone_grad = epoch >= cfg.optim.warmup_epochs
+        self._wrap(backbone_grad)
+        self.criterion.train()
         self.seeded_sampler.set_epoch(epoch)
         sums: dict[str, Tensor] = {}
         skipped_before = self.step.skipped.clone()
@@ -473,7 +511,7 @@ class _Run:
                 v = v.detach().float()
                 sums[k] = sums[k] + v if k in sums else v.clone()
             n_steps += 1
-            n_images += images.shape[0] * self.dist.world_size
+            n_images += cfg.data.batch_size  # the global batch, over all ranks
             self.global_step += 1
             if n_steps % LOG_EVERY == 0 or n_steps == len(self.loader):
                 self._check_skips(last_check, n_steps, epoch)
@@ -526,6 +564,7 @@ class _Run:
         if self.splits.val is not None:
             splits.append(("val", self.splits.val))
         model = _unwrap(self.model)
+        self.dist.sync_buffers(model)  # every shard embedded with rank 0's BN statistics
         for name, dataset in splits:
             metrics = evaluate_model(
                 model,
@@ -546,12 +585,10 @@ class _Run:
         split = "val" if self.splits.val is not None else "test"
         key = f"{split}/{self.cfg.eval.select_metric}"
         if key not in row:
-            if self.dist.is_main:
-                raise ValueError(
-                    f"eval.select_metric {self.cfg.eval.select_metric!r} is not among the "
-                    f"computed metrics {self.metrics}; add it to eval.metrics"
-                )
-            return False
+            raise ValueError(
+                f"eval.select_metric {self.cfg.eval.select_metric!r} is not among the "
+                f"computed metrics {self.metrics}; add it to eval.metrics"
+            )
         value = row[key]
         if not self.best or value > self.best["value"]:
             self.best = {
@@ -577,7 +614,8 @@ class _Run:
                 is_best = False
                 if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.epochs:
                     row.update(self._evaluate(epoch))
-                    is_best = self._update_best(epoch, self.dist.broadcast_object(row))
+                    row = self.dist.broadcast_object(row)  # rank 0's metrics on every rank
+                    is_best = self._update_best(epoch, row)
                     last_eval_epoch = epoch
                 self.history.append(row)
                 self._save(epoch, is_best)
