@@ -178,9 +178,10 @@ def _parity(authors: AuthorsNIR, ours: NIRLoss, x: Tensor, y: Tensor) -> dict[st
     return out
 
 
-def bench(
-    dim: int, num_classes: int, device: torch.device, repeats: int, warmup: int
-) -> tuple[list, dict[str, float]]:
+def build(
+    dim: int, num_classes: int, device: torch.device
+) -> tuple[dict[str, Callable[[], None]], dict[str, float]]:
+    """Step functions of every variant (same weights, same batch) and their parity figures."""
     torch.manual_seed(0)
     authors = AuthorsNIR(num_classes, dim).to(device)
     ours = NIRLoss(ProxyAnchorLoss(num_classes, dim, positive_mean="samples"), proxy_weight=0.01)
@@ -206,7 +207,13 @@ def bench(
         proxy_only,
         adam(proxy_only.param_groups(LR, 4000), fused=True),
     )
-    fns = {name: _step_fn(loss, opt, x, y) for name, (loss, opt) in variants.items()}
+    return {name: _step_fn(loss, opt, x, y) for name, (loss, opt) in variants.items()}, parity
+
+
+def bench(
+    dim: int, num_classes: int, device: torch.device, repeats: int, warmup: int
+) -> tuple[list, dict[str, float]]:
+    fns, parity = build(dim, num_classes, device)
 
     def sync() -> None:
         if device.type == "cuda":

