@@ -204,7 +204,7 @@ def _markdown(r: dict[str, Any]) -> str:
     lines = [
         f"Run `{r['nir_run']}` (val-selected checkpoint) and its baseline `{r['base_run']}`. "
         f"For each of the {r['num_classes']} training classes, {r['samples_per_class']} samples "
-        "`tau(z | proxy)`, `z ~ N(0, I)`, next to the class's 20 real training embeddings "
+        "`tau(z | proxy)`, `z ~ N(0, I)`, next to the class's real training embeddings "
         "(test transform). Flow samples are not normalised by the flow; their norm is "
         f"{r['sample_norm_mean']:.3f} ± {r['sample_norm_std']:.3f} (real embeddings: 1); "
         "cosines and spreads use them L2-normalised. Median NLL under the flow: real "

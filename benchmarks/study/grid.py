@@ -105,9 +105,9 @@ def _o(**knobs: Any) -> tuple[str, ...]:
 
 
 BASE_LR_GRID = {
-    "proxy_anchor": ((1e-3, 100.0), (3e-3, 100.0), (1e-3, 1000.0), (1e-3, 10.0), (3e-3, 1000.0)),
-    "proxy_nca": ((1e-3, 100.0), (3e-3, 100.0), (1e-3, 1000.0)),
-    "soft_triple": ((1e-3, 100.0), (3e-3, 100.0), (1e-3, 1000.0)),
+    "proxy_anchor": ((1e-3, 100.0), (3e-3, 100.0), (1e-3, 1000.0), (1e-3, 10.0)),
+    "proxy_nca": ((1e-3, 100.0), (1e-3, 1000.0)),
+    "soft_triple": ((1e-3, 100.0), (1e-3, 1000.0)),
 }
 """(lr, proxy_lr_mult) tried for each baseline (the loss's own hyperparameters keep the
 defaults of its paper: ProxyAnchor alpha 32 / delta 0.1, ProxyNCA scale 9, SoftTriple
