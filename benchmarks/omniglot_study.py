@@ -8,6 +8,7 @@ budget; a ProxyAnchor sweep of NIR's weight and objective; flow samples around p
     python benchmarks/omniglot_study.py list  [--part all]          # runs and their status
     python benchmarks/omniglot_study.py run   --part tune-base      # train (resumable)
     python benchmarks/omniglot_study.py run   --part all
+    python benchmarks/omniglot_study.py run   --part main --shard 1/2   # 2nd of 2 processes
     python benchmarks/omniglot_study.py flow                        # flow samples PNG
     python benchmarks/omniglot_study.py diagnose                    # NIR gradient analysis
     python benchmarks/omniglot_study.py report                      # results file + PNGs
@@ -53,6 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--data-root", default=default_data_root())
         if name in ("list", "run"):
             p.add_argument("--part", default="all", choices=[*grid.PARTS, "all"])
+        if name == "run":
+            p.add_argument(
+                "--shard",
+                default="0/1",
+                help="I/N: run only every N-th run starting at I, so N processes (one per "
+                "core, OMP_NUM_THREADS=1) share a part without touching the same run",
+            )
         if name in ("flow", "diagnose", "report"):
             p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
         if name == "flow":
@@ -73,7 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         if not Path(args.data_root).is_dir():
             parser.error(f"--data-root {args.data_root} is not a folder (the Omniglot npz/PNGs)")
-        run_specs(grid.specs_of(args.part), args.runs, args.data_root)
+        try:
+            index, count = (int(v) for v in args.shard.split("/"))
+            if not 0 <= index < count:
+                raise ValueError
+        except ValueError:
+            parser.error(f"--shard {args.shard!r}: expected I/N with 0 <= I < N, e.g. 1/2")
+        specs = grid.specs_of(args.part)[index::count]
+        run_specs(specs, args.runs, args.data_root)
         return 0
     if args.command == "flow":
         from study.flow_viz import flow_study
