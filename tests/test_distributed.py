@@ -11,7 +11,7 @@ The float32 runs use frozen BatchNorm statistics (the paper's recipe, model.free
 then DDP and one process differ only in the order of float32 sums. Trainable BatchNorm is
 checked in float64 (model.sync_bn): in float32 a 1-ulp change of the batch statistics
 alone moves the flow weights by ~1e-4 within an epoch (Adam on near-zero gradients), in
-one process as much as across ranks (docs/readme/distributed.md).
+one process as much as across ranks (docs/guide/distributed.md).
 """
 
 from __future__ import annotations

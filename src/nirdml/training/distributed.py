@@ -1,6 +1,6 @@
 """torch.distributed support: one model trained across processes launched by ``torchrun``.
 
-Design (user documentation: docs/readme/distributed.md):
+Design (user documentation: docs/guide/distributed.md):
 
 - ``data.batch_size`` is the GLOBAL batch. Every rank draws the same global batch sequence
   from (seed, epoch) and loads its contiguous slice (:class:`BatchSlicer`; any world size up

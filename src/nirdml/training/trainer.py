@@ -367,7 +367,7 @@ class _Run:
         self.loss = loss.to(self.device)
         if cfg.compile:
             # The embedding network (backbone, pooling, head); the flow and the losses stay
-            # eager: their hand-written backward already fuses the chain (docs/readme/speed.md).
+            # eager: their hand-written backward already fuses the chain (docs/guide/speed.md).
             model.features = CompiledOrEager(model.features, f"the {cfg.model.arch} backbone")
 
         from nirdml.data import ClassBalancedBatchSampler
