@@ -319,6 +319,66 @@ def _sweep_section(groups: dict[str, list[RunRecord]], base_groups: dict, png: P
     return table
 
 
+def _knob_text(knobs: dict[str, Any]) -> str:
+    return ", ".join(f"{k.replace('__', '.')}={v:g}" for k, v in knobs.items()) or "as main"
+
+
+def _probe_section(probes: dict[str, list[RunRecord]], main: dict[str, list[RunRecord]]) -> str:
+    """One row per setting: baseline and + NIR test R@1 and their per-seed differences."""
+    settings = [
+        (
+            "main study setting",
+            main.get(grid.main_group("proxy_anchor", "base"), []),
+            main.get(grid.main_group("proxy_anchor", "nir"), []),
+        )
+    ]
+    for probe in grid.PROBES:
+        settings.append(
+            (
+                f"`{probe}`: baseline "
+                + _knob_text(grid.PROBES[probe][0])
+                + "; + NIR "
+                + _knob_text(grid.PROBES[probe][1]),
+                probes.get(grid.probe_group(probe, "base"), []),
+                probes.get(grid.probe_group(probe, "nir"), []),
+            )
+        )
+    rows = []
+    for label, base_recs, nir_recs in settings:
+        base, nir = by_seed(base_recs), by_seed(nir_recs)
+        seeds = [s for s in grid.SWEEP_SEEDS if s in base and s in nir]
+        if not seeds:
+            rows.append([label, "n/a", "n/a", "n/a", "n/a"])
+            continue
+        b = [base[s].metrics("selected")["recall@1"] for s in seeds]
+        n = [nir[s].metrics("selected")["recall@1"] for s in seeds]
+        bt = [
+            nir[s].metrics("best_test")["recall@1"] - base[s].metrics("best_test")["recall@1"]
+            for s in seeds
+        ]
+        rows.append(
+            [
+                label,
+                _fmt(*mean_std(b), 4),
+                _fmt(*mean_std(n), 4),
+                ", ".join(
+                    f"{_signed(y - x, 4)} (s{s})" for s, x, y in zip(seeds, b, n, strict=True)
+                ),
+                ", ".join(f"{_signed(d, 4)}" for d in bt),
+            ]
+        )
+    return _table(
+        [
+            "setting (baseline and + NIR alike)",
+            "baseline test R@1",
+            "+ NIR test R@1",
+            "Δ per seed (val-selected epoch)",
+            "Δ per seed (best test epoch)",
+        ],
+        rows,
+    )
+
+
 def _sweep_png(points: list[tuple], base: dict[int, RunRecord], path: Path) -> None:
     import matplotlib
 
@@ -475,7 +535,8 @@ def write_report(runs_root: Path, data_root: str, out_dir: Path) -> Path:
 
     add("## Sweep: NIR weight and objective (ProxyAnchor)\n")
     add(grid.SWEEP_TEXT.strip() + "\n")
-    sweep_groups = parts["sweep"]["groups"]
+    sweep_groups = {g: r for g, r in parts["sweep"]["groups"].items() if not g.startswith("probe-")}
+    probe_groups = {g: r for g, r in parts["sweep"]["groups"].items() if g.startswith("probe-")}
     base_groups = {
         g: r for g, r in sweep_groups.items() if not r[0].config["loss"]["nir"]["enabled"]
     }
@@ -485,6 +546,10 @@ def write_report(runs_root: Path, data_root: str, out_dir: Path) -> Path:
         + "\n"
     )
     add("![sweep](omniglot_sweep.png)\n")
+
+    add("## Probes: the comparison under other training settings (ProxyAnchor)\n")
+    add(grid.PROBE_TEXT.strip() + "\n")
+    add(_probe_section(probe_groups, main) + "\n")
 
     flow_md = out_dir / "omniglot_flow.md"
     add("## Flow samples around training-class proxies\n")
