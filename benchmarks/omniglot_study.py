@@ -87,11 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError
         except ValueError:
             parser.error(f"--shard {args.shard!r}: expected I/N with 0 <= I < N, e.g. 1/2")
-        unique: dict[str, grid.RunSpec] = {}  # one spec per configuration (seed + hash):
-        for spec in grid.specs_of(args.part):  # two shards must never train the same folder
-            key = f"{spec.seed}-{grid.config_hash(spec.config(args.data_root))}"
-            unique.setdefault(key, spec)
-        specs = list(unique.values())[index::count]
+        specs = grid.shard(grid.specs_of(args.part), args.data_root, index, count)
         run_specs(specs, args.runs, args.data_root)
         return 0
     if args.command == "flow":

@@ -198,3 +198,15 @@ def test_mini_study_runs_resumes_and_reports(mini_grid, monkeypatch):
     assert "Wilcoxon" in text and "Holm-adjusted" in text
     assert "not finished" not in text
     assert "| " + nir.name + " | exp_nll |" in text  # the gradient diagnostics table
+
+
+def test_shards_split_distinct_configurations(tmp_path):
+    """The probes share baselines (same config, different group): shards must hold each
+    configuration once, and together all of them."""
+    specs = grid.specs_of("sweep")
+    root = str(tmp_path)
+    keys = {(s.seed, grid.config_hash(s.config(root))) for s in specs}
+    assert len(keys) < len(specs)  # shared configurations exist
+    shards = [grid.shard(specs, root, i, 2) for i in range(2)]
+    got = [(s.seed, grid.config_hash(s.config(root))) for part in shards for s in part]
+    assert len(got) == len(set(got)) == len(keys)

@@ -272,6 +272,16 @@ def chosen_groups() -> set[str]:
     return {f"tune-{SHORT[loss]}-lr{lr:g}-p{mult:g}" for loss, (lr, mult) in TUNED_BASE.items()}
 
 
+def shard(specs: list[RunSpec], data_root: str, index: int, count: int) -> list[RunSpec]:
+    """Every ``count``-th distinct configuration from ``index``: ``count`` processes share
+    a part and never train the same folder (specs with equal seed and config hash, e.g. a
+    probe's baseline that another probe shares, are one run)."""
+    unique: dict[str, RunSpec] = {}
+    for spec in specs:
+        unique.setdefault(f"{spec.seed}-{config_hash(spec.config(data_root))}", spec)
+    return list(unique.values())[index::count]
+
+
 PARTS = {
     "tune-base": tune_base_specs,
     "main": main_specs,
