@@ -24,9 +24,8 @@ def _raw_pixel_recall_at_1(root) -> float:
     test = load_dataset("omniglot", root).test
     pixels = torch.stack([test[i][0].flatten() for i in range(len(test))])
     labels = torch.as_tensor([test[i][1] for i in range(len(test))])
-    return evaluate(torch.nn.functional.normalize(pixels, dim=1), labels, ["recall@1"])[
-        "recall@1"
-    ]
+    normalized = torch.nn.functional.normalize(pixels, dim=1)
+    return evaluate(normalized, labels, ["recall@1"])["recall@1"]
 
 
 def test_omniglot_run_beats_raw_pixels(omniglot_dir, tmp_path):
@@ -41,7 +40,8 @@ def test_omniglot_run_beats_raw_pixels(omniglot_dir, tmp_path):
     cfg = load_config("omniglot", overrides)
     result = train(cfg, tmp_path / "run")
 
-    rows = [json.loads(line) for line in (result.out_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = (result.out_dir / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
     assert [r["epoch"] for r in rows] == [1, 2]
     assert rows[1]["train/loss"] < rows[0]["train/loss"], "the loss did not fall"
     for name in ("config.yaml", "metrics.csv", "summary.json", "curves.png"):
