@@ -327,7 +327,7 @@ PROTOCOL_TEXT = """
 
 SWEEP_TEXT = """
 ProxyAnchor + NIR with the tuned base knobs, varying only the objective and its weight,
-on seeds 100 (the tuning seed), 0 and 1; the baseline at the same seeds for the paired
+on seeds 0 and 1 (shared with the main study); the baseline at the same seeds for the paired
 difference. `exp_nll`: `mean exp(NLL) + proxy_weight * L_proxy` (authors' code; larger
 weight = more proxy loss). `nll`: `L_proxy + nir_weight * mean NLL` (paper's equation;
 larger weight = more NIR). Test numbers at the val-selected epoch.

@@ -553,7 +553,7 @@ def write_report(runs_root: Path, data_root: str, out_dir: Path) -> Path:
     )
     add("![sweep](omniglot_sweep.png)\n")
 
-    add("## Probes: the comparison under other training settings (ProxyAnchor)\n")
+    add("## Probes: the comparison with a backbone warmup (all three losses)\n")
     add(grid.PROBE_TEXT.strip() + "\n")
     add(_probe_section(probe_groups, main) + "\n")
 
