@@ -107,13 +107,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.out / 'omniglot_flow.md'} and omniglot_flow_samples.png")
         return 0
     if args.command == "diagnose":
-        from study.diagnose import gradient_diagnostics, write_diagnostics
+        from study.diagnose import (
+            adam_state,
+            gradient_diagnostics,
+            write_adam_states,
+            write_diagnostics,
+        )
 
         results = []
         for folder in grid.diagnosis_runs(args.runs, args.data_root):
             print(f"diagnosing {folder.name}", flush=True)
             results.append(gradient_diagnostics(folder, args.data_root))
         print(f"wrote {write_diagnostics(results, args.out)}")
+        states = [adam_state(f) for f in grid.adam_runs(args.runs, args.data_root)]
+        print(f"wrote {write_adam_states(states, args.out)}")
         return 0
     from study.report import write_report
 

@@ -126,6 +126,7 @@ def mini_grid(tmp_path, monkeypatch):
     monkeypatch.setattr(grid, "MAIN_SEEDS", (0, 1))
     monkeypatch.setattr(grid, "TUNE_SEED", 7)
     monkeypatch.setattr(grid, "SWEEP_SEEDS", (7, 0))
+    monkeypatch.setattr(grid, "PROBE_RUNS", (("warmup1", "proxy_anchor", (0, 1)),))
     return tmp_path
 
 
@@ -201,9 +202,9 @@ def test_mini_study_runs_resumes_and_reports(mini_grid, monkeypatch):
 
 
 def test_shards_split_distinct_configurations(tmp_path):
-    """The probes share baselines (same config, different group): shards must hold each
-    configuration once, and together all of them."""
-    specs = grid.specs_of("sweep")
+    """The sweep shares its baseline and default point with the main study (same config,
+    different group): shards must hold each configuration once, and together all of them."""
+    specs = grid.specs_of("all")
     root = str(tmp_path)
     keys = {(s.seed, grid.config_hash(s.config(root))) for s in specs}
     assert len(keys) < len(specs)  # shared configurations exist

@@ -119,6 +119,49 @@ def gradient_diagnostics(run_folder: Path, data_root: str, *, batches: int = 8) 
     return out
 
 
+def adam_state(run_folder: Path) -> dict[str, Any]:
+    """Adam's state at the end of a run, per parameter group: the median of sqrt(v) (the
+    second-moment estimate, which remembers ~1/(1 - beta2) = 1,000 steps of gradient
+    magnitudes) and of |m| / (sqrt(v) + eps), the size of the last update relative to lr
+    (about 1 when the recent gradients are as large as the remembered ones)."""
+    state = torch.load(run_folder / "checkpoints" / "last.pt", weights_only=True)
+    opt = state["optimizer"]
+    groups: dict[str, Any] = {}
+    for group in opt["param_groups"]:
+        ids = [i for i in group["params"] if i in opt["state"]]
+        if not ids:
+            continue
+        eps = float(group.get("eps", 1e-8))
+        v = torch.cat([opt["state"][i]["exp_avg_sq"].float().flatten() for i in ids]).sqrt()
+        m = torch.cat([opt["state"][i]["exp_avg"].float().flatten() for i in ids]).abs()
+        groups[group.get("name", "?")] = {
+            "sqrt_v_median": float(v.median()),
+            "update_over_lr_median": float((m / (v + eps)).median()),
+        }
+    return {"run": run_folder.name, "groups": groups}
+
+
+def write_adam_states(states: list[dict[str, Any]], out_dir: Path) -> Path:
+    """``omniglot_adam.md``: the Adam-state table (the report includes it)."""
+    atomic_write_text(out_dir / "omniglot_adam.json", json.dumps(states, indent=2) + "\n")
+    names = ["backbone", "head", "proxies", "flow"]
+    lines = [
+        "| run | " + " | ".join(f"{n}: sqrt(v) / update÷lr" for n in names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for st in states:
+        cells = []
+        for n in names:
+            g = st["groups"].get(n)
+            cells.append(
+                f"{g['sqrt_v_median']:.2e} / {g['update_over_lr_median']:.3f}" if g else "-"
+            )
+        lines.append(f"| {st['run']} | " + " | ".join(cells) + " |")
+    path = out_dir / "omniglot_adam.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
 def write_diagnostics(results: list[dict[str, Any]], out_dir: Path) -> Path:
     """``omniglot_diagnostics.json`` and the markdown table the report includes."""
     atomic_write_text(out_dir / "omniglot_diagnostics.json", json.dumps(results, indent=2) + "\n")

@@ -144,7 +144,7 @@ TUNED_BASE = {
 
 NIR_GRID = {
     "exp_nll": (0.01, 0.1, 1.0),
-    "nll": (1.0 / 128, 0.1, 1.0),
+    "nll": (1.0 / 128, 1.0),
 }
 """Objective -> weights tried on ProxyAnchor (``proxy_weight`` for exp_nll, on the proxy
 loss; ``nir_weight`` for nll, on the mean NLL). exp_nll 0.01 and nll 1/D are the defaults."""
@@ -216,36 +216,38 @@ def sweep_specs() -> list[RunSpec]:
 
 PROBES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "warmup1": ({"optim__warmup_epochs": 1}, {"optim__warmup_epochs": 1}),
-    "flowlr50": ({}, {"optim__flow_lr_mult": 50.0}),
-    "authors": (
-        {"optim__warmup_epochs": 1},
-        {"optim__warmup_epochs": 1, "optim__flow_lr_mult": 50.0},
-    ),
-    "proxylr100": ({"optim__proxy_lr_mult": 100.0}, {"optim__proxy_lr_mult": 100.0}),
 }
-"""Why NIR helps or hurts (ProxyAnchor): probe -> (baseline knobs, + NIR knobs), each a
-paired comparison under another training setting. ``warmup1``: the first epoch trains
-head, proxies (and flow) with the backbone frozen; ``flowlr50``: flow lr x50; ``authors``:
-both, the authors' CUB/Cars recipe (method.md section 5); ``proxylr100``: proxy lr x100
-(the ProxyAnchor paper's). A baseline identical to another run (e.g. ``flowlr50``'s, which
-has no flow) is trained once (same config hash)."""
+"""Why NIR helps or hurts: probe -> (baseline knobs, + NIR knobs), each a paired comparison
+under another training setting. ``warmup1``: the first epoch trains the head, proxies (and
+the flow) with the backbone frozen, as in the authors' recipe (1 epoch for CUB and Cars).
+(A flow lr x50, the authors' multiplier, diverged here: their base lr is 1e-5, ours 1e-3,
+so x50 is a flow lr of 0.05, 100x theirs; see the findings.)"""
+
+PROBE_RUNS: tuple[tuple[str, str, tuple[int, ...]], ...] = (
+    ("warmup1", "proxy_anchor", MAIN_SEEDS),
+    ("warmup1", "proxy_nca", SWEEP_SEEDS),
+    ("warmup1", "soft_triple", SWEEP_SEEDS),
+)
+"""(probe, loss, seeds): ProxyAnchor on all main seeds, the other losses on two."""
 
 
-def probe_group(probe: str, variant: str) -> str:
-    return f"probe-{probe}-pa-{variant}"
+def probe_group(probe: str, loss: str, variant: str) -> str:
+    return f"probe-{probe}-{SHORT[loss]}-{variant}"
 
 
 def probe_specs() -> list[RunSpec]:
-    """Each probe's baseline and + NIR (authors' defaults otherwise) on SWEEP_SEEDS."""
-    lr, mult = TUNED_BASE["proxy_anchor"]
+    """Each probe's baseline and + NIR (the main presets otherwise), seed-major per loss."""
     specs = []
-    for seed in SWEEP_SEEDS:
-        for probe, variants in PROBES.items():
+    for probe, loss, seeds in PROBE_RUNS:
+        lr, mult = TUNED_BASE[loss]
+        for seed in seeds:
             for variant, preset, knobs in zip(
-                ("base", "nir"), LOSSES["proxy_anchor"], variants, strict=True
+                ("base", "nir"), LOSSES[loss], PROBES[probe], strict=True
             ):
                 all_knobs = {"optim__lr": lr, "optim__proxy_lr_mult": mult, **knobs}
-                specs.append(RunSpec(probe_group(probe, variant), seed, preset, _o(**all_knobs)))
+                specs.append(
+                    RunSpec(probe_group(probe, loss, variant), seed, preset, _o(**all_knobs))
+                )
     return specs
 
 
@@ -259,12 +261,28 @@ def diagnosis_runs(runs_root: Any, data_root: str) -> list[Any]:
     specs += [
         RunSpec(main_group(loss, "nir"), seed, presets[1]) for loss, presets in LOSSES.items()
     ]
+    specs += [s for s in probe_specs() if s.seed == seed and s.group.endswith("-nir")]
     folders: list[Any] = []
     for spec in specs:
         folder = run_dir(runs_root, spec, data_root)
         if is_done(folder) and folder not in folders:
             folders.append(folder)
     return folders
+
+
+def adam_runs(runs_root: Any, data_root: str) -> list[Any]:
+    """Finished runs whose optimizer state ``diagnose`` tabulates: seed 0's main baseline
+    and + NIR of each loss, and the warmup probes' ProxyAnchor pair."""
+    from study.runner import is_done, run_dir
+
+    seed = MAIN_SEEDS[0]
+    specs = [
+        RunSpec(main_group(loss, v), seed, presets[v == "nir"])
+        for loss, presets in LOSSES.items()
+        for v in ("base", "nir")
+    ]
+    specs += [s for s in probe_specs() if s.seed == seed and "-pa-" in s.group]
+    return [f for f in (run_dir(runs_root, s, data_root) for s in specs) if is_done(f)]
 
 
 def chosen_groups() -> set[str]:
@@ -309,16 +327,26 @@ PROTOCOL_TEXT = """
 
 SWEEP_TEXT = """
 ProxyAnchor + NIR with the tuned base knobs, varying only the objective and its weight,
-on seeds 100 (the tuning seed), 0 and 1; the baseline at the same seeds for the paired
+on seeds 0 and 1 (shared with the main study); the baseline at the same seeds for the paired
 difference. `exp_nll`: `mean exp(NLL) + proxy_weight * L_proxy` (authors' code; larger
 weight = more proxy loss). `nll`: `L_proxy + nir_weight * mean NLL` (paper's equation;
 larger weight = more NIR). Test numbers at the val-selected epoch.
 """
 
 PROBE_TEXT = """
-The main + NIR preset and its baseline, both changed by one training knob, on seeds 0 and 1
-(test R@1 at the val-selected epoch; the main-study row restricted to the same seeds).
-Two seeds show the direction and size of an effect, not its significance.
+The main presets, baseline and + NIR both changed by one training knob: a 1-epoch backbone
+warmup (`optim.warmup_epochs=1`; head, proxies and flow train while the CNN is frozen, as in
+the authors' recipe). ProxyAnchor on the 5 main seeds, ProxyNCA and SoftTriple on seeds 0
+and 1 (test R@1 at the val-selected epoch; each main-study row restricted to the same seeds).
+With 2 seeds a row shows the direction and size of an effect, not its significance.
+"""
+
+ADAM_TEXT = """
+Adam's state at the end of each run (seed 0, `checkpoints/last.pt`), per parameter group:
+median sqrt(v), Adam's second-moment estimate (beta2 = 0.999: it remembers the gradient
+magnitudes of the last ~1,000 steps, more than this study's 432), and median |m| / sqrt(v),
+the last update's size relative to the learning rate (near 1 when recent gradients are as
+large as the remembered ones; near 0 when the optimizer still remembers much larger ones).
 """
 
 TUNING_TEXT = """

@@ -324,56 +324,62 @@ def _knob_text(knobs: dict[str, Any]) -> str:
 
 
 def _probe_section(probes: dict[str, list[RunRecord]], main: dict[str, list[RunRecord]]) -> str:
-    """One row per setting: baseline and + NIR test R@1 and their per-seed differences."""
-    settings = [
-        (
-            "main study setting",
-            main.get(grid.main_group("proxy_anchor", "base"), []),
-            main.get(grid.main_group("proxy_anchor", "nir"), []),
-        )
-    ]
-    for probe in grid.PROBES:
-        settings.append(
-            (
-                f"`{probe}`: baseline "
-                + _knob_text(grid.PROBES[probe][0])
-                + "; + NIR "
-                + _knob_text(grid.PROBES[probe][1]),
-                probes.get(grid.probe_group(probe, "base"), []),
-                probes.get(grid.probe_group(probe, "nir"), []),
-            )
-        )
+    """Per (loss, seeds): the main setting and each probe, baseline vs + NIR, paired."""
     rows = []
-    for label, base_recs, nir_recs in settings:
-        base, nir = by_seed(base_recs), by_seed(nir_recs)
-        seeds = [s for s in grid.SWEEP_SEEDS if s in base and s in nir]
-        if not seeds:
-            rows.append([label, "n/a", "n/a", "n/a", "n/a"])
-            continue
-        b = [base[s].metrics("selected")["recall@1"] for s in seeds]
-        n = [nir[s].metrics("selected")["recall@1"] for s in seeds]
-        bt = [
-            nir[s].metrics("best_test")["recall@1"] - base[s].metrics("best_test")["recall@1"]
-            for s in seeds
+    for probe, loss, seeds in grid.PROBE_RUNS:
+        settings = [
+            (
+                "main study (no warmup)",
+                main.get(grid.main_group(loss, "base"), []),
+                main.get(grid.main_group(loss, "nir"), []),
+            ),
+            (
+                f"`{probe}`: " + _knob_text(grid.PROBES[probe][1]),
+                probes.get(grid.probe_group(probe, loss, "base"), []),
+                probes.get(grid.probe_group(probe, loss, "nir"), []),
+            ),
         ]
-        rows.append(
-            [
-                label,
-                _fmt(*mean_std(b), 4),
-                _fmt(*mean_std(n), 4),
-                ", ".join(
-                    f"{_signed(y - x, 4)} (s{s})" for s, x, y in zip(seeds, b, n, strict=True)
-                ),
-                ", ".join(f"{_signed(d, 4)}" for d in bt),
+        for label, base_recs, nir_recs in settings:
+            base, nir = by_seed(base_recs), by_seed(nir_recs)
+            paired = [s for s in seeds if s in base and s in nir]
+            cells = [grid.LOSS_LABELS[loss], label, ",".join(map(str, paired)) or "none"]
+            if not paired:
+                rows.append(cells + ["n/a"] * 5)
+                continue
+            b = [base[s].metrics("selected")["recall@1"] for s in paired]
+            n = [nir[s].metrics("selected")["recall@1"] for s in paired]
+            bt = [
+                nir[s].metrics("best_test")["recall@1"] - base[s].metrics("best_test")["recall@1"]
+                for s in paired
             ]
-        )
+            if len(paired) >= 2:
+                res = paired_test(n, b)
+                delta = (
+                    f"{_signed(res.mean, 4)} ± {res.std:.4f} "
+                    f"(p={_p(res.t_p)}, {res.wins}/{res.n} wins)"
+                )
+            else:
+                delta = _signed(n[0] - b[0], 4)
+            rows.append(
+                cells
+                + [
+                    _fmt(*mean_std(b), 4),
+                    _fmt(*mean_std(n), 4),
+                    delta,
+                    ", ".join(_signed(y - x, 3) for x, y in zip(b, n, strict=True)),
+                    _fmt(*mean_std(bt), 4),
+                ]
+            )
     return _table(
         [
+            "loss",
             "setting (baseline and + NIR alike)",
+            "seeds",
             "baseline test R@1",
             "+ NIR test R@1",
-            "Δ per seed (val-selected epoch)",
-            "Δ per seed (best test epoch)",
+            "Δ (mean ± std, t-test p, wins)",
+            "Δ per seed",
+            "Δ at the best test epoch",
         ],
         rows,
     )
@@ -547,7 +553,7 @@ def write_report(runs_root: Path, data_root: str, out_dir: Path) -> Path:
     )
     add("![sweep](omniglot_sweep.png)\n")
 
-    add("## Probes: the comparison under other training settings (ProxyAnchor)\n")
+    add("## Probes: the comparison with a backbone warmup (all three losses)\n")
     add(grid.PROBE_TEXT.strip() + "\n")
     add(_probe_section(probe_groups, main) + "\n")
 
@@ -563,6 +569,10 @@ def write_report(runs_root: Path, data_root: str, out_dir: Path) -> Path:
     if diag_md.is_file():
         add(grid.DIAGNOSIS_TEXT.strip() + "\n")
         add(diag_md.read_text().strip() + "\n")
+    adam_md = out_dir / "omniglot_adam.md"
+    if adam_md.is_file():
+        add(grid.ADAM_TEXT.strip() + "\n")
+        add(adam_md.read_text().strip() + "\n")
     else:
         add("(run `python benchmarks/omniglot_study.py diagnose` first)\n")
 

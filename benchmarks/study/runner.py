@@ -12,8 +12,10 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from nirdml.training.checkpoint import atomic_write_json
+from nirdml.training.trainer import NonFiniteLossError
 from study.grid import RunSpec, canonical
 
 
@@ -39,6 +41,36 @@ def is_done(folder: Path) -> bool:
     return (folder / "summary.json").is_file()
 
 
+DIVERGED = "diverged.json"
+"""Written instead of ``summary.json`` when training stopped on non-finite steps."""
+
+
+def is_diverged(folder: Path) -> bool:
+    return (folder / DIVERGED).is_file()
+
+
+def _train(spec: RunSpec, cfg: Any, folder: Path, data_root: str, resume: bool) -> None:
+    from nirdml.training.trainer import train
+
+    if resume:
+        train(out_dir=folder, resume=True, progress=False)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    # What the run is, readable without the hash: spec, resolved knobs, command.
+    atomic_write_json(
+        folder / "spec.json",
+        {
+            "group": spec.group,
+            "seed": spec.seed,
+            "preset": spec.preset,
+            "overrides": list(spec.overrides),
+            "command": spec.command(data_root, str(folder)),
+            "config": canonical(cfg),
+        },
+    )
+    train(cfg, folder, progress=False)
+
+
 def run_specs(
     specs: Sequence[RunSpec],
     runs_root: Path,
@@ -47,8 +79,6 @@ def run_specs(
     log: Callable[[str], None] = _print,
 ) -> list[Path]:
     """Train every spec that is not finished yet; return all their folders."""
-    from nirdml.training.trainer import train
-
     folders = []
     todo = [s for s in specs if not is_done(run_dir(runs_root, s, data_root))]
     log(f"{len(specs)} runs, {len(specs) - len(todo)} already finished, {len(todo)} to run")
@@ -57,27 +87,19 @@ def run_specs(
         folders.append(folder)
         if is_done(folder):
             continue
+        if is_diverged(folder):
+            log(f"[{i + 1}/{len(specs)}] skip {folder.name}: diverged before (diverged.json)")
+            continue
         cfg = spec.config(data_root)
         start = time.perf_counter()
         resume = (folder / "checkpoints" / "last.pt").is_file()
         log(f"[{i + 1}/{len(specs)}] {'resume' if resume else 'train'} {folder.name}")
-        if resume:
-            train(out_dir=folder, resume=True, progress=False)
-        else:
-            folder.mkdir(parents=True, exist_ok=True)
-            # What the run is, readable without the hash: spec, resolved knobs, command.
-            atomic_write_json(
-                folder / "spec.json",
-                {
-                    "group": spec.group,
-                    "seed": spec.seed,
-                    "preset": spec.preset,
-                    "overrides": list(spec.overrides),
-                    "command": spec.command(data_root, str(folder)),
-                    "config": canonical(cfg),
-                },
-            )
-            train(cfg, folder, progress=False)
+        try:
+            _train(spec, cfg, folder, data_root, resume)
+        except NonFiniteLossError as err:  # a result too: recorded, reported, not retried
+            atomic_write_json(folder / DIVERGED, {"group": spec.group, "error": str(err)})
+            log(f"    diverged: {err}")
+            continue
         summary = json.loads((folder / "summary.json").read_text())
         best = summary.get("best") or {}
         log(
