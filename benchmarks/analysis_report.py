@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from machine import cpu_name  # benchmarks/machine.py
+
 
 def _cpu() -> float:
     t = os.times()
@@ -33,14 +35,7 @@ def _cpu() -> float:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return (
         f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} with "
         f"{torch.get_num_threads()} thread(s), Python {platform.python_version()}, CPU only"

@@ -25,6 +25,8 @@ import PIL
 import torch
 from PIL import Image
 
+from machine import cpu_name  # benchmarks/machine.py
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -130,14 +132,7 @@ def main() -> None:
                 rate(lambda i: mem["test"].storage.load(i), n, args.repeats),
             ),
         ]
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     lines = [
         "# Data pipeline speed (images/s per CPU core)",
         "",

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from machine import cpu_name  # benchmarks/machine.py
 from nirdml.flow import ConditionalFlow
 from nirdml.losses import NIRLoss, ProxyAnchorLoss
 from nirdml.models import build_model
@@ -65,16 +66,6 @@ def _context() -> DistContext:
         )
     env = DistContext.from_env()
     return _DDPOnEveryWorldSize(env.rank, env.world_size, env.local_rank)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _sync(device: torch.device) -> None:
@@ -180,7 +171,7 @@ def main() -> None:
 
     if not ctx.is_main:
         return
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     result = {
         "device": str(device),
         "device_name": name,

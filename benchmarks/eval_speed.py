@@ -47,6 +47,8 @@ from pathlib import Path
 
 import numpy as np
 
+from machine import cpu_name  # benchmarks/machine.py
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SHARED = ("recall@1", "r_precision", "map@r", "nmi")
@@ -163,15 +165,7 @@ def machine() -> str:
     import pytorch_metric_learning
     import torch
 
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return (
         f"{cpu}, {os.cpu_count()} cores visible (2 threads used), Linux, Python "
         f"{platform.python_version()}, torch {torch.__version__}, faiss {faiss.__version__}, "

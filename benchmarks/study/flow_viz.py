@@ -22,20 +22,15 @@ from nirdml.training.checkpoint import atomic_write, atomic_write_text
 
 def _embed_train(run: Any, data_root: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings of the run's own training split (same seed, same validation carve)."""
-    from nirdml.data import build_transforms, default_transform_preset
     from nirdml.evaluation import compute_embeddings
-    from nirdml.training.trainer import load_splits
+    from nirdml.training.artifacts import checkpoint_data
 
-    cfg = run.config
-    cfg.data.root = data_root or None  # "" = no root (digits)
-    splits = load_splits(cfg)
-    if splits.train.num_classes != int(run.state["num_classes"]):
+    _, data, _ = checkpoint_data(run, "train", root=data_root or None)  # "" = no root (digits)
+    if data.num_classes != int(run.state["num_classes"]):
         raise ValueError(
-            f"the training split has {splits.train.num_classes} classes but the checkpoint "
+            f"the training split has {data.num_classes} classes but the checkpoint "
             f"{run.state['num_classes']}: pass the data root the run was trained on"
         )
-    preset = cfg.data.transform or default_transform_preset(cfg.data.name)
-    data = splits.train.with_transform(build_transforms(preset, train=False))
     return compute_embeddings(run.model, data, batch_size=512, device="cpu")
 
 

@@ -8,13 +8,13 @@ that are not finished are listed as missing, never guessed. The hand-written ana
 from __future__ import annotations
 
 import math
-import platform
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from machine import cpu_name  # benchmarks/machine.py
 from nirdml.training.checkpoint import atomic_write, atomic_write_text
 from study import grid
 from study.collect import RunRecord, by_seed, load_run, values
@@ -85,18 +85,6 @@ def _knobs(record: RunRecord) -> dict[str, Any]:
         out["flow_lr_mult"] = c["optim"]["flow_lr_mult"]
         out["warmup"] = c["optim"]["warmup_epochs"]
     return out
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return cpu
 
 
 # ----------------------------------------------------------------------------- sections
@@ -483,7 +471,7 @@ def write_report(runs_root: Path, data_root: str, out_dir: Path) -> Path:
     add("## Protocol\n")
     add(grid.PROTOCOL_TEXT.strip() + "\n")
     add(
-        f"Machine: {_machine()}, 1 thread per run (`OMP_NUM_THREADS=1`), one run at a time, "
+        f"Machine: {cpu_name()}, 1 thread per run (`OMP_NUM_THREADS=1`), one run at a time, "
         "CPU only, shared with other jobs (epoch times below vary with their load).\n"
     )
 

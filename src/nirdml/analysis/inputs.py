@@ -165,35 +165,14 @@ def _from_checkpoint(
     batch_size: int | None,
     num_workers: int | None,
 ) -> AnalysisInput:
-    import copy
-
-    from nirdml.data import build_transforms, default_transform_preset
     from nirdml.evaluation import compute_embeddings
-    from nirdml.training.artifacts import load_trained
+    from nirdml.training.artifacts import checkpoint_data, load_trained, test_transform
     from nirdml.training.trainer import load_splits, resolve_device
 
     dev = resolve_device(device)
     run = load_trained(path, dev)
     own_cfg = run.config
-    cfg = copy.deepcopy(own_cfg)
-    if dataset is not None:
-        cfg.data.name = dataset
-        cfg.data.root = root
-        cfg.data.options = {}
-    elif root is not None:
-        cfg.data.root = root
-    splits = load_splits(cfg)
-    test_transform = build_transforms(
-        cfg.data.transform or default_transform_preset(cfg.data.name), train=False
-    )
-    data = {"test": splits.test, "val": splits.val, "train": splits.train}[split]
-    if data is None:
-        raise ValueError(
-            "split 'val' is not available: the run used no validation classes "
-            "(data.val_classes = 0); choose test or train"
-        )
-    if split == "train":
-        data = data.with_transform(test_transform)
+    cfg, data, splits = checkpoint_data(run, split, dataset=dataset, root=root)
     workers = cfg.data.num_workers if num_workers is None else num_workers
     emb, labels = compute_embeddings(
         run.model,
@@ -205,10 +184,7 @@ def _from_checkpoint(
     train_data, train_error = None, None
     try:
         own_splits = splits if dataset is None and root is None else load_splits(own_cfg)
-        own_transform = build_transforms(
-            own_cfg.data.transform or default_transform_preset(own_cfg.data.name), train=False
-        )
-        train_data = own_splits.train.with_transform(own_transform)
+        train_data = own_splits.train.with_transform(test_transform(own_cfg))
         if train_data.num_classes != int(run.state["num_classes"]):
             train_error = (
                 f"the training split now has {train_data.num_classes} classes but the model "

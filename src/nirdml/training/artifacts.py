@@ -63,7 +63,40 @@ def evaluate_checkpoint(
     """Metrics of a checkpoint on a split of its dataset (or of another dataset)."""
     dev = resolve_device(device)
     run = load_trained(checkpoint, dev)
-    cfg = run.config
+    cfg, data, _ = checkpoint_data(run, split, dataset=dataset, root=root)
+    return evaluate_model(
+        run.model,
+        data,
+        metrics=metrics or eval_metrics(cfg),
+        num_clusters=None,
+        batch_size=batch_size or cfg.eval.batch_size,
+        num_workers=cfg.data.num_workers if num_workers is None else num_workers,
+        device=dev,
+        seed=cfg.seed,
+    )
+
+
+def test_transform(cfg: RunConfig) -> Any:
+    """The run's evaluation transform (its ``data.transform`` preset or the dataset's)."""
+    from nirdml.data import build_transforms, default_transform_preset
+
+    return build_transforms(
+        cfg.data.transform or default_transform_preset(cfg.data.name), train=False
+    )
+
+
+def checkpoint_data(
+    run: TrainedRun, split: str = "test", *, dataset: str | None = None, root: str | None = None
+) -> tuple[RunConfig, Any, Any]:
+    """``(config, data, splits)``: the ``split`` a trained run is evaluated or analysed on.
+
+    The run's own dataset, or ``dataset`` (with ``root``) instead, or its own dataset under
+    another ``root``; the config returned is the run's, updated accordingly (a copy). The
+    train split gets the test transform: embeddings are always taken without augmentation.
+    """
+    import copy
+
+    cfg = copy.deepcopy(run.config)
     if dataset is not None:
         cfg.data.name = dataset
         cfg.data.root = root
@@ -78,27 +111,8 @@ def evaluate_checkpoint(
             "run used data.val_classes > 0)"
         )
     if split == "train":
-        from nirdml.data import build_transforms
-
-        data = data.with_transform(
-            build_transforms(cfg.data.transform or _preset(cfg), train=False)
-        )
-    return evaluate_model(
-        run.model,
-        data,
-        metrics=metrics or eval_metrics(cfg),
-        num_clusters=None,
-        batch_size=batch_size or cfg.eval.batch_size,
-        num_workers=cfg.data.num_workers if num_workers is None else num_workers,
-        device=dev,
-        seed=cfg.seed,
-    )
-
-
-def _preset(cfg: RunConfig) -> str:
-    from nirdml.data import default_transform_preset
-
-    return default_transform_preset(cfg.data.name)
+        data = data.with_transform(test_transform(cfg))
+    return cfg, data, splits
 
 
 def embed_folder(
@@ -116,12 +130,12 @@ def embed_folder(
     (label -1). ``.npz`` gets arrays ``embeddings``, ``labels``, ``paths``, ``class_names``;
     ``.pt`` gets the same as a weights_only-loadable dict.
     """
-    from nirdml.data import build_transforms, file_reader, load_image_folder
+    from nirdml.data import file_reader, load_image_folder
     from nirdml.evaluation import compute_embeddings
 
     dev = resolve_device(device)
     run = load_trained(checkpoint, dev)
-    transform = build_transforms(run.config.data.transform or _preset(run.config), train=False)
+    transform = test_transform(run.config)
     data = load_image_folder(folder, transform=transform, convert=file_reader(run.config.data.name))
     emb, labels = compute_embeddings(
         run.model, data, batch_size=batch_size, device=dev, num_workers=num_workers
