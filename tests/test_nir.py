@@ -12,7 +12,7 @@ from pytorch_metric_learning import losses as pml
 from nirdml.errors import NonFiniteLossError
 from nirdml.flow import ConditionalFlow
 from nirdml.losses import NIRLoss, PMLProxyLoss, ProxyAnchorLoss, ProxyNCALoss, SoftTripleLoss
-from test_flow_reference import AuthorsNIR, authors_panc
+from test_flow_reference import AuthorsNIR, authors_panc, float64_copy
 
 
 def _unit(*shape: int, seed: int) -> torch.Tensor:
@@ -56,20 +56,35 @@ def test_exp_nll_equals_hand_computation_of_method_md() -> None:
 
 @pytest.mark.parametrize("dim", [128, 512])
 def test_equals_the_authors_criterion_with_their_weights(dim: int) -> None:
+    """Ours (float32) against the authors' criterion run in float64 on the same weights.
+
+    Tolerances: float32 rounding through 5 coupling blocks of 8 layers; ours measures
+    < 1e-6 relative on values and gradients (README table). The authors' own float32 run is
+    up to 4.7e-4 (embedding grads) / 7.8e-3 (proxy grads) off float64 on some CPUs, so it is
+    checked against float64 by its own error, not used as the oracle (float64_copy).
+    """
     torch.manual_seed(dim)
     authors = AuthorsNIR(100, dim, w_align=0.01)
+    authors64 = float64_copy(authors)
     ours = NIRLoss(ProxyAnchorLoss(100, dim, positive_mean="samples"), proxy_weight=0.01)
     ours.load_authors_state_dict(authors.state_dict())
     x, y = _unit(90, dim, seed=3), _labels(90, 100, seed=4)
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ref = authors(xa, y)
+    x64, xb = x.double().requires_grad_(), x.clone().requires_grad_()
+    ref = authors64(x64, y)
     value = ours(xb, y)
-    assert ref.dtype == torch.float64 and value.dtype == torch.float32
-    torch.testing.assert_close(value.double(), ref, rtol=1e-5, atol=0)
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value.double(), ref.detach(), rtol=1e-5, atol=0)
     ref.backward()
     value.backward()
-    assert _rel(xb.grad, xa.grad) < 1e-4
-    assert _rel(ours.base_loss.proxies.grad, authors.proxies.grad) < 1e-4
+    assert _rel(xb.grad.double(), x64.grad) < 1e-5
+    assert _rel(ours.base_loss.proxies.grad.double(), authors64.proxies.grad) < 1e-5
+    # the float32 reference itself: equal in value, its gradients within float32 reach
+    xa = x.clone().requires_grad_()
+    ref32 = authors(xa, y)
+    assert ref32.dtype == torch.float64  # their exp(nll) runs in float64 (np.ones multiplier)
+    torch.testing.assert_close(value.double(), ref32.detach(), rtol=1e-5, atol=0)
+    ref32.backward()
+    assert _rel(xa.grad.double(), x64.grad) < 1e-2
 
 
 def test_same_torch_seed_gives_the_authors_initial_criterion() -> None:
