@@ -407,6 +407,15 @@ class _Run:
         self.images_seen = 0
         if state is not None:
             self._restore(state)
+            if dist.is_main:
+                done = self.start_epoch >= cfg.epochs
+                print(
+                    f"{out_dir}: all {cfg.epochs} epochs are done; nothing to resume"
+                    if done
+                    else f"resuming {out_dir} from epoch {self.start_epoch + 1}/{cfg.epochs} "
+                    f"(last checkpoint: end of epoch {self.start_epoch})",
+                    flush=True,
+                )
 
         self.loggers = None
         if dist.is_main:
@@ -521,9 +530,11 @@ class _Run:
                     self._progress(read, bar, n_images / max(time.perf_counter() - start, 1e-9))
                     self._check_skips(read, epoch)
         read = reader.flush()
-        if read is not None:
+        if read is not None:  # the last interval: the bar reaches 100%
+            self._progress(read, bar, n_images / max(time.perf_counter() - start, 1e-9))
             self._check_skips(read, epoch)
         if bar is not None:
+            bar.refresh()  # show the full bar even when the last update came within mininterval
             bar.close()
         elapsed = time.perf_counter() - start
         self.train_time += elapsed
