@@ -58,9 +58,11 @@ def summary_line(summary: dict, out_dir: str) -> str:
     chosen = f"selected on {split}"
     if split != "test" and f"{split}/{metric}" in values:
         chosen += f" {metric} {values[f'{split}/{metric}']:.4f}"
+    corrupt = (summary.get("corrupt_images") or {}).get("replaced", 0)
+    replaced = f"; {corrupt} unreadable image(s) replaced" if corrupt else ""
     return (
         f"{summary['name']}: test {metric} {test:.4f} at epoch {best.get('epoch')} ({chosen}); "
-        f"skipped steps {summary['skipped_steps']}; outputs in {out_dir}"
+        f"skipped steps {summary['skipped_steps']}{replaced}; outputs in {out_dir}"
     )
 
 

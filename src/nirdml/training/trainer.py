@@ -35,6 +35,7 @@ from nirdml.training.checkpoint import (
 )
 from nirdml.training.compiled import CompiledOrEager
 from nirdml.training.config import LossConfig, RunConfig, load_config
+from nirdml.training.datacheck import check_images, corrupt_summary
 from nirdml.training.distributed import (
     DistContext,
     DistributedSetupError,
@@ -353,6 +354,7 @@ class _Run:
 
         with dist.main_first():  # downloads, caches and weights fetched once
             self.splits = load_splits(cfg, progress=self.progress)
+            self.image_check = check_images(cfg, self.splits, progress=self.progress)
             model = build_model_from_config(cfg)
         train_set = self.splits.train
         if dist.enabled and cfg.model.sync_bn:
@@ -726,6 +728,14 @@ class _Run:
             ),
             "final": self.history[-1] if self.history else None,
             "skipped_steps": int(sum(r.get("train/skipped_steps", 0) for r in self.history)),
+            "image_check": self.image_check,
+            "corrupt_images": corrupt_summary(self.splits),
+            "classes": {
+                n: s.num_classes
+                for n, s in (("train", self.splits.train), ("val", self.splits.val))
+                + (("test", self.splits.test),)
+                if s is not None
+            },
             "train_time_s": self.train_time,
             "images_per_s": self.images_seen / max(self.train_time, 1e-9),
             "out_dir": str(self.out_dir),
