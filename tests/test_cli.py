@@ -213,3 +213,10 @@ def test_every_positional_argument_has_help(capsys):
         for line in positional.strip().splitlines():
             if line.startswith("  ") and not line.startswith("   "):
                 assert len(line.split()) > 1, f"{command}: {line.strip()} has no help"
+
+
+def test_config_transform_table_matches_the_dataset_readers():
+    from nirdml.data import _READERS
+    from nirdml.training.config import DEFAULT_TRANSFORMS
+
+    assert DEFAULT_TRANSFORMS == {name: preset for name, (_, preset, _) in _READERS.items()}
