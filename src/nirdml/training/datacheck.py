@@ -9,12 +9,15 @@ from typing import Any
 from nirdml.training.config import RunConfig
 
 
-def check_images(cfg: RunConfig, splits: Any, *, progress: bool = False) -> dict[str, Any]:
+def check_images(
+    cfg: RunConfig, splits: Any, *, progress: bool = False, echo: bool = True
+) -> dict[str, Any]:
     """Check the header of every image file of ``splits`` (``data.check_images``).
 
     A bad file stops the run with an error that names it and the fixes, unless
     ``data.skip_corrupt`` is set: then the bad files are replaced by other images of their
-    class, and the count is printed. Returns what was checked (for ``summary.json``).
+    class, and the count is printed (``echo``: rank 0 only). Returns what was checked
+    (for ``summary.json``).
     """
     from nirdml.data.errors import CorruptImageError
     from nirdml.data.verify import check_headers
@@ -40,6 +43,8 @@ def check_images(cfg: RunConfig, splits: Any, *, progress: bool = False) -> dict
             "data.check_images=false skips this check"
         )
     counts = ", ".join(f"{n} {len(items)}" for n, items in bad.items() if items)
+    if not echo:
+        return report
     print(
         f"data: {len(found)} unreadable image file(s) will be replaced by another image of "
         f"their class (data.skip_corrupt=true): {counts}; e.g. {shown}{more}",

@@ -354,7 +354,9 @@ class _Run:
 
         with dist.main_first():  # downloads, caches and weights fetched once
             self.splits = load_splits(cfg, progress=self.progress)
-            self.image_check = check_images(cfg, self.splits, progress=self.progress)
+            self.image_check = check_images(
+                cfg, self.splits, progress=self.progress, echo=dist.is_main
+            )
             model = build_model_from_config(cfg)
         train_set = self.splits.train
         if dist.enabled and cfg.model.sync_bn:
