@@ -220,3 +220,13 @@ def test_config_transform_table_matches_the_dataset_readers():
     from nirdml.training.config import DEFAULT_TRANSFORMS
 
     assert DEFAULT_TRANSFORMS == {name: preset for name, (_, preset, _) in _READERS.items()}
+
+
+def test_quickstart_table_shows_test_metrics_and_the_selecting_split():
+    from nirdml.training.quickstart import compare_table
+    from nirdml.training.trainer import RunResult
+
+    best = {"epoch": 3, "selected_on": "val", "metrics": {"test/recall@1": 0.9, "val/recall@1": 1}}
+    table = compare_table([RunResult("runs/a", {"name": "a", "best": best})])
+    assert table.splitlines()[0] == "| run | epoch | selected on | test recall@1 |"
+    assert table.splitlines()[2] == "| a | 3 | val | 0.9000 |"

@@ -33,7 +33,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
             return 0
         print()
-        print("Embedded default: sklearn digits, train on digits 0-4, retrieve among 5-9")
+        print(
+            "Embedded default: sklearn digits; train on digits 0-4 (2 of them held out as a "
+            "validation split that selects the epoch), retrieve among the unseen 5-9 (test)"
+        )
         print(compare_table(results))
         print()
         for r in results:
