@@ -174,7 +174,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     result = export_model(args.checkpoint, args.out, format=args.format, image_size=args.image_size)
     print(
-        f"wrote {result.path} ({result.format}; input {tuple(result.input_shape)} float32, "
+        f"wrote {result.path} from {result.checkpoint} ({result.format}; input "
+        f"{tuple(result.input_shape)} float32, "
         f"output (N, {result.embed_dim}) L2-normalised; max |eager - exported| "
         f"{result.max_abs_diff:.1e})"
     )

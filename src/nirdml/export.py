@@ -31,6 +31,7 @@ class ExportResult:
     """What was exported: file, format, example input shape, embedding size, parity."""
 
     path: Path
+    checkpoint: Path
     format: str
     input_shape: tuple[int, ...]
     embed_dim: int
@@ -121,7 +122,8 @@ def export_model(
     opset: int | None = None,
     seed: int = 0,
 ) -> ExportResult:
-    """Export the embedding model of ``checkpoint`` (a .pt file or a run folder) to ``out``.
+    """Export the embedding model of ``checkpoint`` (a .pt file, or a run folder: its
+    ``checkpoints/best.pt``) to ``out``.
 
     ``format``: ``"torchscript"`` (load with ``torch.jit.load``) or ``"onnx"``.
     ``image_size``: side of the example input (default: the run's test transform's output,
@@ -135,6 +137,11 @@ def export_model(
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
     out = Path(out)
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_dir() and (checkpoint / "checkpoints" / "best.pt").is_file():
+        checkpoint = checkpoint / "checkpoints" / "best.pt"  # a run folder: its best epoch
+    elif checkpoint.is_dir():
+        checkpoint = checkpoint / "checkpoints" / "last.pt"
     run = load_trained(checkpoint, "cpu")
     module = ImageEmbedder(run.model).eval()
     shape = _input_shape(run, image_size)
@@ -159,4 +166,4 @@ def export_model(
             f"the exported {format} model differs from the eager model by {diff:.2e} "
             f"(> {PARITY_TOLERANCE}); nothing was written. Try the other format or report it."
         )
-    return ExportResult(out, format, (-1, *shape), int(expected.shape[1]), diff)
+    return ExportResult(out, checkpoint, format, (-1, *shape), int(expected.shape[1]), diff)
