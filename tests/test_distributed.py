@@ -297,7 +297,8 @@ def test_train_command_on_two_ranks_matches_single_process(two_ranks):
     process; only rank 0 writes files and reports."""
     out, ref = two_ranks["root"] / "cli", two_ranks["ref"]
     _assert_same_run(out, ref)
-    assert two_ranks["stdout"].count("best recall@1") == 1, two_ranks["stdout"]
+    assert two_ranks["stdout"].count(": test recall@1 ") == 1, two_ranks["stdout"]  # rank 0
+    assert two_ranks["stdout"].count("resuming ") == 1, two_ranks["stdout"]  # resume: rank 0
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
     assert files == sorted(p.relative_to(ref).as_posix() for p in ref.rglob("*")), files
     summary = json.loads((out / "summary.json").read_text())

@@ -8,25 +8,75 @@ The pieces, from data to training (each also usable on its own)::
     nirdml.flow        the conditional normalizing flow of NIR
     nirdml.evaluation  exact retrieval, clustering and structure metrics
     nirdml.training    configs, the training loop, checkpoints, distributed training
+
+The top-level names are imported lazily (PEP 562), so ``import nirdml`` and the ``nirdml``
+command's ``--help``, ``--version`` and config errors do not pay for importing torch.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from nirdml.data import ClassBalancedBatchSampler, build_transforms, load_dataset
-from nirdml.errors import NonFiniteLossError
-from nirdml.evaluation import compute_embeddings, evaluate
-from nirdml.flow import ConditionalFlow
-from nirdml.losses import (
-    NIRLoss,
-    PMLProxyLoss,
-    ProxyAnchorLoss,
-    ProxyLoss,
-    ProxyNCALoss,
-    SoftTripleLoss,
-)
-from nirdml.models import EmbeddingModel, build_model
-from nirdml.training.config import RunConfig, load_config
-from nirdml.training.trainer import train
+#: public name -> the module that defines it (imported on first access)
+_LAZY = {
+    "ClassBalancedBatchSampler": "nirdml.data",
+    "build_transforms": "nirdml.data",
+    "load_dataset": "nirdml.data",
+    "NonFiniteLossError": "nirdml.errors",
+    "compute_embeddings": "nirdml.evaluation",
+    "evaluate": "nirdml.evaluation",
+    "ConditionalFlow": "nirdml.flow",
+    "NIRLoss": "nirdml.losses",
+    "PMLProxyLoss": "nirdml.losses",
+    "ProxyAnchorLoss": "nirdml.losses",
+    "ProxyLoss": "nirdml.losses",
+    "ProxyNCALoss": "nirdml.losses",
+    "SoftTripleLoss": "nirdml.losses",
+    "EmbeddingModel": "nirdml.models",
+    "build_model": "nirdml.models",
+    "RunConfig": "nirdml.training.config",
+    "load_config": "nirdml.training.config",
+    "train": "nirdml.training.trainer",
+}
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from nirdml.data import ClassBalancedBatchSampler, build_transforms, load_dataset
+    from nirdml.errors import NonFiniteLossError
+    from nirdml.evaluation import compute_embeddings, evaluate
+    from nirdml.flow import ConditionalFlow
+    from nirdml.losses import (
+        NIRLoss,
+        PMLProxyLoss,
+        ProxyAnchorLoss,
+        ProxyLoss,
+        ProxyNCALoss,
+        SoftTripleLoss,
+    )
+    from nirdml.models import EmbeddingModel, build_model
+    from nirdml.training.config import RunConfig, load_config
+    from nirdml.training.trainer import train
+
+
+_SUBMODULES = ("analysis", "data", "evaluation", "export", "flow", "losses", "models", "training")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:  # ``import nirdml; nirdml.losses`` keeps working
+        return importlib.import_module(f"nirdml.{name}")
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nirdml' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later accesses skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
+
 
 __all__ = [
     "ClassBalancedBatchSampler",

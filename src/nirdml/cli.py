@@ -7,13 +7,18 @@ import os
 import sys
 from collections.abc import Sequence
 
+from nirdml import __version__
+
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from nirdml.training.config import load_config
+
+    progress = not args.quiet
+    # The config is resolved and validated before torch is imported: config errors are quick.
+    cfg = None if args.resume else load_config(args.config, args.set)
     from nirdml.training.quickstart import compare_table, run_default
     from nirdml.training.trainer import train
 
-    progress = not args.quiet
     if args.resume:
         if args.config or args.set:
             print(
@@ -28,31 +33,46 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
             return 0
         print()
-        print("Embedded default: sklearn digits, train on digits 0-4, retrieve among 5-9")
+        print(
+            "Embedded default: sklearn digits; train on digits 0-4 (2 of them held out as a "
+            "validation split that selects the epoch), retrieve among the unseen 5-9 (test)"
+        )
         print(compare_table(results))
         print()
         for r in results:
             print(f"{r.summary['name']}: {r.out_dir}")
         return 0
     else:
-        cfg = load_config(args.config, args.set)
         result = train(cfg, args.out, progress=progress)
         results = [result]
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
         return 0
     for r in results:
-        best = r.summary.get("best") or {}
-        print(
-            f"{r.summary['name']}: best {best.get('metric')} {best.get('value', float('nan')):.4f} "
-            f"at epoch {best.get('epoch')} (selected on {best.get('selected_on')}); "
-            f"skipped steps {r.summary['skipped_steps']}; outputs in {r.out_dir}"
-        )
+        print(summary_line(r.summary, str(r.out_dir)))
     return 0
+
+
+def summary_line(summary: dict, out_dir: str) -> str:
+    """One line per run: the TEST metric at the selected epoch, and the split that chose it."""
+    best = summary.get("best") or {}
+    metric, split = best.get("metric"), best.get("selected_on")
+    values = best.get("metrics", {})
+    test = values.get(f"test/{metric}", float("nan"))
+    chosen = f"selected on {split}"
+    if split != "test" and f"{split}/{metric}" in values:
+        chosen += f" {metric} {values[f'{split}/{metric}']:.4f}"
+    corrupt = (summary.get("corrupt_images") or {}).get("replaced", 0)
+    replaced = f"; {corrupt} unreadable image(s) replaced" if corrupt else ""
+    return (
+        f"{summary['name']}: test {metric} {test:.4f} at epoch {best.get('epoch')} ({chosen}); "
+        f"skipped steps {summary['skipped_steps']}{replaced}; outputs in {out_dir}"
+    )
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from nirdml.training.artifacts import evaluate_checkpoint
 
+    info: dict = {}
     metrics = evaluate_checkpoint(
         args.checkpoint,
         split=args.split,
@@ -60,6 +80,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         root=args.root,
         metrics=args.metrics,
         device=args.device,
+        info=info,
+    )
+    print(
+        f"checkpoint {info['checkpoint']} (epoch {info['epoch']}); {info['dataset']} split "
+        f"{info['split']}: {info['items']:,} items, {info['classes']:,} classes"
     )
     width = max(len(k) for k in metrics) if metrics else 0
     for key, value in metrics.items():
@@ -144,6 +169,19 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from nirdml.export import export_model
+
+    result = export_model(args.checkpoint, args.out, format=args.format, image_size=args.image_size)
+    print(
+        f"wrote {result.path} from {result.checkpoint} ({result.format}; input "
+        f"{tuple(result.input_shape)} float32, "
+        f"output (N, {result.embed_dim}) L2-normalised; max |eager - exported| "
+        f"{result.max_abs_diff:.1e})"
+    )
+    return 0
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     from nirdml.training.config import list_presets, load_config
 
@@ -161,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nirdml",
         description="Non-isotropy Regularization for proxy-based Deep Metric Learning.",
     )
+    parser.add_argument("--version", action="version", version=f"nirdml {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
@@ -193,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("embed", help="export embeddings (with paths and labels) of an image folder")
-    p.add_argument("checkpoint")
-    p.add_argument("folder", help="folder of class sub-folders, or of images")
+    p.add_argument("checkpoint", help="a .pt checkpoint or a run folder (uses its last.pt)")
+    p.add_argument("folder", help="folder of images, or of (nested) class sub-folders of images")
     p.add_argument("-o", "--output", required=True, help="output .npz or .pt file")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=256)
@@ -236,13 +275,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="the gallery images most similar to a query image")
     p.add_argument("checkpoint", help="a .pt checkpoint or a run folder")
-    p.add_argument("--gallery", required=True, help="folder of images or class sub-folders")
+    p.add_argument(
+        "--gallery",
+        required=True,
+        help="folder of images or of class sub-folders, nested as deep as needed "
+        "(e.g. Omniglot's alphabet/character/*.png: one class per character folder)",
+    )
     p.add_argument("--query", required=True, nargs="+", metavar="IMAGE", help="query image(s)")
     p.add_argument("-k", type=int, default=10, help="results per query")
     p.add_argument("--grid", help="also write the results as a PNG grid here")
     p.add_argument("--cache-dir", help="gallery embedding cache (default ~/.cache/nirdml/search)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_search)
+
+    p = sub.add_parser(
+        "export", help="export the embedding model to TorchScript or ONNX (image -> embedding)"
+    )
+    p.add_argument("checkpoint", help="a .pt checkpoint or a run folder (uses its best.pt)")
+    p.add_argument("--format", required=True, choices=["torchscript", "onnx"])
+    p.add_argument("--out", required=True, help="output file (.pt for TorchScript, .onnx)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        help="example input size (default: the run's test transform's output size)",
+    )
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("presets", help="list the shipped presets")
     p.add_argument("-v", "--verbose", action="store_true", help="with descriptions")
@@ -253,12 +310,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from nirdml.errors import WeightsUnavailableError
     from nirdml.training.config import ConfigError
 
     try:
         return int(args.func(args) or 0)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"nirdml {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except WeightsUnavailableError as exc:
+        print(f"nirdml {args.command}: error: {exc.cli_message()}", file=sys.stderr)
         return 2
 
 

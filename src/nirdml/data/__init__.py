@@ -74,12 +74,27 @@ def default_transform_preset(name: str) -> str:
     return _READERS[key][1]
 
 
+#: Datasets whose default ("auto") is a class-disjoint validation split: the paper's
+#: CUB/Cars/SOP runs keep every training class and report the best test epoch, as published.
+AUTO_VAL_DATASETS = frozenset({"digits", "folder", "csv", "omniglot"})
+
+
+def auto_val_classes(name: str, num_train_classes: int) -> int:
+    """How many training classes ``val_classes="auto"`` moves into a validation split:
+    10% (at least 2, so retrieval among them means something) for digits, folder, csv and
+    Omniglot, if at least 2 training classes remain; else 0 (selection on test)."""
+    if name not in AUTO_VAL_DATASETS:
+        return 0
+    n_val = max(2, round(0.1 * num_train_classes))
+    return n_val if num_train_classes - n_val >= 2 else 0
+
+
 def load_dataset(
     name: str,
     root: str | Path | None = None,
     *,
     transform_preset: str | None = None,
-    val_classes: float | int = 0,
+    val_classes: float | int | str = 0,
     seed: int = 0,
     download: bool = False,
     skip_corrupt: bool = False,
@@ -91,7 +106,8 @@ def load_dataset(
     transform_preset: "resnet", "omniglot", "digits", "none" (raw PIL images / tensors) or
         None for the dataset's default ("resnet" for photos).
     val_classes: a fraction in (0, 1) or a count of TRAIN classes moved (chosen from
-        ``seed``) into a class-disjoint validation split; 0 for none.
+        ``seed``) into a class-disjoint validation split; 0 for none; ``"auto"``: see
+        :func:`auto_val_classes` (the training configs' default).
     download: fetch and extract the public archives into ``root`` first (CUB, SOP,
         Omniglot); ``urls={archive file name: mirror url}`` overrides a source.
     skip_corrupt: drop missing files (counted in ``split.missing``) and replace unreadable
@@ -128,6 +144,8 @@ def load_dataset(
             "'none' or None"
         )
     train, val = splits.train, splits.val
+    if val_classes == "auto":
+        val_classes = 0 if val is not None else auto_val_classes(key, train.num_classes)
     if val_classes:
         if val is not None:
             raise ValueError(
@@ -153,6 +171,7 @@ __all__ = [
     "RetrievalDataset",
     "SamplerConfigError",
     "VerifyReport",
+    "auto_val_classes",
     "build_cache",
     "build_transforms",
     "cached",

@@ -210,18 +210,39 @@ def load_csv(
     )
 
 
+def _scan_tree(root: Path) -> tuple[list[str], list[str], list[str]]:
+    """(paths, class per path, classes) of every image in the sub-folders of ``root``, at any
+    depth: each folder that holds images is one class, named by its path under ``root``
+    (``Alphabet/character01`` for Omniglot's tree; ``cat`` for ``root/cat/*.jpg``)."""
+    paths: list[str] = []
+    labels: list[str] = []
+    classes: list[str] = []
+    pending = subdirs(root)
+    while pending:
+        d = pending.pop(0)
+        files = list_images(d)
+        if files:
+            name = d.relative_to(root).as_posix()
+            classes.append(name)
+            paths += [str(f) for f in files]
+            labels += [name] * len(files)
+        pending = subdirs(d) + pending  # depth first, in sorted order
+    return paths, labels, classes
+
+
 def load_image_folder(folder: str | Path, *, transform=None, convert=None) -> RetrievalDataset:
     """Every image under ``folder`` as ONE dataset (no train/test split), for embedding.
 
-    ``folder/<class>/*.jpg`` gives one label per class folder (sorted by name); images
-    directly in ``folder`` form the single class ``"."`` (unlabelled data). ``convert``
-    post-processes each decoded file (see ``nirdml.data.file_reader``).
+    Each folder under ``folder`` that holds images is one class, at any depth (``cat/*.jpg``
+    -> ``cat``; Omniglot's ``Alphabet/character01/*.png`` -> ``Alphabet/character01``), in
+    sorted order; images directly in ``folder`` form the single class ``"."`` (unlabelled
+    data). ``convert`` post-processes each decoded file (see ``nirdml.data.file_reader``).
     """
     how = "Pass a folder of images, or of class sub-folders of images."
     root = require_root(folder, "image folder", how)
     if not root.is_dir():
         raise DatasetLayoutError(f"{root} is not a folder. {how}")
-    paths, labels, classes = _scan(root)
+    paths, labels, classes = _scan_tree(root)
     flat = [str(p) for p in list_images(root)]
     if flat:
         paths, labels, classes = flat + paths, ["."] * len(flat) + labels, ["."] + classes

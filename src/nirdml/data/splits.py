@@ -23,7 +23,8 @@ def num_val_classes(val_classes: float | int, num_train_classes: int) -> int:
                 f"val_classes={val_classes} is neither a fraction in (0, 1) nor a whole count"
             )
         n = int(round(val_classes * num_train_classes))
-        n = max(1, n)
+        # At least 2 classes (retrieval among 1 class is trivial), leaving 1 to train on.
+        n = min(max(2, n), max(1, num_train_classes - 1))
     else:
         n = int(val_classes)
     if n < 0 or n >= num_train_classes:

@@ -89,3 +89,69 @@ def verify(
                         dataset._bad[pos] = 1
             bar.update(len(batch))
     return VerifyReport(len(dataset), bad)
+
+
+def header_error(path: str) -> str:
+    """Why the image file at ``path`` is unreadable ("" if it looks fine), cheaply.
+
+    Opens the file and parses its header and structure (``PIL.Image.verify``: chunk CRCs
+    for PNG, markers up to the scan for JPEG) without decoding pixels. A JPEG whose last
+    4 KiB hold no end-of-image marker (the sign of a truncated download) is decoded in
+    full to confirm, so files with trailing metadata are not flagged wrongly.
+    """
+    from PIL import Image
+
+    from nirdml.data.base import open_image
+
+    try:
+        with open(path, "rb") as f:
+            with Image.open(f) as img:
+                fmt = img.format
+                img.verify()
+            suspect = False
+            if fmt == "JPEG":
+                size = f.seek(0, 2)
+                f.seek(max(0, size - 4096))
+                suspect = b"\xff\xd9" not in f.read()
+    except FileNotFoundError:
+        return "file does not exist"
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
+        return f"{type(e).__name__}: {e}"
+    if suspect:
+        try:
+            open_image(path)
+        except (CorruptImageError, MissingImageError) as e:
+            return getattr(e, "reason", str(e))
+    return ""
+
+
+def check_headers(
+    datasets: dict[str, RetrievalDataset | None], *, progress: bool = False
+) -> dict[str, list[BadImage]]:
+    """:func:`header_error` for every file of the given splits (each file once).
+
+    In-memory splits are skipped. With ``skip_corrupt=True`` datasets the bad files are
+    marked, so training replaces them without trying to decode them. Returns the bad files
+    per split name.
+    """
+    todo = [(n, d) for n, d in datasets.items() if d is not None and d.storage.can_fail]
+    seen: dict[tuple[int, int], str] = {}
+    bad: dict[str, list[BadImage]] = {n: [] for n, _ in todo}
+    with tqdm(
+        total=sum(len(d) for _, d in todo),
+        desc="check images",
+        disable=not progress,
+        file=sys.stderr,
+        leave=False,
+    ) as bar:
+        for name, ds in todo:
+            for i, pos in enumerate(ds.index.tolist()):
+                key = (id(ds.storage), pos)
+                if key not in seen:
+                    seen[key] = header_error(ds.storage.path(pos))
+                if seen[key]:
+                    bad[name].append(BadImage(i, ds.storage.path(pos), seen[key]))
+                    if ds._bad is not None:
+                        ds._bad[pos] = 1
+                bar.update(1)
+    return bad

@@ -269,7 +269,10 @@ class TimmBackbone(nn.Module):
                 url = cfg.url
                 hint = "put it in the torch hub cache folder <torch.hub.get_dir()>/checkpoints"
             raise WeightsUnavailableError(
-                offline_message(f"timm model {name!r}", url, err, cache_hint=hint)
+                offline_message(f"timm model {name!r}", url, err, cache_hint=hint),
+                what=f"timm model {name!r}",
+                url=url,
+                reason=f"{type(err).__name__}: {err}",
             ) from err
 
     def forward(self, x: Tensor) -> Tensor:

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from nirdml.errors import WeightsUnavailableError
+
 __all__ = [
     "WeightsUnavailableError",
     "fetch_url_state_dict",
@@ -32,10 +34,6 @@ __all__ = [
 
 CHECKPOINT_KEYS = ("model", "state_dict", "model_state", "model_state_dict")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights could not be fetched (typically: no network)."""
 
 
 def offline_message(what: str, url: str, err: BaseException, *, cache_hint: str) -> str:
@@ -64,7 +62,13 @@ def fetch_url_state_dict(url: str, what: str) -> dict[str, Tensor]:
         )
     except Exception as err:  # network, HTTP, hash mismatch: all mean "not available here"
         hint = f"put the file, with its name unchanged, in the torch hub cache {cache}"
-        raise WeightsUnavailableError(offline_message(what, url, err, cache_hint=hint)) from err
+        raise WeightsUnavailableError(
+            offline_message(what, url, err, cache_hint=hint),
+            what=what,
+            url=url,
+            reason=f"{type(err).__name__}: {err}",
+            cache=f"the torch hub cache {cache}",
+        ) from err
     return dict(state)
 
 

@@ -59,11 +59,27 @@ def evaluate_checkpoint(
     device: str = "auto",
     batch_size: int | None = None,
     num_workers: int | None = None,
+    info: dict[str, Any] | None = None,
 ) -> dict[str, float]:
-    """Metrics of a checkpoint on a split of its dataset (or of another dataset)."""
+    """Metrics of a checkpoint on a split of its dataset (or of another dataset).
+
+    ``info``, when given, is filled with what was evaluated: ``checkpoint`` (the file),
+    ``epoch``, ``dataset``, ``split``, ``items`` and ``classes``.
+    """
+    from nirdml.analysis.search import checkpoint_file
+
     dev = resolve_device(device)
     run = load_trained(checkpoint, dev)
     cfg, data, _ = checkpoint_data(run, split, dataset=dataset, root=root)
+    if info is not None:
+        info.update(
+            checkpoint=str(checkpoint_file(checkpoint)),
+            epoch=int(run.state["epoch"]) + 1,
+            dataset=cfg.data.name,
+            split=split,
+            items=len(data),
+            classes=int(data.num_classes),
+        )
     return evaluate_model(
         run.model,
         data,

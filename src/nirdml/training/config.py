@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -28,6 +29,19 @@ class ConfigError(ValueError):
 
 
 DATASET_NAMES = ("cub200", "cars196", "sop", "omniglot", "digits", "folder", "csv")
+#: Each dataset's default transform preset (as nirdml.data's readers; a test keeps them in
+#: sync) and each preset's output, so a config is checked without importing torch.
+DEFAULT_TRANSFORMS = {
+    "cub200": "resnet",
+    "cars196": "resnet",
+    "sop": "resnet",
+    "omniglot": "omniglot",
+    "digits": "digits",
+    "folder": "resnet",
+    "csv": "resnet",
+}
+TRANSFORM_OUTPUT = {"resnet": "3x224x224 RGB", "omniglot": "1x28x28 grey", "digits": "1x8x8 grey"}
+TRANSFORM_CHANNELS = {"resnet": 3, "omniglot": 1, "digits": 1}
 
 
 @dataclass
@@ -38,8 +52,10 @@ class DataConfig:
     root: str | None = None
     transform: str | None = None
     """Transform preset ("resnet", "omniglot", "digits"); None picks the dataset's default."""
-    val_classes: float = 0.0
-    """Classes carved from the training classes for model selection (fraction or count)."""
+    val_classes: float | str = "auto"
+    """Classes carved from the training classes for model selection (fraction or count);
+    "auto": 10% (at least 2) for digits, folder, csv and omniglot when at least 2 training
+    classes remain, none for CUB/Cars/SOP (the paper's protocol) or data with a val split."""
     batch_size: int = 90
     samples_per_class: int = 2
     sampler: str = "authors"
@@ -49,6 +65,8 @@ class DataConfig:
     """Folder of a pre-resized uint8 image cache (built on first use)."""
     download: bool = False
     skip_corrupt: bool = False
+    check_images: bool = True
+    """Check every image file's header before training (fast; false to skip the check)."""
     options: dict[str, Any] = field(default_factory=dict)
     """Extra layout options for ``load_dataset`` (e.g. a CSV's split rule)."""
 
@@ -349,14 +367,33 @@ def load_config(
             raw = _read_yaml(path)
         else:
             raw = _read_yaml(preset_path(str(source)))
+    preset_data = (raw.get("data") or {}).get("name", DataConfig.name)
     if isinstance(overrides, Mapping):
+        named = "name" in overrides
         raw = _deep_update(raw, overrides)
     else:
-        for text in overrides:
-            raw = _deep_update(raw, parse_override(text))
+        parsed = [parse_override(text) for text in overrides]
+        named = any("name" in o for o in parsed)
+        for override in parsed:
+            raw = _deep_update(raw, override)
     config = _build_dataclass(RunConfig, raw, "")
+    if config.data.name != preset_data and not named:
+        config.name = _custom_data_name(config.name, preset_data, config.data)
     validate(config)
     return config
+
+
+def _custom_data_name(name: str, preset_data: str, d: DataConfig) -> str:
+    """A preset run moved to other data is named after that data, not the preset's dataset:
+    ``digits-proxyanchor`` on ``folder`` ``/data/flowers`` -> ``flowers-proxyanchor``."""
+    label = d.name
+    if d.root and d.name in ("folder", "csv"):
+        path = Path(d.root).expanduser()
+        stem = path.stem if d.name == "csv" else path.name
+        label = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-.") or d.name
+    prefix = preset_data.split("_")[0]
+    rest = name[len(prefix) :] if name.startswith(prefix) else f"-{name}"
+    return label + rest
 
 
 def _check(cond: bool, message: str) -> None:
@@ -388,7 +425,11 @@ def validate(cfg: RunConfig) -> None:
     )
     _check(d.sampler in ("authors", "m_per_class"), "data.sampler must be authors or m_per_class")
     _check(d.num_workers >= 0, "data.num_workers must be >= 0")
-    _check(d.val_classes >= 0, "data.val_classes must be >= 0 (a fraction < 1 or a class count)")
+    _check(
+        d.val_classes == "auto" if isinstance(d.val_classes, str) else d.val_classes >= 0,
+        f"data.val_classes must be auto, a fraction < 1 or a class count >= 0, "
+        f"not {d.val_classes!r}",
+    )
     _check(m.embed_dim >= 2, f"model.embed_dim must be >= 2, got {m.embed_dim}")
     _check(
         not isinstance(m.pretrained, str) or m.pretrained.startswith("IMAGENET1K_V"),
@@ -397,6 +438,7 @@ def validate(cfg: RunConfig) -> None:
     )
     _check(m.pooling in ("avg", "max", "avg+max"), "model.pooling must be avg, max or avg+max")
     _check(m.in_channels in (1, 3), "model.in_channels must be 1 or 3")
+    _check_transform_fits_model(cfg)
     _check(
         cfg.loss.name in LOSS_NAMES,
         f"loss.name {cfg.loss.name!r} is unknown; use one of {', '.join(LOSS_NAMES)}",
@@ -443,4 +485,58 @@ def validate(cfg: RunConfig) -> None:
     _check(
         cfg.log.wandb_mode in ("offline", "online", "disabled"),
         "log.wandb_mode must be offline, online or disabled",
+    )
+
+
+def _check_transform_fits_model(cfg: RunConfig) -> None:
+    """The images the transform makes must fit the model's first layer (checked before
+    anything is built or written, with the settings that fix it)."""
+    d, m = cfg.data, cfg.model
+    names = ", ".join(TRANSFORM_CHANNELS)
+    _check(
+        d.transform is None or d.transform in TRANSFORM_CHANNELS,
+        f"data.transform {d.transform!r} is not a transform preset; use one of {names} "
+        "(or leave it unset for the dataset's default)",
+    )
+    preset = d.transform or DEFAULT_TRANSFORMS.get(d.name, "resnet")
+    where = f"data.transform={d.transform}" if d.transform else f"data.name={d.name}"
+    _check(
+        preset != "digits" or d.name == "digits",
+        f"{where}: the digits transform does not resize, it only fits the in-memory 8x8 "
+        f"digits; for {d.name} images use --set data.transform=omniglot (1x28x28 grey, for "
+        "the small CNN) or --set data.transform=resnet (3x224x224 RGB, for ResNet/timm)",
+    )
+    channels = TRANSFORM_CHANNELS[preset]
+    pretrained = m.pretrained is not False or m.weights is not None
+    _check(
+        m.in_channels == 3
+        or m.arch in ("small_cnn",)
+        or m.arch.startswith("timm:")
+        or not pretrained,
+        f"model.in_channels={m.in_channels}: pretrained {m.arch} weights take 3-channel RGB; "
+        "use --set model.in_channels=3 --set data.transform=resnet, or --set "
+        "model.pretrained=false to train it from scratch",
+    )
+    if m.in_channels == channels:
+        return
+    produced = f"{where} makes {TRANSFORM_OUTPUT[preset]} images ('{preset}' transform)"
+    if m.arch == "small_cnn" and channels == 3:
+        raise ConfigError(
+            f"{produced}, but model.in_channels={m.in_channels} (the small CNN of this preset "
+            "takes 1-channel images). Fix one of: --set data.transform=omniglot (grey 28x28, "
+            "for the small CNN), --set model.in_channels=3 (the small CNN on 224 px RGB, slow "
+            "on a CPU), or start from a photo preset with a pretrained backbone, e.g. `nirdml "
+            "train cub200-r128-avg-proxyanchor-nir --set data.name=folder --set "
+            "data.root=/path/to/images`"
+        )
+    if m.arch != "small_cnn" and channels == 1:
+        raise ConfigError(
+            f"{produced}, but model.in_channels={m.in_channels} ({m.arch}). Fix: --set "
+            "data.transform=resnet (RGB 224 px, what pretrained weights expect), or train "
+            "from scratch on grey images with --set model.pretrained=false --set "
+            "model.in_channels=1"
+        )
+    raise ConfigError(
+        f"{produced}, but model.in_channels={m.in_channels} ({m.arch}). Fix: --set "
+        f"model.in_channels={channels}"
     )

@@ -12,7 +12,8 @@ DEFAULT_PRESETS = ("digits", "digits-nir")
 
 
 def compare_table(results: Sequence[RunResult], metrics: Sequence[str] | None = None) -> str:
-    """A Markdown table of each run's selected-epoch test metrics."""
+    """A Markdown table of each run's TEST metrics at its selected epoch (and the split that
+    selected it)."""
     rows = []
     for result in results:
         best = result.summary.get("best") or {}
@@ -21,15 +22,15 @@ def compare_table(results: Sequence[RunResult], metrics: Sequence[str] | None = 
             for k, v in best.get("metrics", {}).items()
             if k.startswith("test/")
         }
-        rows.append((result.summary["name"], best.get("epoch"), values))
+        rows.append((result.summary["name"], best.get("epoch"), best.get("selected_on"), values))
     if metrics is None:
-        metrics = [m for m in rows[0][2]] if rows else []
-    header = "| run | epoch | " + " | ".join(metrics) + " |"
-    sep = "|---|---|" + "---|" * len(metrics)
+        metrics = [m for m in rows[0][3]] if rows else []
+    header = "| run | epoch | selected on | " + " | ".join(f"test {m}" for m in metrics) + " |"
+    sep = "|---|---|---|" + "---|" * len(metrics)
     lines = [header, sep]
-    for name, epoch, values in rows:
+    for name, epoch, split, values in rows:
         cells = " | ".join(f"{values[m]:.4f}" if m in values else "-" for m in metrics)
-        lines.append(f"| {name} | {epoch} | {cells} |")
+        lines.append(f"| {name} | {epoch} | {split} | {cells} |")
     return "\n".join(lines)
 
 

@@ -35,6 +35,7 @@ from nirdml.training.checkpoint import (
 )
 from nirdml.training.compiled import CompiledOrEager
 from nirdml.training.config import LossConfig, RunConfig, load_config
+from nirdml.training.datacheck import check_images, corrupt_summary
 from nirdml.training.distributed import (
     DistContext,
     DistributedSetupError,
@@ -353,6 +354,9 @@ class _Run:
 
         with dist.main_first():  # downloads, caches and weights fetched once
             self.splits = load_splits(cfg, progress=self.progress)
+            self.image_check = check_images(
+                cfg, self.splits, progress=self.progress, echo=dist.is_main
+            )
             model = build_model_from_config(cfg)
         train_set = self.splits.train
         if dist.enabled and cfg.model.sync_bn:
@@ -407,6 +411,15 @@ class _Run:
         self.images_seen = 0
         if state is not None:
             self._restore(state)
+            if dist.is_main:
+                done = self.start_epoch >= cfg.epochs
+                print(
+                    f"{out_dir}: all {cfg.epochs} epochs are done; nothing to resume"
+                    if done
+                    else f"resuming {out_dir} from epoch {self.start_epoch + 1}/{cfg.epochs} "
+                    f"(last checkpoint: end of epoch {self.start_epoch})",
+                    flush=True,
+                )
 
         self.loggers = None
         if dist.is_main:
@@ -521,9 +534,11 @@ class _Run:
                     self._progress(read, bar, n_images / max(time.perf_counter() - start, 1e-9))
                     self._check_skips(read, epoch)
         read = reader.flush()
-        if read is not None:
+        if read is not None:  # the last interval: the bar reaches 100%
+            self._progress(read, bar, n_images / max(time.perf_counter() - start, 1e-9))
             self._check_skips(read, epoch)
         if bar is not None:
+            bar.refresh()  # show the full bar even when the last update came within mininterval
             bar.close()
         elapsed = time.perf_counter() - start
         self.train_time += elapsed
@@ -715,6 +730,14 @@ class _Run:
             ),
             "final": self.history[-1] if self.history else None,
             "skipped_steps": int(sum(r.get("train/skipped_steps", 0) for r in self.history)),
+            "image_check": self.image_check,
+            "corrupt_images": corrupt_summary(self.splits),
+            "classes": {
+                n: s.num_classes
+                for n, s in (("train", self.splits.train), ("val", self.splits.val))
+                + (("test", self.splits.test),)
+                if s is not None
+            },
             "train_time_s": self.train_time,
             "images_per_s": self.images_seen / max(self.train_time, 1e-9),
             "out_dir": str(self.out_dir),
