@@ -122,7 +122,7 @@ def frozen_preset(nir: bool) -> tuple[str, dict]:
             + (" + NIR" if nir else " (baseline)")
         ),
         "seed": 0,
-        "epochs": 40,
+        "epochs": 60,
         "data": {
             "name": "cars98",
             "transform": "resnet",
@@ -151,12 +151,14 @@ def frozen_preset(nir: bool) -> tuple[str, dict]:
         },
         "optim": {
             "name": "adam",
-            "lr": 1.0e-3,
+            # A head alone takes a larger lr than fine-tuning (lr 3e-4 and proxies x100 chosen
+            # on validation R@1 among lr 1e-4..3e-3, proxy lr 2e-2..1e-1); NIR doubles the
+            # proxies' lr as the paper's recipe (x4000 vs x2000) and keeps its flow lr near
+            # the paper's 5e-4 (1e-5 x 50).
+            "lr": 3.0e-4,
             "weight_decay": 4.0e-4,
-            # The paper's absolute proxy and flow learning rates (1e-5 x 4000 / 2000, x 50)
-            # at the head's larger base lr.
-            "proxy_lr_mult": 40.0 if nir else 20.0,
-            "flow_lr_mult": 0.5,
+            "proxy_lr_mult": 200.0 if nir else 100.0,
+            "flow_lr_mult": 2.0,
             "milestones": [],
             "gamma": 0.1,
             "warmup_epochs": 0,

@@ -188,6 +188,10 @@ class FrozenBackboneModel(nn.Module):
     def head_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.head.parameters() if p.requires_grad]
 
+    def head_only(self) -> HeadModel:
+        """The head as a :class:`HeadModel` (cached features in), sharing its weights."""
+        return HeadModel(self.head, self.spec["backbone"]).eval()
+
 
 # ----------------------------------------------------------------------------- weights
 
