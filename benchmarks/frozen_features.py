@@ -4,7 +4,7 @@
         --runs /tmp/frozen_runs/baseline /tmp/frozen_runs/nir
 
 Measures (one thread unless --threads): EfficientNet-Lite0 feature extraction images/s at
-the preset's resolution (JPEG decode + test transform + forward, batch 64); a training step
+the preset's resolution (JPEG decode + test transform + forward, batch 16); a training step
 (forward, backward, Adam) on cached features vs end to end through the backbone at batch 90
 (ProxyAnchor, and + NIR); the cache's size; the retrieval metrics of the raw pooled
 features (cosine) and of the given runs at their validation-selected epoch. Writes
@@ -52,8 +52,8 @@ def extraction_speed(cfg, images: int) -> float:
     n = min(images, len(data))
     t = time.perf_counter()
     with torch.inference_mode():
-        for start in range(0, n, 64):
-            x = torch.stack([data[i][0] for i in range(start, min(start + 64, n))])
+        for start in range(0, n, 16):
+            x = torch.stack([data[i][0] for i in range(start, min(start + 16, n))])
             model.features(x)
     return n / (time.perf_counter() - t)
 
@@ -106,7 +106,7 @@ def composition_check(run: Path, splits) -> dict:
     trained = load_trained(run / "checkpoints" / "best.pt")
     _, raw_test, _ = checkpoint_data(trained, "test")
     t = time.perf_counter()
-    composed, labels = compute_embeddings(trained.model, raw_test, batch_size=64)
+    composed, labels = compute_embeddings(trained.model, raw_test, batch_size=16)
     seconds = time.perf_counter() - t
     cached, _ = compute_embeddings(trained.model.head_only(), splits.test, batch_size=256)
     metrics = ["recall@1", "map@r"]
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
         "",
         "| measure | value |",
         "|---|---:|",
-        f"| extraction, JPEG + test transform + forward, batch 64, {cfg.data.image_size} px | "
+        f"| extraction, JPEG + test transform + forward, batch 16, {cfg.data.image_size} px | "
         f"{speed:.1f} images/s per core |",
         f"| the full cache build (`nirdml features`, {stats.get('images', 0):,} images) | "
         f"{stats.get('images_per_s_this_session', 0):.1f} images/s "
