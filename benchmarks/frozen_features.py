@@ -161,9 +161,7 @@ def main(argv=None) -> int:
         "",
         f"Machine: {cpu_name()}, {os.cpu_count()} cores (shared with other jobs), "
         f"torch {torch.__version__}, {args.threads} thread(s). Command: `OMP_NUM_THREADS="
-        f"{args.threads} python benchmarks/frozen_features.py --cache {args.cache} --runs "
-        + " ".join(args.runs)
-        + "`.",
+        f"{args.threads} python benchmarks/frozen_features.py {' '.join(argv or sys.argv[1:])}`.",
         "",
         f"Preset `{PRESET}` (and `-nir`): classes 1-49 train (9 carved for validation, seed "
         f"0), 50-98 test; {cfg.data.image_size} px; {cfg.data.feature_views} train views; "
