@@ -126,3 +126,24 @@ def test_paper_presets_match_the_generator_and_the_recipe():
     base = load_config("cub200-r128-avg-proxyanchor-baseline")
     assert not base.loss.nir.enabled
     assert (base.optim.proxy_lr_mult, base.optim.warmup_epochs) == (2000.0, 0)
+
+
+def test_frozen_presets_and_image_size_on_every_rgb_preset():
+    gen = _generator()
+    for name, config in gen.all_frozen_presets().items():
+        text = (gen.PRESET_DIR / f"{name}.yaml").read_text()
+        assert yaml.safe_load(text) == config, f"{name} is stale: run tools/make_presets.py"
+    for name in list_presets():
+        cfg = load_config(name)
+        rgb = (cfg.data.transform or "resnet") == "resnet" and cfg.data.name not in (
+            "omniglot",
+            "digits",
+        )
+        assert (cfg.data.image_size is not None) == rgb, name
+    frozen = load_config("cars98-frozen-proxyanchor-nir")
+    assert frozen.model.frozen and frozen.data.image_size == 128 and frozen.data.val_classes == 9
+    assert frozen.optim.warmup_epochs == 0 and frozen.loss.nir.enabled
+    with pytest.raises(ConfigError, match="image_size.*'omniglot' transform has a fixed size"):
+        load_config("omniglot", ["data.image_size=64"])
+    with pytest.raises(ConfigError, match="data.image_size must be >= 16"):
+        load_config("cub200-r128-avg-proxyanchor-nir", ["data.image_size=8"])

@@ -103,3 +103,22 @@ def test_digits_preset() -> None:
 def test_unknown_preset() -> None:
     with pytest.raises(ValueError, match="unknown transform preset 'vit'.*resnet"):
         build_transforms("vit", train=True)
+
+
+def test_image_size_sets_the_train_crop_and_the_test_resize_and_crop():
+    from PIL import Image
+
+    from nirdml.data.transforms import resize_size
+
+    img = Image.new("RGB", (300, 200), (10, 200, 30))
+    for size in (None, 128, 160):
+        expected = 224 if size is None else size
+        assert build_transforms("resnet", True, size)(img).shape == (3, expected, expected)
+        test = build_transforms("resnet", False, size)
+        assert test(img).shape == (3, expected, expected)
+        assert f"size=[{resize_size(expected)}]" in repr(test)
+    assert resize_size(224) == 256 and resize_size(128) == 146
+    with pytest.raises(ValueError, match="applies to the RGB 'resnet' transform only"):
+        build_transforms("omniglot", False, 64)
+    with pytest.raises(ValueError, match="integer >= 16"):
+        build_transforms("resnet", False, 4)

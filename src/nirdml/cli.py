@@ -69,6 +69,30 @@ def summary_line(summary: dict, out_dir: str) -> str:
     )
 
 
+def _cmd_features(args: argparse.Namespace) -> int:
+    from nirdml.training.config import load_config
+    from nirdml.training.features import build_feature_cache
+
+    cfg = load_config(args.config, args.set)
+    cache = build_feature_cache(
+        cfg,
+        args.out,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    stats = cache.meta.get("stats", {})
+    print(
+        f"feature cache {cache.path}: {cache.train_views.shape[0]} views x "
+        f"{cache.train_views.shape[1]:,} train + {cache.test.shape[0]:,} test images, "
+        f"{cache.num_features} features ({cache.meta['dtype']}), {cache.nbytes / 2**20:.1f} MiB; "
+        f"{stats.get('images_per_s_this_session', 0):.1f} images/s when built. Train on it: "
+        f"nirdml train {args.config} --set data.features={cache.path} [--set seed=N ...]"
+    )
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from nirdml.training.artifacts import evaluate_checkpoint
 
@@ -220,6 +244,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "features",
+        help="extract the frozen-backbone feature cache of a config (for model.frozen=true)",
+    )
+    p.add_argument("config", help="preset name (see `nirdml presets`) or YAML file")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set data.root=../shared/data/cars98",
+    )
+    p.add_argument("--out", help="cache folder (default: the config's data.features)")
+    p.add_argument("--workers", type=int, help="DataLoader workers (default data.num_workers)")
+    p.add_argument(
+        "--batch-size", type=int, default=16, help="images per forward (16: fastest on a CPU)"
+    )
+    p.add_argument("--device", default="cpu", help="device of the backbone (cpu, cuda, ...)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_features)
 
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on its (or another) dataset")
     p.add_argument("checkpoint", help="a .pt checkpoint or a run folder")

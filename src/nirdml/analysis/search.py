@@ -67,13 +67,10 @@ def gallery_key(checkpoint: str | Path, paths: list[str]) -> str:
 
 def _preprocess(run: Any):
     """(file reader, test transform) the run's model was evaluated with."""
-    from nirdml.data import build_transforms, default_transform_preset, file_reader
+    from nirdml.data import file_reader
+    from nirdml.training.artifacts import test_transform
 
-    cfg = run.config
-    transform = build_transforms(
-        cfg.data.transform or default_transform_preset(cfg.data.name), train=False
-    )
-    return file_reader(cfg.data.name), transform
+    return file_reader(run.config.data.name), test_transform(run.config)
 
 
 @dataclass

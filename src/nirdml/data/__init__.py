@@ -14,6 +14,7 @@ from typing import Any
 from nirdml.data.base import DatasetSplits, RetrievalDataset
 from nirdml.data.cache import build_cache, cached
 from nirdml.data.cars import load_cars196
+from nirdml.data.cars98 import load_cars98
 from nirdml.data.cub import load_cub200
 from nirdml.data.custom import load_csv, load_folder, load_image_folder
 from nirdml.data.digits import load_digits_splits
@@ -28,13 +29,14 @@ from nirdml.data.omniglot import load_omniglot
 from nirdml.data.samplers import ClassBalancedBatchSampler
 from nirdml.data.sop import load_sop
 from nirdml.data.splits import carve_validation, split_class_names
-from nirdml.data.transforms import PRESETS, build_transforms
+from nirdml.data.transforms import PRESETS, build_transforms, check_image_size
 from nirdml.data.verify import VerifyReport, verify
 
 #: name -> (reader, default transform preset, layout options the reader accepts)
 _READERS: dict[str, tuple[Callable[..., DatasetSplits], str, frozenset[str]]] = {
     "cub200": (load_cub200, "resnet", frozenset()),
     "cars196": (load_cars196, "resnet", frozenset()),
+    "cars98": (load_cars98, "resnet", frozenset({"train_classes"})),
     "sop": (load_sop, "resnet", frozenset()),
     "omniglot": (load_omniglot, "omniglot", frozenset({"source"})),
     "digits": (load_digits_splits, "digits", frozenset()),
@@ -98,6 +100,7 @@ def load_dataset(
     seed: int = 0,
     download: bool = False,
     skip_corrupt: bool = False,
+    image_size: int | None = None,
     **layout_options: Any,
 ) -> DatasetSplits:
     """Load the train/test(/val) splits of a dataset, with the preset's transforms.
@@ -110,6 +113,8 @@ def load_dataset(
         :func:`auto_val_classes` (the training configs' default).
     download: fetch and extract the public archives into ``root`` first (CUB, SOP,
         Omniglot); ``urls={archive file name: mirror url}`` overrides a source.
+    image_size: crop size of the RGB ``resnet`` transform (train RandomResizedCrop, test
+        Resize(round(S*256/224)) + CenterCrop(S)); None = 224, the paper's.
     skip_corrupt: drop missing files (counted in ``split.missing``) and replace unreadable
         images by another image of the same class (counted in ``split.corrupt_count``).
     layout_options: omniglot ``source`` ("auto"/"png"/"npz"); folder/csv ``train_classes``,
@@ -143,6 +148,8 @@ def load_dataset(
             f"unknown transform_preset {preset!r}; choose one of {', '.join(PRESETS)}, "
             "'none' or None"
         )
+    if preset != "none":
+        check_image_size(preset, image_size)
     train, val = splits.train, splits.val
     if val_classes == "auto":
         val_classes = 0 if val is not None else auto_val_classes(key, train.num_classes)
@@ -156,7 +163,9 @@ def load_dataset(
     def tf(ds: RetrievalDataset | None, is_train: bool) -> RetrievalDataset | None:
         if ds is None:
             return None
-        return ds.with_transform(None if preset == "none" else build_transforms(preset, is_train))
+        return ds.with_transform(
+            None if preset == "none" else build_transforms(preset, is_train, image_size)
+        )
 
     return DatasetSplits(tf(train, True), tf(splits.test, False), tf(val, False))
 

@@ -67,22 +67,51 @@ class ToGray(torch.nn.Module):
         raise TypeError(f"expected a PIL image or a tensor, got {type(img).__name__}")
 
 
-def build_transforms(preset: str, train: bool) -> v2.Compose:
+DEFAULT_IMAGE_SIZE = 224
+"""The paper's crop size for the ``resnet`` preset."""
+
+
+def check_image_size(preset: str, image_size: int | None) -> None:
+    """Raise ValueError unless ``image_size`` suits ``preset`` (only RGB presets take one)."""
+    if image_size is None:
+        return
+    if preset != "resnet":
+        raise ValueError(
+            f"data.image_size={image_size} applies to the RGB 'resnet' transform only; the "
+            f"{preset!r} transform has a fixed size (omniglot 28, digits 8): drop data.image_size"
+        )
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or not 16 <= image_size:
+        raise ValueError(
+            f"data.image_size must be an integer >= 16 (pixels of the square crop), got "
+            f"{image_size!r}; e.g. 224 (the paper), 160 or 128"
+        )
+
+
+def resize_size(image_size: int) -> int:
+    """Short side of the test-time resize for a crop of ``image_size`` (256 for 224)."""
+    return int(round(image_size * 256 / 224))
+
+
+def build_transforms(preset: str, train: bool, image_size: int | None = None) -> v2.Compose:
     """The transform of a preset for the train or the test/val split.
 
-    - ``"resnet"``: train RandomResizedCrop(224) + RandomHorizontalFlip, test Resize(256) +
-      CenterCrop(224); RGB, ImageNet mean/std (the paper's recipe, method.md section 5).
+    - ``"resnet"``: train RandomResizedCrop(S) + RandomHorizontalFlip, test
+      Resize(round(S * 256 / 224)) + CenterCrop(S) with S = ``image_size`` (default 224:
+      Resize(256) + CenterCrop(224)); RGB, ImageNet mean/std (the paper's recipe,
+      method.md section 5).
     - ``"omniglot"``: 1x28x28 float in [0, 1], ink = high values; train adds a small random
       affine (+-10 degrees, +-10% shift, 0.9-1.1 scale); test none.
     - ``"digits"``: 1x8x8 float, pixel/16 in [0, 1] then normalised by the digits mean/std;
       no augmentation.
     """
+    check_image_size(preset, image_size)
     if preset == "resnet":
+        size = DEFAULT_IMAGE_SIZE if image_size is None else image_size
         head = [ToRGB(), v2.ToImage()]
         if train:
-            geo = [v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip()]
+            geo = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
         else:
-            geo = [v2.Resize(256, antialias=True), v2.CenterCrop(224)]
+            geo = [v2.Resize(resize_size(size), antialias=True), v2.CenterCrop(size)]
         tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
         return v2.Compose(head + geo + tail)
     if preset == "omniglot":

@@ -15,6 +15,7 @@ from .backbones import (
 from .batchnorm import FrozenBatchNorm2d, FrozenBatchNormAct2d, freeze_batchnorm
 from .embedding import EmbeddingModel
 from .factory import ARCHS, build_model, model_from_spec
+from .head import FeatureHead, FrozenBackboneModel, HeadModel, compose_frozen, weights_identity
 from .pooling import POOLINGS, build_pooling
 from .small_cnn import SmallCNN
 from .weights import WeightsUnavailableError, read_state_dict
@@ -24,6 +25,9 @@ __all__ = [
     "POOLINGS",
     "EfficientNetLite0Backbone",
     "EmbeddingModel",
+    "FeatureHead",
+    "FrozenBackboneModel",
+    "HeadModel",
     "FrozenBatchNorm2d",
     "FrozenBatchNormAct2d",
     "InputRenorm",
@@ -33,7 +37,9 @@ __all__ = [
     "WeightsUnavailableError",
     "build_model",
     "build_pooling",
+    "compose_frozen",
     "freeze_batchnorm",
     "model_from_spec",
     "read_state_dict",
+    "weights_identity",
 ]

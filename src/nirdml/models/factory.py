@@ -137,7 +137,15 @@ def model_from_spec(
 
     No weights are downloaded or read: the structure (including frozen BN) is rebuilt with
     random weights, then ``state_dict`` (e.g. from a checkpoint) is loaded if given.
+
+    A frozen-feature run's spec (``kind: frozen``) rebuilds its backbone from the weights'
+    source (pretrained weights or the local file, checked against the recorded identity)
+    and loads the head: see :func:`nirdml.models.head.compose_frozen`.
     """
+    if spec.get("kind") == "frozen":
+        from .head import compose_frozen
+
+        return compose_frozen(spec, state_dict)
     unknown = set(spec) - set(_SPEC_KEYS)
     missing = {"arch", "embed_dim"} - set(spec)
     if unknown or missing:

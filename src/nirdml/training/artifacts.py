@@ -97,7 +97,9 @@ def test_transform(cfg: RunConfig) -> Any:
     from nirdml.data import build_transforms, default_transform_preset
 
     return build_transforms(
-        cfg.data.transform or default_transform_preset(cfg.data.name), train=False
+        cfg.data.transform or default_transform_preset(cfg.data.name),
+        train=False,
+        image_size=cfg.data.image_size,
     )
 
 

@@ -28,12 +28,13 @@ class ConfigError(ValueError):
     """A config key or value is invalid; the message names it and the fix."""
 
 
-DATASET_NAMES = ("cub200", "cars196", "sop", "omniglot", "digits", "folder", "csv")
+DATASET_NAMES = ("cub200", "cars196", "cars98", "sop", "omniglot", "digits", "folder", "csv")
 #: Each dataset's default transform preset (as nirdml.data's readers; a test keeps them in
 #: sync) and each preset's output, so a config is checked without importing torch.
 DEFAULT_TRANSFORMS = {
     "cub200": "resnet",
     "cars196": "resnet",
+    "cars98": "resnet",
     "sop": "resnet",
     "omniglot": "omniglot",
     "digits": "digits",
@@ -52,6 +53,9 @@ class DataConfig:
     root: str | None = None
     transform: str | None = None
     """Transform preset ("resnet", "omniglot", "digits"); None picks the dataset's default."""
+    image_size: int | None = None
+    """Crop size of the RGB ("resnet") transform: train RandomResizedCrop(S), test
+    Resize(round(S*256/224)) + CenterCrop(S); None = 224 (the paper)."""
     val_classes: float | str = "auto"
     """Classes carved from the training classes for model selection (fraction or count);
     "auto": 10% (at least 2) for digits, folder, csv and omniglot when at least 2 training
@@ -63,6 +67,13 @@ class DataConfig:
     num_workers: int = 0
     cache: str | None = None
     """Folder of a pre-resized uint8 image cache (built on first use)."""
+    features: str | None = None
+    """With model.frozen: folder of the frozen-backbone feature cache (``nirdml features``;
+    built there on first use, reused by every later run that matches it)."""
+    feature_views: int = 5
+    """Augmented views per training image in the feature cache (one drawn per epoch)."""
+    feature_dtype: str = "float16"
+    """Storage dtype of the feature cache: float16 (half the size) or float32."""
     download: bool = False
     skip_corrupt: bool = False
     check_images: bool = True
@@ -87,6 +98,16 @@ class ModelConfig:
     """None: frozen running statistics exactly when the backbone is pretrained."""
     freeze_bn_affine: bool = False
     in_channels: int = 3
+    frozen: bool = False
+    """Train only a head on cached features of the frozen backbone (data.features)."""
+    head: str = "linear"
+    """The head on the pooled features: "linear" (the paper's) or "mlp"."""
+    head_hidden: list[int] = field(default_factory=lambda: [512])
+    """mlp: hidden layer widths."""
+    head_norm: str = "none"
+    """mlp: normalisation after each hidden layer: "none", "layer" or "batch"."""
+    head_dropout: float = 0.0
+    """mlp: dropout after each hidden layer."""
     channels_last: bool = False
     sync_bn: bool = True
     """Distributed runs: trainable BatchNorm normalises with global-batch statistics, as one
@@ -430,6 +451,8 @@ def validate(cfg: RunConfig) -> None:
         f"data.val_classes must be auto, a fraction < 1 or a class count >= 0, "
         f"not {d.val_classes!r}",
     )
+    _validate_image_size(d)
+    _validate_frozen(cfg)
     _check(m.embed_dim >= 2, f"model.embed_dim must be >= 2, got {m.embed_dim}")
     _check(
         not isinstance(m.pretrained, str) or m.pretrained.startswith("IMAGENET1K_V"),
@@ -539,4 +562,63 @@ def _check_transform_fits_model(cfg: RunConfig) -> None:
     raise ConfigError(
         f"{produced}, but model.in_channels={m.in_channels} ({m.arch}). Fix: --set "
         f"model.in_channels={channels}"
+
+
+def _validate_image_size(d: DataConfig) -> None:
+    """data.image_size: an RGB-transform option (light check: no torchvision import)."""
+    if d.image_size is None:
+        return
+    preset = d.transform or DEFAULT_TRANSFORMS.get(d.name, "resnet")
+    _check(
+        preset == "resnet",
+        f"data.image_size={d.image_size} applies to the RGB 'resnet' transform only; the "
+        f"{preset!r} transform has a fixed size (omniglot 28, digits 8): drop data.image_size",
+    )
+    _check(
+        d.image_size >= 16,
+        f"data.image_size must be >= 16 pixels (the square crop), got {d.image_size}; e.g. 224 "
+        "(the paper), 160 or 128",
+    )
+
+
+def _validate_frozen(cfg: RunConfig) -> None:
+    """model.frozen / data.features / head options (see nirdml.training.features)."""
+    d, m = cfg.data, cfg.model
+    _check(m.head in ("linear", "mlp"), f"model.head must be linear or mlp, not {m.head!r}")
+    _check(
+        all(w >= 1 for w in m.head_hidden) and (m.head != "mlp" or len(m.head_hidden) >= 1),
+        f"model.head_hidden must list one or more widths >= 1 for head=mlp, got {m.head_hidden}",
+    )
+    _check(
+        m.head_norm in ("none", "layer", "batch"),
+        f"model.head_norm must be none, layer or batch, not {m.head_norm!r}",
+    )
+    _check(0 <= m.head_dropout < 1, f"model.head_dropout must be in [0, 1), got {m.head_dropout}")
+    _check(d.feature_views >= 1, f"data.feature_views must be >= 1, got {d.feature_views}")
+    _check(
+        d.feature_dtype in ("float16", "float32"),
+        f"data.feature_dtype must be float16 or float32, not {d.feature_dtype!r}",
+    )
+    if not m.frozen:
+        _check(
+            m.head == "linear",
+            f"model.head={m.head!r} needs model.frozen=true (end-to-end training uses the "
+            "Linear head); set model.frozen=true or model.head=linear",
+        )
+        return
+    _check(
+        d.features is not None,
+        "model.frozen=true trains a head on cached backbone features: set data.features=DIR "
+        "(the cache is built there on first use, or beforehand by `nirdml features`)",
+    )
+    _check(
+        cfg.optim.warmup_epochs == 0,
+        f"optim.warmup_epochs={cfg.optim.warmup_epochs} means nothing with model.frozen=true: "
+        "warmup trains the head with the backbone frozen for the first epochs, and here the "
+        "backbone is frozen for every epoch. Set optim.warmup_epochs=0",
+    )
+    _check(
+        d.cache is None,
+        "data.cache (pre-resized images) is not used with model.frozen=true: "
+        "the images are read once by the feature extraction. Drop data.cache",
     )

@@ -184,6 +184,7 @@ def load_splits(cfg: RunConfig, progress: bool = False):
         seed=cfg.seed,
         download=d.download,
         skip_corrupt=d.skip_corrupt,
+        image_size=d.image_size,
         **d.options,
     )
     if d.cache is None:
@@ -353,11 +354,20 @@ class _Run:
         self.amp_dtype = _amp_dtype(cfg, self.device)
 
         with dist.main_first():  # downloads, caches and weights fetched once
-            self.splits = load_splits(cfg, progress=self.progress)
-            self.image_check = check_images(
-                cfg, self.splits, progress=self.progress, echo=dist.is_main
-            )
-            model = build_model_from_config(cfg)
+            if cfg.model.frozen:  # a head on cached features (nirdml.training.features)
+                from nirdml.training.features import build_head_model, load_feature_splits
+
+                self.splits = load_feature_splits(cfg, progress=self.progress)
+                self.image_check = {"checked": 0, "skipped": "frozen: checked by the cache build"}
+                model = build_head_model(
+                    cfg, self.splits.train.num_features, self.splits.cache.meta["backbone"]
+                )
+            else:
+                self.splits = load_splits(cfg, progress=self.progress)
+                self.image_check = check_images(
+                    cfg, self.splits, progress=self.progress, echo=dist.is_main
+                )
+                model = build_model_from_config(cfg)
         train_set = self.splits.train
         if dist.enabled and cfg.model.sync_bn:
             model, _ = convert_sync_batchnorm(model, self.device)
@@ -497,6 +507,8 @@ class _Run:
         self._wrap(backbone_grad)
         self.criterion.train()
         self.seeded_sampler.set_epoch(epoch)
+        if hasattr(self.splits.train, "set_epoch"):  # cached features: the epoch's views
+            self.splits.train.set_epoch(epoch)
         sums: dict[str, Tensor] = {}
         skipped_before = self.step.skipped.clone()
         reader = HostReader(self.device)  # progress is read one interval late: no sync

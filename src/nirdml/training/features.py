@@ -1,0 +1,559 @@
+"""Frozen-backbone feature cache: extract once, train many heads on it.
+
+:func:`build_feature_cache` runs the frozen backbone (eval mode) of a config over its
+dataset and stores the pooled features in memory-mapped ``.npy`` files:
+
+- ``test.npy`` (test split, test transform) and ``train_plain.npy`` (every training-class
+  image, test transform: the validation split is carved from these at training time, so
+  one cache serves every run seed);
+- ``train_views.npy`` (``views`` x images x F): each training image under ``views``
+  augmentations of the train transform, view ``v`` of image ``i`` drawn with the CPU RNG
+  seeded from ``(view_seed, i, v)`` inside ``torch.random.fork_rng`` (the global RNG is
+  left as it was), so the cache does not depend on batching, workers or resumes.
+
+Images are processed in fixed batches; after each batch the arrays are flushed and the
+batch count is written atomically to ``.partial/progress.json``, so a killed extraction
+resumes at its next batch and produces the same bytes as an uninterrupted one. The
+arrays live in ``DIR/.partial/`` until the end, then move into ``DIR`` and ``meta.json``
+is written last (atomically): a folder without ``meta.json`` is never read as a cache.
+
+``meta.json`` records what the features depend on: backbone spec, weights identity (file
+size + sha256), transform and image size, dataset and split fingerprints (relative file
+paths + sizes + labels), dtype and views. A cache that does not match a config is refused
+with the list of what differs (:class:`FeatureCacheMismatch`).
+
+:func:`load_feature_splits` gives the training / validation / test splits of a config as
+feature datasets (the trainer uses it under ``model.frozen=true``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from nirdml.training.checkpoint import atomic_write_json
+from nirdml.training.config import ConfigError, RunConfig, load_config
+
+FEATURE_FORMAT = 1
+META = "meta.json"
+PARTIAL = ".partial"
+#: Keys recorded in meta.json that do not have to match the config.
+_NOT_COMPARED = ("view_seed", "dataset.root", "num_features", "stats")
+
+
+class FeatureCacheMismatch(ConfigError):
+    """A feature cache was built for another backbone, transform, dataset, dtype or views."""
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+
+def split_fingerprint(split: Any, root: str | None) -> dict[str, Any]:
+    """Identity of a split's items: relative paths + file sizes + labels (sha256) and counts.
+
+    In-memory datasets (digits, Omniglot npz) hash their pixel arrays instead of files.
+    """
+    h = hashlib.sha256()
+    paths = split.paths
+    if paths is not None:
+        base = Path(root).expanduser() if root else None
+        for p in paths:
+            rel = os.path.relpath(p, base) if base is not None else p
+            h.update(f"{rel}\0{os.path.getsize(p)}\n".encode())
+    else:
+        array = getattr(split.storage, "array", None)
+        if array is None:
+            raise ValueError(f"cannot fingerprint {split.describe()}: no file paths or arrays")
+        h.update(np.ascontiguousarray(array[split.index]).tobytes())
+    h.update(np.asarray(split.labels, dtype=np.int64).tobytes())
+    h.update("\n".join(split.class_names).encode())
+    return {"items": len(split), "classes": int(split.num_classes), "sha256": h.hexdigest()}
+
+
+def backbone_spec(cfg: RunConfig) -> dict[str, Any]:
+    """The backbone a config extracts features with, and the identity of its weights."""
+    from nirdml.models import weights_identity
+    from nirdml.models.factory import _resolve_pretrained
+
+    m = cfg.model
+    weights = None if m.weights is None else str(Path(m.weights).expanduser())
+    pretrained = _resolve_pretrained(m.arch, m.pretrained, from_file=weights is not None)
+    return {
+        "arch": m.arch,
+        "pooling": m.pooling,
+        "pretrained": pretrained,
+        "weights": weights,
+        "in_channels": m.in_channels,
+        "seed": cfg.seed if not pretrained and weights is None else 0,
+        "weights_identity": weights_identity(m.arch, pretrained, weights, cfg.seed),
+    }
+
+
+def _image_splits(cfg: RunConfig):
+    """The config's train (all training classes, not carved) and test image splits."""
+    import copy
+
+    from nirdml.training.trainer import load_splits
+
+    uncarved = copy.deepcopy(cfg)
+    uncarved.data.val_classes = 0.0
+    uncarved.data.cache = None
+    return load_splits(uncarved)
+
+
+def expected_meta(cfg: RunConfig, splits: Any | None = None) -> dict[str, Any]:
+    """What ``meta.json`` of a cache for ``cfg`` must say (minus the build statistics)."""
+    from nirdml.data import build_transforms, default_transform_preset
+
+    d = cfg.data
+    splits = _image_splits(cfg) if splits is None else splits
+    preset = d.transform or default_transform_preset(d.name)
+    return {
+        "format": FEATURE_FORMAT,
+        "backbone": backbone_spec(cfg),
+        "transform": {
+            "preset": preset,
+            "image_size": d.image_size,
+            "train": repr(build_transforms(preset, True, d.image_size)),
+            "test": repr(build_transforms(preset, False, d.image_size)),
+        },
+        "dataset": {
+            "name": d.name,
+            "root": d.root,
+            "options": dict(d.options),
+            "skip_corrupt": d.skip_corrupt,
+            "train": split_fingerprint(splits.train, d.root),
+            "test": split_fingerprint(splits.test, d.root),
+        },
+        "dtype": d.feature_dtype,
+        "views": d.feature_views,
+    }
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def meta_differences(found: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """Lines ``key: cache X, config Y`` for every compared key that differs."""
+    a, b = _flatten(found), _flatten(wanted)
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == s or key.startswith(s + ".") for s in _NOT_COMPARED):
+            continue
+        if a.get(key) != b.get(key):
+            lines.append(f"{key}: cache {a.get(key)!r}, config {b.get(key)!r}")
+    return lines
+
+
+def _refuse(where: Path, diffs: list[str], partial: bool) -> FeatureCacheMismatch:
+    what = "an unfinished extraction for another config" if partial else "a feature cache"
+    shown = "; ".join(diffs[:8]) + (f"; ... ({len(diffs)} differences)" if len(diffs) > 8 else "")
+    fix = (
+        f"delete {where} to restart it"
+        if partial
+        else "extract a new cache into another folder (--set data.features=NEW_DIR, or "
+        "`nirdml features ... --out NEW_DIR`), or delete this one"
+    )
+    return FeatureCacheMismatch(
+        f"{where} holds {what} that does not match this config: {shown}. Fix: {fix}"
+    )
+
+
+# ----------------------------------------------------------------------------- the cache
+
+
+@dataclass
+class FeatureCache:
+    """An extracted cache: memory-mapped arrays + its ``meta.json``."""
+
+    path: Path
+    meta: dict[str, Any]
+    test: np.ndarray
+    train_plain: np.ndarray
+    train_views: np.ndarray
+
+    @property
+    def num_features(self) -> int:
+        return int(self.test.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.test, self.train_plain, self.train_views))
+
+    @classmethod
+    def open(cls, path: str | Path, expected: Mapping[str, Any] | None = None) -> FeatureCache:
+        """Open a finished cache; with ``expected`` (see :func:`expected_meta`) check it."""
+        path = Path(path)
+        meta_file = path / META
+        if not meta_file.is_file():
+            raise FileNotFoundError(
+                f"{path} is not a finished feature cache (no {META}); build it with "
+                "`nirdml features CONFIG --out DIR` or build_feature_cache(cfg, DIR)"
+            )
+        meta = json.loads(meta_file.read_text())
+        if expected is not None:
+            diffs = meta_differences(meta, expected)
+            if diffs:
+                raise _refuse(path, diffs, partial=False)
+        arrays = {
+            name: np.load(path / f"{name}.npy", mmap_mode="r")
+            for name in ("test", "train_plain", "train_views")
+        }
+        return cls(path, meta, **arrays)
+
+
+class _ExtractionItems(Dataset):
+    """Item ``k`` of the extraction's flat job list -> (image tensor, k)."""
+
+    def __init__(self, jobs: list[tuple[str, Any, int | None, int]], view_seed: int) -> None:
+        self.jobs = jobs  # (array, dataset, view, count) in extraction order
+        self.view_seed = view_seed
+        self.starts = np.cumsum([0] + [j[3] for j in jobs])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def locate(self, k: int) -> tuple[int, int]:
+        j = int(np.searchsorted(self.starts, k, side="right") - 1)
+        return j, k - int(self.starts[j])
+
+    def __getitem__(self, k: int) -> tuple[Any, int]:
+        j, row = self.locate(k)
+        _, dataset, view, _ = self.jobs[j]
+        if view is None:
+            return dataset[row][0], k
+        seed = int(np.random.SeedSequence([self.view_seed, row, view]).generate_state(1)[0])
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            return dataset[row][0], k
+
+
+def build_feature_cache(
+    config: RunConfig | str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    view_seed: int = 0,
+    batch_size: int = 16,
+    num_workers: int | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> FeatureCache:
+    """Extract (or resume, or reuse) the feature cache of ``config`` in ``out_dir``.
+
+    ``out_dir`` defaults to ``config.data.features``. A finished cache that matches is
+    returned as is; one that does not match raises :class:`FeatureCacheMismatch`.
+    ``on_batch(done)`` is called after each batch is safely recorded (tests use it to
+    interrupt an extraction). ``batch_size`` 16: on a CPU, larger batches are slower
+    (EfficientNet-Lite0 at 128 px, one core: 70 images/s at 16, 43 at 32, 18 at 64), as
+    activations above glibc's 32 MB mmap threshold are mapped and page-faulted anew on
+    every call.
+    """
+    cfg = config if isinstance(config, RunConfig) else load_config(config)
+    target = out_dir if out_dir is not None else cfg.data.features
+    if target is None:
+        raise ConfigError(
+            "no feature cache folder: pass --out DIR (library: out_dir=...) or set "
+            "data.features=DIR"
+        )
+    out = Path(target)
+    splits = _image_splits(cfg)
+    if not (out / META).is_file():  # the images will be read: check them first
+        from nirdml.training.datacheck import check_images
+
+        check_images(cfg, splits, progress=progress)
+    wanted = expected_meta(cfg, splits)
+    if (out / META).is_file():
+        return FeatureCache.open(out, wanted)
+    partial = out / PARTIAL
+    if (partial / META).is_file():
+        diffs = meta_differences(json.loads((partial / META).read_text()), wanted)
+        if diffs:
+            raise _refuse(partial, diffs, partial=True)
+    else:
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+        atomic_write_json(partial / META, {**wanted, "view_seed": view_seed})
+    view_seed = int(json.loads((partial / META).read_text()).get("view_seed", view_seed))
+    progress_file = partial / "progress.json"
+    done = json.loads(progress_file.read_text())["batches"] if progress_file.is_file() else 0
+
+    from nirdml.data import build_transforms
+
+    tr = wanted["transform"]
+    train_views = splits.train.with_transform(
+        build_transforms(tr["preset"], True, cfg.data.image_size)
+    )
+    train_plain = splits.train.with_transform(  # every training image, test transform
+        build_transforms(tr["preset"], False, cfg.data.image_size)
+    )
+    views = cfg.data.feature_views
+    jobs: list[tuple[str, Any, int | None, int]] = [
+        ("test", splits.test, None, len(splits.test)),
+        ("train_plain", train_plain, None, len(train_plain)),
+    ] + [("train_views", train_views, v, len(train_views)) for v in range(views)]
+    items = _ExtractionItems(jobs, view_seed)
+    # Fixed batches never cross a job boundary, so a resumed run repeats the same batches.
+    batches: list[list[int]] = []
+    for j, job in enumerate(jobs):
+        start = int(items.starts[j])
+        batches += [
+            list(range(start + b, start + min(b + batch_size, job[3])))
+            for b in range(0, job[3], batch_size)
+        ]
+
+    dev = torch.device(device)
+    from nirdml.models import build_model
+
+    m = cfg.model
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(
+            m.arch,
+            2,
+            pooling=m.pooling,
+            pretrained=m.pretrained,
+            weights=m.weights,
+            in_channels=m.in_channels,
+            seed=wanted["backbone"]["seed"],
+        )
+    model = model.to(dev).eval()
+    with torch.inference_mode():
+        probe = model.features(items[0][0][None].to(dev))
+    num_features = int(probe.shape[1])
+    dtype = np.dtype(cfg.data.feature_dtype)
+    shapes = {
+        "test": (len(splits.test), num_features),
+        "train_plain": (len(train_plain), num_features),
+        "train_views": (views, len(train_views), num_features),
+    }
+    arrays = {}
+    for name, shape in shapes.items():
+        file = partial / f"{name}.npy"
+        mode = "r+" if file.is_file() and done > 0 else "w+"
+        arrays[name] = np.lib.format.open_memmap(file, mode=mode, dtype=dtype, shape=shape)
+
+    workers = cfg.data.num_workers if num_workers is None else num_workers
+    loader = DataLoader(
+        items,
+        batch_sampler=batches[done:],
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(0),
+    )
+    total = len(items)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=total,
+            initial=sum(len(b) for b in batches[:done]),
+            unit="img",
+            desc=f"features {cfg.model.arch} {tr['image_size'] or 224}px",
+            dynamic_ncols=True,
+        )
+    start = time.perf_counter()
+    extracted = 0
+    with torch.inference_mode():
+        for b, (images, keys) in enumerate(loader, start=done):
+            feats = model.features(images.to(dev)).float().cpu().numpy().astype(dtype)
+            j, row = items.locate(int(keys[0]))
+            name, _, view, _ = jobs[j]
+            rows = slice(row, row + len(keys))
+            if view is None:
+                arrays[name][rows] = feats
+            else:
+                arrays[name][view, rows] = feats
+            arrays[name].flush()
+            atomic_write_json(progress_file, {"batches": b + 1})
+            extracted += len(keys)
+            if bar is not None:
+                bar.update(len(keys))
+            if on_batch is not None:
+                on_batch(b + 1)
+    if bar is not None:
+        bar.close()
+    elapsed = time.perf_counter() - start
+    for a in arrays.values():
+        a.flush()
+    del arrays
+    for name in shapes:
+        with open(partial / f"{name}.npy", "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(partial / f"{name}.npy", out / f"{name}.npy")
+    meta = {
+        **wanted,
+        "view_seed": view_seed,
+        "num_features": num_features,
+        "stats": {
+            "images": total,
+            "seconds_this_session": round(elapsed, 3),
+            "images_per_s_this_session": round(extracted / max(elapsed, 1e-9), 2),
+            "threads": torch.get_num_threads(),
+            "batch_size": batch_size,
+            "device": str(dev),
+        },
+    }
+    atomic_write_json(out / META, meta)
+    shutil.rmtree(partial, ignore_errors=True)
+    return FeatureCache.open(out)
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+class FeatureDataset(Dataset):
+    """Cached features of some images of a split: ``(float32 features, label)`` items.
+
+    ``views`` given (train): item ``i`` returns view ``draw[rows[i]]`` of its image, with
+    ``draw`` drawn for every cached image from ``(seed, epoch)`` (:meth:`set_epoch`; the
+    epoch lives in shared memory, so DataLoader workers follow it).
+    """
+
+    def __init__(
+        self,
+        array: np.ndarray,
+        rows: np.ndarray,
+        labels: np.ndarray,
+        class_names: list[str],
+        *,
+        split: str,
+        seed: int = 0,
+    ) -> None:
+        self.array = array
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+        self.split = split
+        self.seed = seed
+        self.has_views = array.ndim == 3
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._draw: tuple[int, np.ndarray] | None = None
+
+    @property
+    def num_features(self) -> int:
+        return int(self.array.shape[-1])
+
+    @property
+    def num_views(self) -> int:
+        return int(self.array.shape[0]) if self.has_views else 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch[0] = int(epoch)
+
+    def views_of_epoch(self, epoch: int) -> np.ndarray:
+        """The view every cached image (row) uses in ``epoch``."""
+        rng = np.random.default_rng([self.seed, epoch])
+        return rng.integers(0, self.num_views, size=self.array.shape[-2])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        row = int(self.rows[i])
+        if self.has_views:
+            epoch = int(self._epoch[0])
+            if self._draw is None or self._draw[0] != epoch:
+                self._draw = (epoch, self.views_of_epoch(epoch))
+            x = self.array[self._draw[1][row], row]
+        else:
+            x = self.array[row]
+        return torch.from_numpy(np.array(x, dtype=np.float32)), int(self.labels[i])
+
+    def describe(self) -> str:
+        counts = np.bincount(self.labels, minlength=self.num_classes)
+        views = f", {self.num_views} views" if self.has_views else ""
+        return (
+            f"features/{self.split}: {len(self):,} images, {self.num_classes:,} classes, "
+            f"{counts.min()}-{counts.max()} images/class{views}"
+        )
+
+
+@dataclass
+class FeatureSplits:
+    """Train / test / val feature datasets of a config + the cache they come from."""
+
+    train: FeatureDataset
+    test: FeatureDataset
+    val: FeatureDataset | None
+    cache: FeatureCache
+
+    def describe(self) -> str:
+        parts = [self.train, self.test] + ([self.val] if self.val is not None else [])
+        return "\n".join(p.describe() for p in parts)
+
+
+def load_feature_splits(cfg: RunConfig, progress: bool = False) -> FeatureSplits:
+    """The feature splits of ``cfg`` (``data.features``), extracting the cache if needed.
+
+    The validation split (``data.val_classes``) is carved from the cached training
+    classes with ``cfg.seed`` exactly as ``load_dataset`` carves the images.
+    """
+    from nirdml.data import carve_validation
+
+    if cfg.data.features is None:
+        raise ConfigError("model.frozen=true needs data.features=DIR (the feature cache)")
+    cache = build_feature_cache(cfg, cfg.data.features, progress=progress)
+    splits = _image_splits(cfg)
+    pool = splits.train
+    train, val = carve_validation(pool, cfg.data.val_classes, cfg.seed)
+    order = np.argsort(pool.index, kind="stable")
+
+    def rows_of(part: Any) -> np.ndarray:
+        return order[np.searchsorted(pool.index, part.index, sorter=order)]
+
+    def feats(array: np.ndarray, part: Any, split: str) -> FeatureDataset:
+        rows = rows_of(part) if part is not pool else np.arange(len(pool))
+        return FeatureDataset(
+            array, rows, part.labels, part.class_names, split=split, seed=cfg.seed
+        )
+
+    test_rows = np.arange(len(splits.test))
+    test = FeatureDataset(
+        cache.test, test_rows, splits.test.labels, splits.test.class_names, split="test"
+    )
+    return FeatureSplits(
+        feats(cache.train_views, train, "train"),
+        test,
+        None if val is None else feats(cache.train_plain, val, "val"),
+        cache,
+    )
+
+
+def build_head_model(cfg: RunConfig, num_features: int, spec: Mapping[str, Any]) -> torch.nn.Module:
+    """The head of a frozen-feature run, initialised from ``cfg.seed`` (local RNG)."""
+    from nirdml.models import FeatureHead, HeadModel
+
+    m = cfg.model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        head = FeatureHead(
+            num_features,
+            m.embed_dim,
+            m.head,
+            m.head_hidden,
+            m.head_norm,
+            m.head_dropout,
+            seed=cfg.seed,
+        )
+    return HeadModel(head, spec)
