@@ -562,6 +562,7 @@ def _check_transform_fits_model(cfg: RunConfig) -> None:
     raise ConfigError(
         f"{produced}, but model.in_channels={m.in_channels} ({m.arch}). Fix: --set "
         f"model.in_channels={channels}"
+    )
 
 
 def _validate_image_size(d: DataConfig) -> None:
