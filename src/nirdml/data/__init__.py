@@ -78,13 +78,13 @@ def default_transform_preset(name: str) -> str:
 
 #: Datasets whose default ("auto") is a class-disjoint validation split: the paper's
 #: CUB/Cars/SOP runs keep every training class and report the best test epoch, as published.
-AUTO_VAL_DATASETS = frozenset({"digits", "folder", "csv", "omniglot"})
+AUTO_VAL_DATASETS = frozenset({"digits", "folder", "csv", "omniglot", "cars98"})
 
 
 def auto_val_classes(name: str, num_train_classes: int) -> int:
     """How many training classes ``val_classes="auto"`` moves into a validation split:
-    10% (at least 2, so retrieval among them means something) for digits, folder, csv and
-    Omniglot, if at least 2 training classes remain; else 0 (selection on test)."""
+    10% (at least 2, so retrieval among them means something) for digits, folder, csv,
+    Omniglot and cars98, if at least 2 training classes remain; else 0 (selection on test)."""
     if name not in AUTO_VAL_DATASETS:
         return 0
     n_val = max(2, round(0.1 * num_train_classes))

@@ -58,7 +58,7 @@ class DataConfig:
     Resize(round(S*256/224)) + CenterCrop(S); None = 224 (the paper)."""
     val_classes: float | str = "auto"
     """Classes carved from the training classes for model selection (fraction or count);
-    "auto": 10% (at least 2) for digits, folder, csv and omniglot when at least 2 training
+    "auto": 10% (at least 2) for digits, folder, csv, omniglot, cars98 when at least 2 training
     classes remain, none for CUB/Cars/SOP (the paper's protocol) or data with a val split."""
     batch_size: int = 90
     samples_per_class: int = 2

@@ -450,6 +450,15 @@ class FeatureDataset(Dataset):
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._draw: tuple[int, np.ndarray] | None = None
 
+    # Features never fail to decode: unreadable images were checked (and, with
+    # data.skip_corrupt, replaced) when the cache was built. The dataset surface the
+    # trainer's summary reads (RetrievalDataset's corrupt_count / missing / corrupt_paths).
+    corrupt_count = 0
+    missing: tuple[str, ...] = ()
+
+    def corrupt_paths(self) -> list[str]:
+        return []
+
     @property
     def num_features(self) -> int:
         return int(self.array.shape[-1])
@@ -509,14 +518,17 @@ def load_feature_splits(cfg: RunConfig, progress: bool = False) -> FeatureSplits
     The validation split (``data.val_classes``) is carved from the cached training
     classes with ``cfg.seed`` exactly as ``load_dataset`` carves the images.
     """
-    from nirdml.data import carve_validation
+    from nirdml.data import auto_val_classes, carve_validation
 
     if cfg.data.features is None:
         raise ConfigError("model.frozen=true needs data.features=DIR (the feature cache)")
     cache = build_feature_cache(cfg, cfg.data.features, progress=progress)
     splits = _image_splits(cfg)
     pool = splits.train
-    train, val = carve_validation(pool, cfg.data.val_classes, cfg.seed)
+    val_classes = cfg.data.val_classes
+    if val_classes == "auto":  # as load_dataset resolves it for the images
+        val_classes = auto_val_classes(cfg.data.name, pool.num_classes)
+    train, val = carve_validation(pool, val_classes, cfg.seed)
     order = np.argsort(pool.index, kind="stable")
 
     def rows_of(part: Any) -> np.ndarray:
