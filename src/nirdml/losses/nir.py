@@ -188,6 +188,10 @@ class NIRLoss(nn.Module):
       excess, so descending it compacts classes, ascending it spreads them.
       ``ascend=True/False`` overrides the sign of any bounded objective.
 
+    ``last_stats`` of the bounded objectives also holds ``sigma`` (the noise's std this
+    step) and ``spread`` (the batch's mean distance to the own proxy); ``nll`` is then the
+    mean flow NLL of the noised input and ``nir`` the bounded term.
+
     ``sigma`` (default 0.5) is relative by default (``sigma_mode="relative"``): the noise's
     per-coordinate std is ``sigma * r / sqrt(d)``, ``r`` the running mean (momentum 0.9,
     detached, in ``noise.spread``) of the distance of an embedding to its own proxy
