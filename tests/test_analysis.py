@@ -419,3 +419,16 @@ def test_flow_samples_for_soft_triple_use_the_per_sample_condition():
         draw_flow_samples(model, loss, train, classes=[7])
     with pytest.raises(ValueError, match="NIR model"):
         draw_flow_samples(model, loss.base_loss, train)
+
+
+def test_report_shows_the_nir_alarm_per_epoch(digits_run, tmp_path):
+    report = analyze(digits_run, tmp_path / "report", k=4, num_queries=2)
+    alarm = json.loads((tmp_path / "report" / "report.json").read_text())["nir_alarm"]
+    history = [json.loads(x) for x in (digits_run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in alarm["epochs"]] == [1, 2]
+    assert alarm["threshold"] == 1e-6 and alarm["objective"] == "exp_nll"
+    for e, row in zip(alarm["epochs"], history, strict=True):
+        assert e["grad_ratio"] == row["train/nir_grad_ratio"] > 0
+        assert e["nll_min"] <= e["nll_max"] and math.isfinite(e["nll_mean"])
+    html = report.html.read_text()
+    assert 'id="nir_alarm"' in html and "NIR inertness alarm" in html

@@ -211,3 +211,60 @@ def test_shards_split_distinct_configurations(tmp_path):
     shards = [grid.shard(specs, root, i, 2) for i in range(2)]
     got = [(s.seed, grid.config_hash(s.config(root))) for part in shards for s in part]
     assert len(got) == len(set(got)) == len(keys)
+
+
+# ----------------------------------------------------------------------------- controls
+
+
+def test_control_arms_change_exactly_their_knobs(mini_grid):
+    from study import controls
+
+    base, nir = grid.LOSSES["proxy_anchor"]
+    extra = ("optim.lr=2e-4",)
+
+    def cfg(arm: str):
+        return controls.arm_spec(arm, 0, base, nir, extra).config("")
+
+    b, recipe = cfg("base"), cfg("recipe-nir")
+    assert b.optim.lr == 2e-4 and not b.loss.nir.enabled  # extra overrides reach every arm
+    assert recipe.loss.nir.objective == "exp_nll" and recipe.loss.nir.proxy_weight == 0.01
+    assert recipe.optim.weight_decay == controls.RECIPE_DECAY  # digits has no decay
+    assert recipe.optim.proxy_lr_mult == 2 * b.optim.proxy_lr_mult
+    assert recipe.optim.warmup_epochs == 1
+    x0, det = cfg("recipe-nir-x0"), cfg("recipe-nir-detached")
+    assert x0.loss.nir.nir_weight == 0 and det.loss.nir.detach_inputs
+    for other in (x0, det):  # everything else is the recipe
+        a, r = other.to_dict(), recipe.to_dict()
+        a["loss"]["nir"].update(nir_weight=None, detach_inputs=False)
+        a.pop("name"), r.pop("name")
+        assert a == r
+    scaled = cfg("base-scaled-decay")
+    assert scaled.loss.nir.nir_weight == 0 and scaled.optim.weight_decay == controls.RECIPE_DECAY
+    assert scaled.optim.proxy_lr_mult == b.optim.proxy_lr_mult
+    assert scaled.optim.warmup_epochs == b.optim.warmup_epochs
+    assert cfg("base-proxylr").optim.proxy_lr_mult == 2 * b.optim.proxy_lr_mult
+    assert cfg("base-warmup").optim.warmup_epochs == 1
+    assert cfg("nir-tangent_spread").loss.nir.objective == "tangent_spread"
+    absolute = controls.arm_spec("base-proxylr", 0, base, nir, (), recipe_proxy_lr_mult=4000)
+    assert absolute.config("").optim.proxy_lr_mult == 4000
+    with pytest.raises(ValueError, match="Did you mean 'recipe-nir-x0'"):
+        controls.arm_spec("recipe-nir-x", 0, base, nir)
+    assert len(grid.specs_of("controls")) == len(controls.ARMS) * len(grid.MAIN_SEEDS)
+
+
+def test_controls_cli_runs_and_reports(mini_grid, capsys):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import nir_controls
+
+    base, nir = grid.LOSSES["proxy_anchor"]
+    common = ["--base", base, "--nir", nir, "--data-root", "", "--seeds", "0", "1"]
+    common += ["--runs", str(mini_grid / "ctl")]
+    arms = ["--arms", "base", "recipe-nir", "recipe-nir-x0"]
+    assert nir_controls.main(["run", *common, *arms]) == 0
+    out = mini_grid / "controls.md"
+    assert nir_controls.main(["report", *common, *arms, "--out", str(out)]) == 0
+    text = out.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert rows[1].startswith("| base | 2 (0) |")
+    recipe = next(i for i, r in enumerate(rows) if r.startswith("| recipe-nir |"))
+    assert "| base |" in rows[recipe] and "| recipe-nir-x0 |" in rows[recipe + 1]

@@ -300,10 +300,21 @@ def shard(specs: list[RunSpec], data_root: str, index: int, count: int) -> list[
     return list(unique.values())[index::count]
 
 
+def controls_specs() -> list[RunSpec]:
+    """Issue 13's controls and bounded objectives (study/controls.py), ProxyAnchor, on the
+    main seeds; the same arms run on any other preset pair through
+    ``benchmarks/nir_controls.py``."""
+    from study.controls import control_specs
+
+    base, nir = LOSSES["proxy_anchor"]
+    return control_specs(base, nir, MAIN_SEEDS)
+
+
 PARTS = {
     "tune-base": tune_base_specs,
     "main": main_specs,
     "sweep": sweep_specs,
+    "controls": controls_specs,
 }
 
 PROTOCOL_TEXT = """

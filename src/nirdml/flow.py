@@ -93,6 +93,8 @@ class ConditionalFlow(nn.Module):
             uses one such MLP per conditioned block (their ``dense_embed_multi``).
         condition_blocks: which blocks see the condition: ``"all"`` (default), ``"first"``,
             ``"middle"`` (block ``num_blocks // 2``) or ``"last"`` (their start/mid/end).
+        cond_dim: dimension of the condition; ``None`` (default) is ``dim``. NIR's
+            tangent-space objectives model D-1 tangent coordinates given the D-dim proxy.
         generator: draws the initial weights (PyTorch's default Linear init); ``None`` uses
             torch's global RNG like any ``nn.Module``, in the authors' draw order, so the same
             ``torch.manual_seed`` gives the authors' initial flow.
@@ -117,6 +119,7 @@ class ConditionalFlow(nn.Module):
         condition: str = "dense",
         condition_blocks: str = "all",
         *,
+        cond_dim: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
@@ -140,6 +143,9 @@ class ConditionalFlow(nn.Module):
                 f"condition_blocks must be one of {CONDITION_BLOCKS}, got {condition_blocks!r}"
             )
         self.dim = dim
+        self.cond_dim = dim if cond_dim is None else int(cond_dim)
+        if self.cond_dim < 1:
+            raise ValueError(f"cond_dim must be >= 1, got {cond_dim}")
         self.num_blocks = num_blocks
         self.hidden_width = hidden_width
         self.hidden_layers = hidden_layers
@@ -168,7 +174,7 @@ class ConditionalFlow(nn.Module):
         # cond_weight[j] / in_bias[k] belong to subnet a, rows [W, 2W) to subnet b.
         K, W, n_hidden = num_blocks, hidden_width, hidden_layers - 2
         n_cond = len(conditioned)
-        self.cond_weight = nn.Parameter(torch.empty(n_cond, 2 * W, dim))
+        self.cond_weight = nn.Parameter(torch.empty(n_cond, 2 * W, self.cond_dim))
         self.in_bias = nn.Parameter(torch.empty(K, 2 * W))
         self.in_weight_a = nn.Parameter(torch.empty(K, W, self.len2))
         self.in_weight_b = nn.Parameter(torch.empty(K, W, self.len1))
@@ -183,9 +189,9 @@ class ConditionalFlow(nn.Module):
         self.out_weight_b = nn.Parameter(torch.empty(K, 2 * self.len2, W))
         self.out_bias_b = nn.Parameter(torch.empty(K, 2 * self.len2))
         if condition == "embed":
-            self.embedder: nn.Module | None = _embedder(dim)
+            self.embedder: nn.Module | None = _embedder(self.cond_dim)
         elif condition == "embed_per_block":
-            self.embedder = nn.ModuleList(_embedder(dim) for _ in range(n_cond))
+            self.embedder = nn.ModuleList(_embedder(self.cond_dim) for _ in range(n_cond))
         else:
             self.embedder = None
         self.reset_parameters(generator)
@@ -193,7 +199,7 @@ class ConditionalFlow(nn.Module):
     # ------------------------------------------------------------------ weights and import
     def _freia_shapes(self, k: int) -> tuple[tuple[str, int, int], ...]:
         """(FrEIA subnet name, in_features, out_features) of block k, in FrEIA's build order."""
-        extra = self.dim if k in self._slot else 0
+        extra = self.cond_dim if k in self._slot else 0
         return (
             ("subnet1", self.len1 + extra, 2 * self.len2),
             ("subnet2", self.len2 + extra, 2 * self.len1),
@@ -377,16 +383,16 @@ class ConditionalFlow(nn.Module):
                     f"cond_index must be an int64 tensor of shape ({x.shape[0]},) (the row of "
                     f"cond for each sample), got {cond_index.dtype} {tuple(cond_index.shape)}"
                 )
-            if cond.dim() != 2 or cond.shape[1] != self.dim:
+            if cond.dim() != 2 or cond.shape[1] != self.cond_dim:
                 raise ValueError(
-                    f"with cond_index, cond must have shape (n, {self.dim}), got "
+                    f"with cond_index, cond must have shape (n, {self.cond_dim}), got "
                     f"{tuple(cond.shape)}"
                 )
         elif cond.dim() == 1:
             cond = cond.expand(x.shape[0], -1)
-        if cond_index is None and cond.shape != (x.shape[0], self.dim):
+        if cond_index is None and cond.shape != (x.shape[0], self.cond_dim):
             raise ValueError(
-                f"cond must have shape ({x.shape[0]}, {self.dim}) or ({self.dim},), got "
+                f"cond must have shape ({x.shape[0]}, {self.cond_dim}) or ({self.cond_dim},), got "
                 f"{tuple(cond.shape)}: pass one condition (normalised proxy) per sample"
             )
         out = []
@@ -409,7 +415,7 @@ class ConditionalFlow(nn.Module):
         else:
             c = self.embedder(cond) if self.embedder is not None else cond
             if len(self.conditioned_blocks) == K:  # the usual case: one matmul for all
-                weight = self.cond_weight.reshape(K * W2, self.dim)
+                weight = self.cond_weight.reshape(K * W2, self.cond_dim)
                 return F.linear(c, weight, self.in_bias.reshape(-1))
             conds = [c] * len(self.conditioned_blocks)
         pieces = []
@@ -642,6 +648,7 @@ class ConditionalFlow(nn.Module):
             f"dim={self.dim}, num_blocks={self.num_blocks}, hidden_width={self.hidden_width}, "
             f"hidden_layers={self.hidden_layers}, clamp={self.clamp}, "
             f"condition={self.condition!r}, condition_blocks={self.condition_blocks!r}"
+            + (f", cond_dim={self.cond_dim}" if self.cond_dim != self.dim else "")
         )
 
 

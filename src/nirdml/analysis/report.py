@@ -219,6 +219,7 @@ def analyze(
         name: atomic_write(out / name, lambda f, b=png: f.write(b)) for name, png in figures.items()
     }
     numbers = _numbers(inp, metrics, spread, method, len(subset), scores, grids, flow, seed)
+    numbers["nir_alarm"] = nir_alarm(inp.run) if inp.run is not None else None
     watch.lap("write")
     numbers["timings_s"] = watch.timings
     numbers["seconds"] = watch.total()
@@ -226,6 +227,10 @@ def analyze(
     page = _render_html(
         inp, metrics, spread, figures, method, subset, scores, grids, flow, flow_note, k
     )
+    if numbers["nir_alarm"] is not None:
+        page = page.replace("</nav>", '<a href="#nir_alarm">NIR alarm</a></nav>', 1)
+        marker = '<p class="meta">Written by nirdml analyze.'
+        page = page.replace(marker, _alarm_html(numbers["nir_alarm"]) + marker, 1)
     files["report.html"] = atomic_write_text(out / "report.html", page)
     return AnalysisReport(out, files["report.html"], files, numbers)
 
@@ -281,6 +286,72 @@ def _retrieval_grids(inp, scores, k, num_queries, seed, device, figures) -> dict
         )
         grids[name] = rows
     return grids
+
+
+ALARM_COLUMNS = (
+    ("train/nir_grad_ratio", "grad_ratio"),
+    ("train/nir_grad_ratio_max", "grad_ratio_max"),
+    ("train/nir", "nir_term"),
+    ("train/nll", "nll_mean"),
+    ("train/nll_min", "nll_min"),
+    ("train/nll_max", "nll_max"),
+    ("train/nir_inert", "inert"),
+)
+
+
+def nir_alarm(run) -> dict[str, Any] | None:
+    """The training run's inertness alarm per epoch (from the checkpoint's history): the
+    tangent gradient ratio NIR / proxy on the embeddings, the NIR term, NLL mean/min/max,
+    and whether the epoch was inert; None for runs without NIR or without the alarm."""
+    history = [r for r in run.state.get("history", []) if "train/nir_grad_ratio" in r]
+    if not history:
+        return None
+    n = run.config.loss.nir
+    epochs = [
+        {"epoch": r["epoch"], **{name: r.get(key) for key, name in ALARM_COLUMNS}} for r in history
+    ]
+    return {
+        "objective": n.objective,
+        "threshold": n.alarm_threshold,
+        "inert_epochs": [e["epoch"] for e in epochs if e["inert"]],
+        "epochs": epochs,
+    }
+
+
+def _alarm_html(alarm: dict[str, Any]) -> str:
+    rows = [
+        [e["epoch"], *(e[name] for _, name in ALARM_COLUMNS[:-1]), "INERT" if e["inert"] else ""]
+        for e in alarm["epochs"]
+    ]
+    inert = alarm["inert_epochs"]
+    verdict = (
+        f"<b>inert</b> in epoch(s) {', '.join(map(str, inert))}: NIR's gradient on the "
+        "embeddings stayed below the threshold on every measured batch, so the regulariser "
+        "did nothing there (use a bounded objective, e.g. loss.nir.objective=noise_nll_spread)"
+        if inert
+        else "acting in every epoch"
+    )
+    return (
+        '<h2 id="nir_alarm">NIR inertness alarm</h2>'
+        f"<p>Objective <code>{H.esc(alarm['objective'])}</code>; threshold "
+        f"{alarm['threshold']:g} on the ratio of NIR's tangent gradient on the embeddings to "
+        f"the proxy loss's (one batch per logging interval; geometric mean and max per "
+        f"epoch). The regulariser was {verdict}.</p>"
+        + H.table(
+            [
+                "epoch",
+                "ratio (geo-mean)",
+                "ratio (max)",
+                "NIR term",
+                "NLL mean",
+                "NLL min",
+                "NLL max",
+                "",
+            ],
+            rows,
+            text=(7,),
+        )
+    )
 
 
 def _training_curve(run) -> bytes | None:

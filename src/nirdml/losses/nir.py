@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nirdml.errors import NonFiniteLossError
@@ -13,7 +15,141 @@ from nirdml.flow import ConditionalFlow, no_autocast
 from nirdml.losses.base import ProxyLoss
 from nirdml.losses.pml import PMLProxyLoss
 
-OBJECTIVES = ("exp_nll", "nll")
+OBJECTIVES = (
+    "exp_nll",
+    "nll",
+    "noise_nll",
+    "noise_nll_spread",
+    "tangent_nll",
+    "tangent_spread",
+)
+BOUNDED = {
+    # objective -> (space, embeddings ascend the NLL)
+    "noise_nll": ("ambient", False),
+    "noise_nll_spread": ("ambient", True),
+    "tangent_nll": ("tangent", False),
+    "tangent_spread": ("tangent", True),
+}
+"""The noise-bounded objectives: where the flow models the embeddings (``ambient``: the
+D-dim embedding; ``tangent``: D-1 log-map coordinates at the own proxy) and their default
+sign for the embeddings (``True``: they ascend the flow's NLL, i.e. spread each class)."""
+DEFAULT_SIGMA = 0.5
+"""Default ``sigma`` of the bounded objectives (relative: the noise's per-coordinate std is
+0.5 x the class spread per coordinate, ``sigma * r / sqrt(d)``)."""
+DEFAULT_BOUNDED_WEIGHT = 1.0
+"""Default ``nir_weight`` of the bounded objectives (their term is in nats per dimension,
+on the O(1) scale of the proxy losses)."""
+SPREAD_MOMENTUM = 0.9
+"""Momentum of the running class spread ``r`` (mean distance to the own proxy) that sets a
+relative ``sigma``; 0.9 follows the spread within ~10 steps."""
+INERT_THRESHOLD = 1e-6
+"""Tangent gradient ratio NIR / proxy below which the regulariser is called inert (the
+authors' ``exp_nll`` reaches ~1e-11 once the flow fits the sphere)."""
+
+
+def flow_dims(objective: str, dim: int) -> tuple[int, int]:
+    """(flow dim, condition dim) that ``objective`` needs for D-dim embeddings: the tangent
+    objectives model D-1 coordinates conditioned on the D-dim proxy."""
+    if BOUNDED.get(objective, ("ambient",))[0] == "tangent":
+        return dim - 1, dim
+    return dim, dim
+
+
+class _ReverseGrad(torch.autograd.Function):
+    """Identity forward, negated gradient backward (the embeddings ascend the NIR term)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # noqa: D102
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
+        return -grad
+
+
+def reverse_grad(x: Tensor) -> Tensor:
+    """``x`` whose gradient is negated on the way back (a gradient reversal)."""
+    return _ReverseGrad.apply(x)
+
+
+def tangent_coordinates(x: Tensor, proxy: Tensor) -> tuple[Tensor, Tensor]:
+    """Log map of each row of ``x`` to the tangent space at its (unit) ``proxy`` row, in
+    D-1 coordinates, and the geodesic distance.
+
+    ``v = theta / sin(theta) * (x_hat - cos(theta) p)``, ``theta = angle(x_hat, p)``; then the
+    Householder reflection ``H = I - 2 u u^T / u^T u``, ``u = p + sign(p_D) e_D``, maps ``p``
+    to ``-sign(p_D) e_D`` and the tangent plane onto the first D-1 axes (``(H v)_D = 0``).
+    Returns ``((B, D-1) coordinates, (B,) theta)``.
+    """
+    x_hat = F.normalize(x, dim=-1)
+    cos = (x_hat * proxy).sum(-1, keepdim=True).clamp(-1.0, 1.0)
+    w = x_hat - cos * proxy
+    s = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
+    theta = torch.atan2(s, cos)
+    small = s < 1e-7
+    scale = torch.where(small, torch.ones_like(s), theta / s.clamp_min(1e-7))
+    v = w * scale
+    sign = torch.where(proxy[:, -1:] >= 0, 1.0, -1.0).to(proxy.dtype)
+    u = torch.cat([proxy[:, :-1], proxy[:, -1:] + sign], dim=-1)
+    hv = v - 2.0 * u * ((u * v).sum(-1, keepdim=True) / (u * u).sum(-1, keepdim=True))
+    return hv[:, :-1], theta.squeeze(-1)
+
+
+class NoiseSource(nn.Module):
+    """Private Gaussian noise and the running class spread of the bounded objectives.
+
+    The noise comes from a ``torch.Generator`` seeded with ``seed`` (created on the
+    embeddings' device at the first draw), never the global RNG; its state and the running
+    spread are part of ``state_dict`` (buffer + extra state), so a resumed run draws the
+    same noise. A state saved on another device type (CPU vs CUDA) cannot be restored: the
+    generator then restarts from ``seed``.
+    """
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.seed = int(seed)
+        self.register_buffer("spread", torch.zeros(()))
+        self._generator: torch.Generator | None = None
+        self._pending_state: tuple[str, Tensor] | None = None
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        gen = self._generator
+        if gen is None or gen.device.type != device.type:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed)
+            if self._pending_state is not None and self._pending_state[0] == device.type:
+                gen.set_state(self._pending_state[1])
+            self._pending_state = None
+            self._generator = gen
+        return gen
+
+    def randn_like(self, x: Tensor) -> Tensor:
+        return torch.randn(
+            x.shape, generator=self.generator(x.device), device=x.device, dtype=x.dtype
+        )
+
+    @torch.no_grad()
+    def update_spread(self, batch_spread: Tensor) -> Tensor:
+        """Running mean of the batch's mean distance to the own proxy (no host sync)."""
+        value = batch_spread.detach().to(self.spread.dtype)
+        mixed = SPREAD_MOMENTUM * self.spread + (1.0 - SPREAD_MOMENTUM) * value
+        self.spread.copy_(torch.where(self.spread > 0, mixed, value))
+        return self.spread
+
+    def get_extra_state(self) -> dict:
+        gen = self._generator
+        if gen is None:
+            if self._pending_state is not None:
+                return {"device": self._pending_state[0], "state": self._pending_state[1]}
+            return {"device": "", "state": torch.zeros(0, dtype=torch.uint8)}
+        return {"device": gen.device.type, "state": gen.get_state()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self._generator = None
+        self._pending_state = (state["device"], state["state"]) if state["device"] else None
+
+    def extra_repr(self) -> str:
+        return f"seed={self.seed}"
 
 
 class NIRLoss(nn.Module):
@@ -30,7 +166,45 @@ class NIRLoss(nn.Module):
       NLL in nats per dimension, on the O(1) scale of the proxy losses (the summed NLL grows
       linearly with D and would otherwise swamp ``L_proxy``).
 
-    Each weight only enters its own objective.
+    Both are unbounded below on the unit sphere (a flow can concentrate its density on the
+    thin shell the embeddings live on): ``exp_nll`` then saturates to ~0 and stops acting,
+    ``nll`` runs away. The noise-bounded objectives cannot:
+
+    - ``"noise_nll"``: the flow models ``x_i = psi_i + sigma * eps_i`` (``eps_i ~ N(0, I_D)``,
+      fresh each step from a private generator, not re-normalised);
+      ``b_i = (0.5 ||z_i||^2 - logdet_i) / D + 0.5 log(2 pi) - 0.5 log(2 pi e sigma^2)``
+      (per-dimension NLL with its constant minus the noise's entropy floor) and
+      ``L = L_proxy + nir_weight * mean_i b_i``. Bound: ``E[b] >= 0`` for every flow, since
+      the cross-entropy ``E[-log q(x | c)] >= h(x | c) >= h(sigma eps) = D/2 log(2 pi e
+      sigma^2)``; the flow cannot gain more than the noise lets it, so the term neither
+      saturates nor runs away.
+    - ``"tangent_nll"``: the same on the tangent space at the own proxy: ``v_i = log-map of
+      psi_i at p_i`` in D-1 coordinates (:func:`tangent_coordinates`), ``x_i = v_i + sigma *
+      eps_i`` in R^(D-1), a flow of dim D-1 conditioned on ``p_i``, ``d = D - 1`` in ``b_i``.
+      A proper density around the proxy with no radial (shell) direction; same bound.
+    - ``"noise_nll_spread"`` / ``"tangent_spread"``: the same values, but the embeddings
+      *ascend* the term (gradient reversal on the embedding input only; the flow and the
+      proxies descend it): at the flow's optimum the term is the class-conditional entropy
+      excess, so descending it compacts classes, ascending it spreads them.
+      ``ascend=True/False`` overrides the sign of any bounded objective.
+
+    ``last_stats`` of the bounded objectives also holds ``sigma`` (the noise's std this
+    step) and ``spread`` (the batch's mean distance to the own proxy); ``nll`` is then the
+    mean flow NLL of the noised input and ``nir`` the bounded term.
+
+    ``sigma`` (default 0.5) is relative by default (``sigma_mode="relative"``): the noise's
+    per-coordinate std is ``sigma * r / sqrt(d)``, ``r`` the running mean (momentum 0.9,
+    detached, in ``noise.spread``) of the distance of an embedding to its own proxy
+    (chordal ``||psi - p||`` ambient, geodesic angle on the tangent space), so the term is
+    invariant to the classes' scale and rewards or penalises their shape; with
+    ``sigma_mode="absolute"`` the std is ``sigma`` itself. ``nir_weight`` defaults to 1
+    (the term is in nats per dimension).
+
+    ``nir_weight`` also multiplies ``exp_nll``'s term (default 1, which is the authors'
+    form): ``nir_weight=0`` is the "NIR term x 0" control that keeps everything else of
+    the recipe. ``detach_inputs=True`` is the other control: the flow trains on detached
+    embeddings and conditions, so the regulariser cannot act on the network or proxies.
+
 
     The condition ``c_i`` is ``base_loss.class_condition``: the L2-normalised proxy of the
     sample's own class, not detached, so NIR gradients reach the proxies. For SoftTriple
@@ -63,12 +237,28 @@ class NIRLoss(nn.Module):
     Args:
         base_loss: a :class:`ProxyLoss`, or a pytorch-metric-learning proxy loss object
             (wrapped in :class:`PMLProxyLoss`).
-        objective: ``"exp_nll"`` or ``"nll"``.
+        objective: one of :data:`OBJECTIVES` (see above).
         proxy_weight: weight of ``L_proxy`` in ``exp_nll`` (default 0.01).
-        nir_weight: weight of the mean NLL in ``nll`` (default ``1 / dim``).
-        flow: the flow; ``None`` builds ``ConditionalFlow(dim)`` (the authors' flow).
+        nir_weight: weight of the NIR term (defaults: 1 for ``exp_nll`` and the bounded
+            objectives, ``1 / dim`` for ``nll``).
+        flow: the flow; ``None`` builds ``ConditionalFlow(*flow_dims(objective, dim))``
+            (the authors' flow; dim D-1 with a D-dim condition for the tangent forms).
         nll_cap: where ``exp_nll`` switches to the linear continuation.
         check_finite: raise on a non-finite loss (see above).
+        sigma: noise scale of the bounded objectives (default 0.5, relative).
+        sigma_mode: ``"relative"`` (to the running class spread) or ``"absolute"``.
+        ascend: the embeddings ascend (True) or descend (False) a bounded term; ``None``:
+            the objective's own sign (``*_spread`` ascend).
+        detach_inputs: the flow sees detached embeddings and conditions (a control).
+        noise_seed: seed of the bounded objectives' private noise generator.
+
+    Diagnostics (the inertness alarm): after ``criterion.diagnose_next = True`` (or through
+    :func:`nir_diagnostics`) the next forward also puts into ``last_stats``:
+    ``grad_ratio`` = ||T g_NIR|| / ||T g_proxy||, the two terms' gradients on the
+    embeddings (each with its weight in the loss) projected tangent to the sphere
+    (``T g = g - (g . psi_hat) psi_hat``, the part that reaches the network), their norms
+    ``grad_nir`` / ``grad_proxy``, and ``nll_min`` / ``nll_max``. All device tensors (no
+    host sync); ``grad_ratio < INERT_THRESHOLD`` (1e-6) means the regulariser is inert.
     """
 
     def __init__(
@@ -81,6 +271,11 @@ class NIRLoss(nn.Module):
         *,
         nll_cap: float = 30.0,
         check_finite: bool = True,
+        sigma: float | None = None,
+        sigma_mode: str = "relative",
+        ascend: bool | None = None,
+        detach_inputs: bool = False,
+        noise_seed: int = 0,
     ) -> None:
         super().__init__()
         if not isinstance(base_loss, ProxyLoss):
@@ -93,16 +288,40 @@ class NIRLoss(nn.Module):
                     f"got {type(base_loss).__name__}"
                 )
         if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+            close = difflib.get_close_matches(str(objective), OBJECTIVES, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}.{hint}")
         dim = base_loss.embedding_dim
+        flow_dim, cond_dim = flow_dims(objective, dim)
         if flow is None:
-            flow = ConditionalFlow(dim)
-        if not isinstance(flow, ConditionalFlow) or flow.dim != dim:
+            flow = ConditionalFlow(flow_dim, cond_dim=cond_dim)
+        if (
+            not isinstance(flow, ConditionalFlow)
+            or flow.dim != flow_dim
+            or flow.cond_dim != cond_dim
+        ):
             raise ValueError(
-                f"flow must be a ConditionalFlow of dim {dim} (the base loss's dim), got {flow!r}"
+                f"objective {objective!r} needs a ConditionalFlow of dim {flow_dim} with a "
+                f"condition of dim {cond_dim} (build it as ConditionalFlow(*flow_dims("
+                f"{objective!r}, {dim}))), got {flow!r}"
             )
+        bounded = objective in BOUNDED
+        if not bounded:
+            for name, value in (("sigma", sigma), ("ascend", ascend)):
+                if value is not None:
+                    raise ValueError(
+                        f"{name} only applies to the bounded objectives {tuple(BOUNDED)}, "
+                        f"not {objective!r}: drop it or pick one of them"
+                    )
+        if sigma_mode not in ("relative", "absolute"):
+            raise ValueError(f"sigma_mode must be 'relative' or 'absolute', got {sigma_mode!r}")
+        sigma = DEFAULT_SIGMA if sigma is None else float(sigma)
+        if not (math.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"sigma must be a finite number > 0, got {sigma}")
         proxy_weight = 0.01 if proxy_weight is None else float(proxy_weight)
-        nir_weight = 1.0 / dim if nir_weight is None else float(nir_weight)
+        if nir_weight is None:
+            nir_weight = 1.0 / dim if objective == "nll" else 1.0
+        nir_weight = float(nir_weight)
         for name, value in (("proxy_weight", proxy_weight), ("nir_weight", nir_weight)):
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
@@ -115,6 +334,16 @@ class NIRLoss(nn.Module):
         self.nir_weight = nir_weight
         self.nll_cap = float(nll_cap)
         self.check_finite = bool(check_finite)
+        self.detach_inputs = bool(detach_inputs)
+        self.space = BOUNDED[objective][0] if bounded else None
+        self.ascend = (
+            (BOUNDED[objective][1] if ascend is None else bool(ascend)) if bounded else False
+        )
+        self.sigma = sigma if bounded else None
+        self.sigma_mode = sigma_mode
+        self.noise = NoiseSource(noise_seed) if bounded else None
+        self.diagnose_next = False
+        """Set True to measure the diagnostics (gradient ratio) on the next forward."""
         self.last_stats: dict[str, Tensor] = {}
 
     # The ProxyLoss-like surface the training loop uses.
@@ -143,27 +372,51 @@ class NIRLoss(nn.Module):
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         given = labels if isinstance(labels, Tensor) else torch.as_tensor(labels)
         embeddings, labels = self.base_loss.check_inputs(embeddings, labels)
+        diagnose, self.diagnose_next = self.diagnose_next, False
         with no_autocast(embeddings.device):
             proxy_loss = self.base_loss.compute(embeddings, labels)
-            nll = self._nll(embeddings, labels, given)
+            flow_input = embeddings.detach() if self.detach_inputs else embeddings
+            if self.ascend:
+                flow_input = reverse_grad(flow_input)
+            extra: dict[str, Tensor] = {}
+            capped = None
+            if self.objective in BOUNDED:
+                nll, term, extra = self._bounded(flow_input, labels, given)
+                nir_part = self.nir_weight * term
+                proxy_part = proxy_loss
+                nir = term.detach()
+            else:
+                nll = self._nll(flow_input, labels, given)
             if self.objective == "exp_nll":
                 wide = torch.float64 if nll.device.type in ("cpu", "cuda") else nll.dtype
                 nll_wide = nll.to(wide)
                 nir_wide = self.capped_exp(nll_wide).mean()
-                loss = (nir_wide + self.proxy_weight * proxy_loss).to(nll.dtype)
+                if self.nir_weight != 1.0:  # 1.0 (the authors' form) leaves it untouched
+                    nir_wide = self.nir_weight * nir_wide
+                proxy_part = self.proxy_weight * proxy_loss
+                loss = (nir_wide + proxy_part).to(nll.dtype)
+                nir_part = nir_wide
                 nir = nir_wide.detach().to(nll.dtype)
                 capped = (nll_wide > self.nll_cap).sum()
-            else:
+            elif self.objective == "nll":
                 nir_mean = nll.mean()
-                loss = proxy_loss + self.nir_weight * nir_mean
+                nir_part = self.nir_weight * nir_mean
+                proxy_part = proxy_loss
+                loss = proxy_loss + nir_part
                 nir = nir_mean.detach()
+            else:
+                loss = proxy_loss + nir_part
+            if capped is None:
                 capped = torch.zeros((), dtype=torch.long, device=nll.device)
         self.last_stats = {
             "proxy_loss": proxy_loss.detach(),
             "nll": nll.detach().mean(),
             "nir": nir,
             "capped": capped.detach(),
+            **extra,
         }
+        if diagnose:
+            self.last_stats.update(self._gradient_stats(embeddings, nir_part, proxy_part, nll))
         if self.check_finite:
             if not bool(torch.isfinite(loss)):
                 raise NonFiniteLossError(self._diagnose(embeddings, nll, proxy_loss))
@@ -171,8 +424,40 @@ class NIRLoss(nn.Module):
             self.last_stats["nonfinite"] = (~torch.isfinite(nll.detach())).sum()
         return loss
 
-    def _nll(self, embeddings: Tensor, labels: Tensor, given: Tensor) -> Tensor:
-        """Per-sample NLL under the flow conditioned on each sample's class condition."""
+    def _gradient_stats(
+        self, embeddings: Tensor, nir_part: Tensor, proxy_part: Tensor, nll: Tensor
+    ) -> dict[str, Tensor]:
+        """The alarm's numbers: tangent gradient norms of both weighted terms on the
+        embeddings, their ratio, NLL min/max (device tensors; no host sync)."""
+        stats = {"nll_min": nll.detach().amin(), "nll_max": nll.detach().amax()}
+        if not (torch.is_grad_enabled() and embeddings.requires_grad):
+            nan = embeddings.new_full((), math.nan)
+            stats.update(grad_ratio=nan, grad_nir=nan, grad_proxy=nan)
+            return stats
+        unit = F.normalize(embeddings.detach(), dim=-1)
+
+        def tangent_norm(term: Tensor) -> Tensor:
+            if not term.requires_grad:
+                return embeddings.new_zeros(())
+            (g,) = torch.autograd.grad(term, embeddings, retain_graph=True, allow_unused=True)
+            if g is None:
+                return embeddings.new_zeros(())
+            g = g.detach().to(unit.dtype)
+            g = g - (g * unit).sum(-1, keepdim=True) * unit
+            return torch.linalg.vector_norm(g)
+
+        with no_autocast(embeddings.device):
+            g_nir = tangent_norm(nir_part).to(unit.dtype)
+            g_proxy = tangent_norm(proxy_part).to(unit.dtype)
+        tiny = torch.finfo(unit.dtype).tiny
+        stats.update(grad_ratio=g_nir / g_proxy.clamp_min(tiny), grad_nir=g_nir, grad_proxy=g_proxy)
+        return stats
+
+    def _conditions(
+        self, embeddings: Tensor, labels: Tensor, given: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        """The flow's conditions: ``(n, D)`` rows and the row of each sample (or ``(B, D)``
+        and None). Detached for ``detach_inputs``."""
         base = self.base_loss
         if base.condition_per_class and given.device.type == "cpu":
             # A batch holds few classes (45 x 2 samples): condition once per class. The
@@ -180,8 +465,46 @@ class NIRLoss(nn.Module):
             classes, index = torch.unique(given, return_inverse=True)
             device = embeddings.device
             cond = base.proxy_condition(classes.to(device, torch.long, non_blocking=True))
-            return self.flow.nll(embeddings, cond, index.to(device, non_blocking=True))
-        return self.flow.nll(embeddings, base.class_condition(embeddings, labels))
+            index = index.to(device, non_blocking=True)
+        else:
+            cond, index = base.class_condition(embeddings, labels), None
+        if self.detach_inputs:
+            cond = cond.detach()
+        return cond, index
+
+    def _nll(self, embeddings: Tensor, labels: Tensor, given: Tensor) -> Tensor:
+        """Per-sample NLL under the flow conditioned on each sample's class condition."""
+        cond, index = self._conditions(embeddings, labels, given)
+        return self.flow.nll(embeddings, cond, index)
+
+    def _bounded(
+        self, embeddings: Tensor, labels: Tensor, given: Tensor
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Per-sample flow NLL of the noised input, the bounded term ``mean_i b_i`` and the
+        noise statistics (see the class docstring)."""
+        cond, index = self._conditions(embeddings, labels, given)
+        own = cond if index is None else cond.index_select(0, index)
+        if self.space == "tangent":
+            x, dist = tangent_coordinates(embeddings, own)
+        else:
+            x = embeddings
+            dist = torch.linalg.vector_norm(embeddings.detach() - own.detach(), dim=-1)
+        d = x.shape[1]
+        if self.sigma_mode == "relative":
+            spread = dist.detach().mean()
+            if self.training:
+                spread = self.noise.update_spread(spread)
+            else:  # eval: the running value once there is one (no host sync)
+                running = self.noise.spread.to(spread.dtype)
+                spread = torch.where(running > 0, running, spread)
+            std = (self.sigma / math.sqrt(d)) * spread.to(x.dtype).clamp_min(1e-12)
+        else:
+            std = x.new_full((), self.sigma)
+        noised = x + std * self.noise.randn_like(x)
+        nll = self.flow.nll(noised, cond, index)
+        # b_i = nll_i / d + 0.5 log(2 pi) - 0.5 log(2 pi e std^2) = nll_i / d - 0.5 - log std
+        term = nll.mean() / d - 0.5 - torch.log(std.detach())
+        return nll, term, {"sigma": std.detach(), "spread": dist.detach().mean()}
 
     def _diagnose(self, embeddings: Tensor, nll: Tensor, proxy_loss: Tensor) -> str:
         def finite(t: Tensor) -> bool:
@@ -243,9 +566,39 @@ class NIRLoss(nn.Module):
         target.copy_(proxies)
 
     def extra_repr(self) -> str:
-        weight = (
-            f"proxy_weight={self.proxy_weight}, nll_cap={self.nll_cap}"
-            if self.objective == "exp_nll"
-            else f"nir_weight={self.nir_weight}"
-        )
+        if self.objective == "exp_nll":
+            weight = f"proxy_weight={self.proxy_weight}, nll_cap={self.nll_cap}"
+            if self.nir_weight != 1.0:
+                weight += f", nir_weight={self.nir_weight}"
+        else:
+            weight = f"nir_weight={self.nir_weight}"
+        if self.objective in BOUNDED:
+            weight += f", sigma={self.sigma} ({self.sigma_mode}), ascend={self.ascend}"
+        if self.detach_inputs:
+            weight += ", detach_inputs=True"
         return f"objective={self.objective!r}, {weight}"
+
+
+def nir_diagnostics(criterion: NIRLoss, embeddings: Tensor, labels: Tensor) -> dict[str, float]:
+    """The inertness alarm's numbers on one batch, for your own loop.
+
+    Runs ``criterion(embeddings, labels)`` with the diagnostics on (gradients are taken
+    with ``torch.autograd.grad``, nothing accumulates into ``.grad``) and returns
+    ``last_stats`` as floats plus ``inert`` (``grad_ratio < INERT_THRESHOLD``):
+    ``grad_ratio`` (tangent gradient of the NIR term over the proxy term's, on the
+    embeddings), ``grad_nir``, ``grad_proxy``, ``nll`` (mean), ``nll_min``, ``nll_max``,
+    ``nir`` (the term), ``proxy_loss``. It reads the values on the host (one sync): call it
+    every few hundred steps, or set ``criterion.diagnose_next = True`` before a training
+    step and read ``criterion.last_stats`` later. A bounded objective draws its noise for
+    this batch (the generator advances as in a training step).
+    """
+    if not isinstance(criterion, NIRLoss):
+        raise TypeError(f"criterion must be an NIRLoss, got {type(criterion).__name__}")
+    if not embeddings.requires_grad:
+        embeddings = embeddings.detach().requires_grad_(True)
+    with torch.enable_grad():
+        criterion.diagnose_next = True
+        criterion(embeddings, labels)
+    out = {k: float(v) for k, v in criterion.last_stats.items()}
+    out["inert"] = bool(out["grad_ratio"] < INERT_THRESHOLD)
+    return out

@@ -43,7 +43,7 @@ def load_trained(checkpoint: str | Path, device: str | torch.device = "cpu") -> 
     cfg = load_config(state["config"])
     model = model_from_spec(state["model_spec"], state["model"])
     with seeded(cfg.seed + 1):
-        loss = build_loss(cfg.loss, int(state["num_classes"]), cfg.model.embed_dim)
+        loss = build_loss(cfg.loss, int(state["num_classes"]), cfg.model.embed_dim, cfg.seed)
     loss.load_state_dict(state["loss"])
     device = torch.device(device) if not isinstance(device, torch.device) else device
     return TrainedRun(model.to(device).eval(), loss.to(device).eval(), cfg, state)

@@ -133,13 +133,30 @@ class NIRConfig:
 
     enabled: bool = False
     objective: str = "exp_nll"
-    """"exp_nll": authors' code form; "nll": paper form (method.md section 3)."""
+    """"exp_nll": authors' code form; "nll": paper form (method.md section 3); the
+    noise-bounded "noise_nll", "tangent_nll" (embeddings descend: compact classes) and
+    "noise_nll_spread", "tangent_spread" (embeddings ascend: spread classes); see NIRLoss."""
     proxy_weight: float | None = None
     """Weight of the proxy loss in "exp_nll" (None: NIRLoss's default)."""
     nir_weight: float | None = None
-    """Weight of the mean NLL in "nll" (None: NIRLoss's default)."""
+    """Weight of the NIR term (None: NIRLoss's default, 1 or 1/dim for "nll"); 0 is the
+    "NIR term x 0" control."""
     nll_cap: float = 30.0
     """exp(nll) is exact below this NLL and continued linearly above (no overflow)."""
+    sigma: float | None = None
+    """Noise scale of the bounded objectives (None: 0.5; relative to the class spread)."""
+    sigma_mode: str = "relative"
+    """"relative" (sigma x running class spread per coordinate) or "absolute"."""
+    ascend: bool | None = None
+    """Bounded objectives: the embeddings ascend (true) or descend (false) the term; None:
+    the objective's own sign."""
+    detach_inputs: bool = False
+    """Control: the flow trains on detached embeddings and proxies, so NIR cannot act."""
+    alarm: bool = True
+    """Inertness alarm: measure NIR's tangent gradient on the embeddings relative to the
+    proxy loss's on one batch per logging interval, and warn when it stays below
+    alarm_threshold for a whole epoch."""
+    alarm_threshold: float = 1e-6
     flow: FlowConfig = field(default_factory=FlowConfig)
 
 
@@ -466,7 +483,33 @@ def validate(cfg: RunConfig) -> None:
         cfg.loss.name in LOSS_NAMES,
         f"loss.name {cfg.loss.name!r} is unknown; use one of {', '.join(LOSS_NAMES)}",
     )
-    _check(n.objective in ("exp_nll", "nll"), "loss.nir.objective must be exp_nll or nll")
+    objectives = (
+        "exp_nll",
+        "nll",
+        "noise_nll",
+        "noise_nll_spread",
+        "tangent_nll",
+        "tangent_spread",
+    )  # nirdml.losses.nir.OBJECTIVES (not imported: the config loads without torch)
+    close = difflib.get_close_matches(n.objective, objectives, n=1)
+    _check(
+        n.objective in objectives,
+        f"loss.nir.objective must be exp_nll or nll, or a bounded objective "
+        f"({', '.join(objectives[2:])}), not {n.objective!r}"
+        + (f". Did you mean {close[0]!r}?" if close else ""),
+    )
+    bounded = n.objective in objectives[2:]
+    _check(
+        bounded or (n.sigma is None and n.ascend is None),
+        f"loss.nir.sigma and loss.nir.ascend only apply to the bounded objectives "
+        f"({', '.join(objectives[2:])}), not {n.objective}: drop them",
+    )
+    _check(n.sigma is None or n.sigma > 0, f"loss.nir.sigma must be > 0, got {n.sigma}")
+    _check(
+        n.sigma_mode in ("relative", "absolute"),
+        f"loss.nir.sigma_mode must be relative or absolute, not {n.sigma_mode!r}",
+    )
+    _check(n.alarm_threshold >= 0, "loss.nir.alarm_threshold must be >= 0")
     _check(
         all(w is None or w >= 0 for w in (n.proxy_weight, n.nir_weight)),
         "loss.nir.proxy_weight and loss.nir.nir_weight must be >= 0",

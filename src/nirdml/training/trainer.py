@@ -57,6 +57,73 @@ class NonFiniteLossError(RuntimeError):
     """Training produced non-finite gradients for too many consecutive steps."""
 
 
+class NIRInertWarning(UserWarning):
+    """NIR's gradient on the embeddings stayed negligible for a whole epoch."""
+
+
+ALARM_KEYS = ("grad_ratio", "grad_nir", "grad_proxy", "nll_min", "nll_max")
+"""NIRLoss diagnostics measured on one batch per logging interval (the inertness alarm)."""
+
+
+def alarm_row(probes: list[dict[str, Tensor]], threshold: float) -> dict[str, float]:
+    """An epoch's alarm columns from its probes (one host read, at the end of the epoch):
+    geometric mean and max of the tangent gradient ratio NIR / proxy, NLL min / max, and
+    ``nir_inert`` (1 when every probe's ratio is below ``threshold``)."""
+    stacked = {k: torch.stack([p[k].detach().double() for p in probes]) for k in probes[0]}
+    ratio = stacked["grad_ratio"]
+    finite = ratio[torch.isfinite(ratio)]
+    values = torch.stack(
+        [
+            finite.clamp_min(1e-300).log().mean().exp()
+            if finite.numel()
+            else ratio.new_tensor(math.nan),
+            finite.max() if finite.numel() else ratio.new_tensor(math.nan),
+            stacked["nll_min"].min(),
+            stacked["nll_max"].max(),
+        ]
+    ).tolist()
+    inert = bool(finite.numel()) and values[1] < threshold
+    return {
+        "train/nir_grad_ratio": values[0],
+        "train/nir_grad_ratio_max": values[1],
+        "train/nll_min": values[2],
+        "train/nll_max": values[3],
+        "train/nir_inert": int(inert),
+    }
+
+
+def inert_message(row: dict[str, Any], cfg: RunConfig) -> str:
+    """The one-line warning of an inert NIR epoch: what was measured, what to change."""
+    n = cfg.loss.nir
+    msg = (
+        f"NIR is inert in epoch {row['epoch']}: its gradient on the embeddings stayed below "
+        f"{n.alarm_threshold:g} of the proxy loss's (max {row['train/nir_grad_ratio_max']:.1e} "
+        f"over the measured batches; NLL {row['train/nll_min']:.3g} to "
+        f"{row['train/nll_max']:.3g}), so the regulariser does nothing. "
+    )
+    if n.detach_inputs or n.nir_weight == 0:
+        return msg + "Expected for this control (loss.nir.detach_inputs / nir_weight=0)."
+    if n.objective == "exp_nll":
+        return msg + (
+            "exp_nll saturates once the flow fits the sphere: use a bounded objective "
+            "(--set loss.nir.objective=noise_nll_spread or tangent_spread)."
+        )
+    return msg + "Raise loss.nir.nir_weight (or loss.nir.sigma for a bounded objective)."
+
+
+def alarm_summary(history: list[dict[str, Any]], cfg: RunConfig) -> dict[str, Any] | None:
+    """summary.json's ``nir_alarm``: threshold, per-epoch ratio, inert epochs."""
+    rows = [r for r in history if "train/nir_grad_ratio" in r]
+    if not rows:
+        return None
+    return {
+        "threshold": cfg.loss.nir.alarm_threshold,
+        "grad_ratio_per_epoch": [r["train/nir_grad_ratio"] for r in rows],
+        "inert_epochs": [r["epoch"] for r in rows if r.get("train/nir_inert")],
+        "final_grad_ratio": rows[-1]["train/nir_grad_ratio"],
+    }
+
+
 @dataclass
 class RunResult:
     """What ``train`` returns: the run folder, its summary and the per-epoch history."""
@@ -102,10 +169,12 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def build_loss(cfg: LossConfig, num_classes: int, embed_dim: int) -> nn.Module:
-    """The proxy loss of ``cfg.name``, wrapped in NIRLoss when ``cfg.nir.enabled``."""
+def build_loss(cfg: LossConfig, num_classes: int, embed_dim: int, seed: int = 0) -> nn.Module:
+    """The proxy loss of ``cfg.name``, wrapped in NIRLoss when ``cfg.nir.enabled``
+    (``seed``: the bounded objectives' noise generator)."""
     from nirdml.flow import ConditionalFlow
     from nirdml.losses import NIRLoss, ProxyAnchorLoss, ProxyNCALoss, SoftTripleLoss
+    from nirdml.losses.nir import flow_dims
 
     classes = {
         "proxy_anchor": ProxyAnchorLoss,
@@ -119,8 +188,10 @@ def build_loss(cfg: LossConfig, num_classes: int, embed_dim: int) -> nn.Module:
     if not cfg.nir.enabled:
         return base
     f = cfg.nir.flow
+    flow_dim, cond_dim = flow_dims(cfg.nir.objective, embed_dim)
     flow = ConditionalFlow(
-        embed_dim,
+        flow_dim,
+        cond_dim=cond_dim,
         num_blocks=f.num_blocks,
         hidden_width=f.hidden_width,
         hidden_layers=f.hidden_layers,
@@ -135,6 +206,11 @@ def build_loss(cfg: LossConfig, num_classes: int, embed_dim: int) -> nn.Module:
         nir_weight=cfg.nir.nir_weight,
         flow=flow,
         nll_cap=cfg.nir.nll_cap,
+        sigma=cfg.nir.sigma,
+        sigma_mode=cfg.nir.sigma_mode,
+        ascend=cfg.nir.ascend,
+        detach_inputs=cfg.nir.detach_inputs,
+        noise_seed=seed,
         # No per-step host sync: non-finite steps are skipped and counted by GuardedStep,
         # and a run of them stops training with a clear error.
         check_finite=False,
@@ -374,7 +450,7 @@ class _Run:
         else:
             dist.warn_unsynced_batchnorm(model)
         with seeded(cfg.seed + 1):
-            loss = build_loss(cfg.loss, train_set.num_classes, cfg.model.embed_dim)
+            loss = build_loss(cfg.loss, train_set.num_classes, cfg.model.embed_dim, cfg.seed)
         if cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model.to(self.device)
@@ -530,8 +606,16 @@ class _Run:
             if self.amp_dtype is not None
             else contextlib.nullcontext()
         )
+        alarm = cfg.loss.nir.enabled and cfg.loss.nir.alarm
+        probes: list[dict[str, Tensor]] = []
         for images, labels in self.loader:
+            log_step = (n_steps + 1) % LOG_EVERY == 0 or n_steps + 1 == len(self.loader)
+            if alarm and log_step:  # the alarm's gradients, on this interval's last batch
+                self.loss.diagnose_next = True
             stats = self._train_step(images, labels, backbone_grad, autocast)
+            probe = {k: stats.pop(k) for k in ALARM_KEYS if k in stats}
+            if probe:
+                probes.append(probe)
             for k, v in stats.items():
                 v = v.detach().float()
                 sums[k] = sums[k] + v if k in sums else v.clone()
@@ -541,6 +625,8 @@ class _Run:
             if n_steps % LOG_EVERY == 0 or n_steps == len(self.loader):
                 progress = {"skipped": self.step.skipped}
                 progress.update({k: sums[k] for k in ("loss", "nll") if k in sums})
+                if probe:
+                    progress["grad_ratio"] = probe["grad_ratio"]
                 read = reader.submit(progress, steps=n_steps)
                 if read is not None:
                     self._progress(read, bar, n_images / max(time.perf_counter() - start, 1e-9))
@@ -558,6 +644,8 @@ class _Run:
         row = {f"train/{k}": (v / max(n_steps, 1)).item() for k, v in sums.items()}
         if "capped" in sums:  # a count, not a mean
             row["train/capped"] = sums["capped"].item()
+        if probes:
+            row.update(alarm_row(probes, cfg.loss.nir.alarm_threshold))
         row["train/skipped_steps"] = int((self.step.skipped - skipped_before).item())
         row["train/images_per_s"] = n_images / max(elapsed, 1e-9)
         row["train/epoch_time_s"] = elapsed
@@ -587,6 +675,8 @@ class _Run:
         post = {"loss": f"{read['loss'] / steps:.4g}"}
         if "nll" in read:
             post["nll"] = f"{read['nll'] / steps:.4g}"
+        if "grad_ratio" in read:
+            post["nir/proxy"] = f"{read['grad_ratio']:.1e}"
         post["img/s"] = f"{rate:.0f}"
         bar.set_postfix(post, refresh=False)
         bar.update(int(read["steps"]) - bar.n)
@@ -675,6 +765,8 @@ class _Run:
                     is_best = self._update_best(epoch, row)
                     last_eval_epoch = epoch
                 self.history.append(row)
+                if row.get("train/nir_inert") and self.dist.is_main:
+                    warnings.warn(inert_message(row, self.cfg), NIRInertWarning, stacklevel=2)
                 self._save(epoch, is_best)
                 if self.dist.is_main:
                     write_history(self.out_dir, self.history)
@@ -707,6 +799,11 @@ class _Run:
             key = f"{split}/{self.cfg.eval.select_metric}"
             if key in row:
                 parts.append(f"{split} {self.cfg.eval.select_metric} {row[key]:.4f}")
+        if "train/nir_grad_ratio" in row:
+            parts.append(
+                f"nir/proxy grad {row['train/nir_grad_ratio']:.1e}"
+                + (" INERT" if row.get("train/nir_inert") else "")
+            )
         if row.get("train/skipped_steps"):
             parts.append(f"SKIPPED {row['train/skipped_steps']} non-finite steps")
         parts.append(f"{row['train/images_per_s']:.0f} img/s")
@@ -750,6 +847,7 @@ class _Run:
                 + (("test", self.splits.test),)
                 if s is not None
             },
+            "nir_alarm": alarm_summary(self.history, self.cfg),
             "train_time_s": self.train_time,
             "images_per_s": self.images_seen / max(self.train_time, 1e-9),
             "out_dir": str(self.out_dir),
