@@ -238,7 +238,7 @@ def test_sigma_is_relative_to_the_running_spread() -> None:
 
 def test_controls_zero_term_and_detached_inputs() -> None:
     x0, y = _unit(12, 16, seed=16), _labels(12, 10, seed=17)
-    zero = _nir("exp_nll", nir_weight=0.0, proxy_weight=0.01)
+    zero = _nir("exp_nll", nir_scale=0.0, proxy_weight=0.01)
     x = x0.clone().requires_grad_()
     value = zero(x, y)
     torch.testing.assert_close(value, 0.01 * zero.base_loss(x0, y), rtol=1e-6, atol=0)

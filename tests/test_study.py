@@ -232,14 +232,14 @@ def test_control_arms_change_exactly_their_knobs(mini_grid):
     assert recipe.optim.proxy_lr_mult == 2 * b.optim.proxy_lr_mult
     assert recipe.optim.warmup_epochs == 1
     x0, det = cfg("recipe-nir-x0"), cfg("recipe-nir-detached")
-    assert x0.loss.nir.nir_weight == 0 and det.loss.nir.detach_inputs
+    assert x0.loss.nir.nir_scale == 0 and det.loss.nir.detach_inputs
     for other in (x0, det):  # everything else is the recipe
         a, r = other.to_dict(), recipe.to_dict()
-        a["loss"]["nir"].update(nir_weight=None, detach_inputs=False)
+        a["loss"]["nir"].update(nir_scale=1.0, detach_inputs=False)
         a.pop("name"), r.pop("name")
         assert a == r
     scaled = cfg("base-scaled-decay")
-    assert scaled.loss.nir.nir_weight == 0 and scaled.optim.weight_decay == controls.RECIPE_DECAY
+    assert scaled.loss.nir.nir_scale == 0 and scaled.optim.weight_decay == controls.RECIPE_DECAY
     assert scaled.optim.proxy_lr_mult == b.optim.proxy_lr_mult
     assert scaled.optim.warmup_epochs == b.optim.warmup_epochs
     assert cfg("base-proxylr").optim.proxy_lr_mult == 2 * b.optim.proxy_lr_mult

@@ -9,7 +9,7 @@ every arm, e.g. a frozen-feature switch or a data root layout option. Arms (issu
 ``base-decay``         + the recipe's coupled Adam L2 decay (``RECIPE_DECAY`` if the base
                        has none; identical to ``base`` otherwise, then trained once).
 ``base-scaled-decay``  + the proxy loss scaled by ``proxy_weight`` (0.01) under that decay:
-                       ``exp_nll`` with ``nir_weight=0`` (``L = 0.01 L_proxy``; the flow gets
+                       ``exp_nll`` with ``nir_scale=0`` (``L = 0.01 L_proxy``; the flow gets
                        zero gradients), i.e. decay ~100x stronger relative to the loss.
 ``base-proxylr``       + the recipe's proxy lr: ``recipe_proxy_lr_mult``, by default 2x the
                        base's (the authors' x4000 for NIR vs x2000 for the baseline; pass
@@ -17,7 +17,7 @@ every arm, e.g. a frozen-feature switch or a data root layout option. Arms (issu
 ``base-warmup``        + ``optim.warmup_epochs=1`` (backbone frozen in epoch 1).
 ``recipe-nir``         the authors' NIR recipe: ``exp_nll``, proxy_weight 0.01, decay,
                        the recipe's proxy lr, warmup 1, the nir preset's flow group.
-``recipe-nir-x0``      the same with the NIR term multiplied by zero (``nir_weight=0``).
+``recipe-nir-x0``      the same with the NIR term multiplied by zero (``nir_scale=0``).
 ``recipe-nir-detached`` the same with ``detach_inputs=true``: the flow trains but cannot act.
 ``nir``                the nir preset as it is (its own objective and knobs).
 ``nir-<objective>``    the nir preset with a bounded objective (its recommended defaults):
@@ -89,7 +89,7 @@ def arm_spec(
     r = _recipe(base_preset, extra, recipe_proxy_lr_mult)
     scaled = (
         "loss.nir.objective=exp_nll",
-        "loss.nir.nir_weight=0",
+        "loss.nir.nir_scale=0",
         f"loss.nir.proxy_weight={RECIPE_PROXY_WEIGHT}",
     )
     recipe = (
@@ -106,7 +106,7 @@ def arm_spec(
         "base-proxylr": (base_preset, (f"optim.proxy_lr_mult={r['proxy_lr_mult']}",)),
         "base-warmup": (base_preset, ("optim.warmup_epochs=1",)),
         "recipe-nir": (nir_preset, recipe),
-        "recipe-nir-x0": (nir_preset, (*recipe, "loss.nir.nir_weight=0")),
+        "recipe-nir-x0": (nir_preset, (*recipe, "loss.nir.nir_scale=0")),
         "recipe-nir-detached": (nir_preset, (*recipe, "loss.nir.detach_inputs=true")),
         "nir": (nir_preset, ()),
     }

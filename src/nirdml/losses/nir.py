@@ -200,9 +200,10 @@ class NIRLoss(nn.Module):
     ``sigma_mode="absolute"`` the std is ``sigma`` itself. ``nir_weight`` defaults to 1
     (the term is in nats per dimension).
 
-    ``nir_weight`` also multiplies ``exp_nll``'s term (default 1, which is the authors'
-    form): ``nir_weight=0`` is the "NIR term x 0" control that keeps everything else of
-    the recipe. ``detach_inputs=True`` is the other control: the flow trains on detached
+    ``nir_scale`` (default 1) multiplies the NIR term of any objective, on top of its
+    weight: ``nir_scale=0`` is the "NIR term x 0" control that keeps everything else of the
+    recipe (for ``exp_nll``: ``L = proxy_weight * L_proxy``, the flow gets zero gradients).
+    ``detach_inputs=True`` is the other control: the flow trains on detached
     embeddings and conditions, so the regulariser cannot act on the network or proxies.
 
 
@@ -239,8 +240,8 @@ class NIRLoss(nn.Module):
             (wrapped in :class:`PMLProxyLoss`).
         objective: one of :data:`OBJECTIVES` (see above).
         proxy_weight: weight of ``L_proxy`` in ``exp_nll`` (default 0.01).
-        nir_weight: weight of the NIR term (defaults: 1 for ``exp_nll`` and the bounded
-            objectives, ``1 / dim`` for ``nll``).
+        nir_weight: weight of the NIR term in ``nll`` (default ``1 / dim``) and the bounded
+            objectives (default 1); ``exp_nll`` has none (its weight is on ``L_proxy``).
         flow: the flow; ``None`` builds ``ConditionalFlow(*flow_dims(objective, dim))``
             (the authors' flow; dim D-1 with a D-dim condition for the tangent forms).
         nll_cap: where ``exp_nll`` switches to the linear continuation.
@@ -251,6 +252,7 @@ class NIRLoss(nn.Module):
             the objective's own sign (``*_spread`` ascend).
         detach_inputs: the flow sees detached embeddings and conditions (a control).
         noise_seed: seed of the bounded objectives' private noise generator.
+        nir_scale: multiplies the NIR term of any objective (0: the "NIR x 0" control).
 
     Diagnostics (the inertness alarm): after ``criterion.diagnose_next = True`` (or through
     :func:`nir_diagnostics`) the next forward also puts into ``last_stats``:
@@ -276,6 +278,7 @@ class NIRLoss(nn.Module):
         ascend: bool | None = None,
         detach_inputs: bool = False,
         noise_seed: int = 0,
+        nir_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if not isinstance(base_loss, ProxyLoss):
@@ -320,9 +323,14 @@ class NIRLoss(nn.Module):
             raise ValueError(f"sigma must be a finite number > 0, got {sigma}")
         proxy_weight = 0.01 if proxy_weight is None else float(proxy_weight)
         if nir_weight is None:
-            nir_weight = 1.0 / dim if objective == "nll" else 1.0
+            nir_weight = DEFAULT_BOUNDED_WEIGHT if bounded else 1.0 / dim
         nir_weight = float(nir_weight)
-        for name, value in (("proxy_weight", proxy_weight), ("nir_weight", nir_weight)):
+        nir_scale = float(nir_scale)
+        for name, value in (
+            ("proxy_weight", proxy_weight),
+            ("nir_weight", nir_weight),
+            ("nir_scale", nir_scale),
+        ):
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         if not (math.isfinite(nll_cap) and nll_cap > 0):
@@ -335,6 +343,7 @@ class NIRLoss(nn.Module):
         self.nll_cap = float(nll_cap)
         self.check_finite = bool(check_finite)
         self.detach_inputs = bool(detach_inputs)
+        self.nir_scale = nir_scale
         self.space = BOUNDED[objective][0] if bounded else None
         self.ascend = (
             (BOUNDED[objective][1] if ascend is None else bool(ascend)) if bounded else False
@@ -383,6 +392,8 @@ class NIRLoss(nn.Module):
             if self.objective in BOUNDED:
                 nll, term, extra = self._bounded(flow_input, labels, given)
                 nir_part = self.nir_weight * term
+                if self.nir_scale != 1.0:
+                    nir_part = self.nir_scale * nir_part
                 proxy_part = proxy_loss
                 nir = term.detach()
             else:
@@ -391,8 +402,8 @@ class NIRLoss(nn.Module):
                 wide = torch.float64 if nll.device.type in ("cpu", "cuda") else nll.dtype
                 nll_wide = nll.to(wide)
                 nir_wide = self.capped_exp(nll_wide).mean()
-                if self.nir_weight != 1.0:  # 1.0 (the authors' form) leaves it untouched
-                    nir_wide = self.nir_weight * nir_wide
+                if self.nir_scale != 1.0:  # 1.0 (the authors' form) leaves it untouched
+                    nir_wide = self.nir_scale * nir_wide
                 proxy_part = self.proxy_weight * proxy_loss
                 loss = (nir_wide + proxy_part).to(nll.dtype)
                 nir_part = nir_wide
@@ -401,6 +412,8 @@ class NIRLoss(nn.Module):
             elif self.objective == "nll":
                 nir_mean = nll.mean()
                 nir_part = self.nir_weight * nir_mean
+                if self.nir_scale != 1.0:
+                    nir_part = self.nir_scale * nir_part
                 proxy_part = proxy_loss
                 loss = proxy_loss + nir_part
                 nir = nir_mean.detach()
@@ -568,12 +581,13 @@ class NIRLoss(nn.Module):
     def extra_repr(self) -> str:
         if self.objective == "exp_nll":
             weight = f"proxy_weight={self.proxy_weight}, nll_cap={self.nll_cap}"
-            if self.nir_weight != 1.0:
-                weight += f", nir_weight={self.nir_weight}"
+
         else:
             weight = f"nir_weight={self.nir_weight}"
         if self.objective in BOUNDED:
             weight += f", sigma={self.sigma} ({self.sigma_mode}), ascend={self.ascend}"
+        if self.nir_scale != 1.0:
+            weight += f", nir_scale={self.nir_scale}"
         if self.detach_inputs:
             weight += ", detach_inputs=True"
         return f"objective={self.objective!r}, {weight}"

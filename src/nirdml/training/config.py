@@ -139,8 +139,10 @@ class NIRConfig:
     proxy_weight: float | None = None
     """Weight of the proxy loss in "exp_nll" (None: NIRLoss's default)."""
     nir_weight: float | None = None
-    """Weight of the NIR term (None: NIRLoss's default, 1 or 1/dim for "nll"); 0 is the
-    "NIR term x 0" control."""
+    """Weight of the NIR term in "nll" and the bounded objectives (None: NIRLoss's default,
+    1/dim for "nll", 1 for the bounded ones)."""
+    nir_scale: float = 1.0
+    """Multiplies the NIR term of any objective; 0 is the "NIR term x 0" control."""
     nll_cap: float = 30.0
     """exp(nll) is exact below this NLL and continued linearly above (no overflow)."""
     sigma: float | None = None
@@ -510,6 +512,7 @@ def validate(cfg: RunConfig) -> None:
         f"loss.nir.sigma_mode must be relative or absolute, not {n.sigma_mode!r}",
     )
     _check(n.alarm_threshold >= 0, "loss.nir.alarm_threshold must be >= 0")
+    _check(n.nir_scale >= 0, f"loss.nir.nir_scale must be >= 0, got {n.nir_scale}")
     _check(
         all(w is None or w >= 0 for w in (n.proxy_weight, n.nir_weight)),
         "loss.nir.proxy_weight and loss.nir.nir_weight must be >= 0",

@@ -101,8 +101,8 @@ def inert_message(row: dict[str, Any], cfg: RunConfig) -> str:
         f"over the measured batches; NLL {row['train/nll_min']:.3g} to "
         f"{row['train/nll_max']:.3g}), so the regulariser does nothing. "
     )
-    if n.detach_inputs or n.nir_weight == 0:
-        return msg + "Expected for this control (loss.nir.detach_inputs / nir_weight=0)."
+    if n.detach_inputs or n.nir_scale == 0 or (n.nir_weight == 0 and n.objective != "exp_nll"):
+        return msg + "Expected for this control (loss.nir.detach_inputs / nir_scale=0)."
     if n.objective == "exp_nll":
         return msg + (
             "exp_nll saturates once the flow fits the sphere: use a bounded objective "
@@ -210,6 +210,7 @@ def build_loss(cfg: LossConfig, num_classes: int, embed_dim: int, seed: int = 0)
         sigma_mode=cfg.nir.sigma_mode,
         ascend=cfg.nir.ascend,
         detach_inputs=cfg.nir.detach_inputs,
+        nir_scale=cfg.nir.nir_scale,
         noise_seed=seed,
         # No per-step host sync: non-finite steps are skipped and counted by GuardedStep,
         # and a run of them stops training with a clear error.
