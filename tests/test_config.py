@@ -147,3 +147,10 @@ def test_frozen_presets_and_image_size_on_every_rgb_preset():
         load_config("omniglot", ["data.image_size=64"])
     with pytest.raises(ConfigError, match="data.image_size must be >= 16"):
         load_config("cub200-r128-avg-proxyanchor-nir", ["data.image_size=8"])
+
+
+def test_config_knows_every_nir_objective() -> None:
+    from nirdml.losses.nir import OBJECTIVES
+    from nirdml.training.config import NIR_OBJECTIVES
+
+    assert NIR_OBJECTIVES == OBJECTIVES

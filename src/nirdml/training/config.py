@@ -22,6 +22,16 @@ from typing import Any
 import yaml
 
 LOSS_NAMES = ("proxy_anchor", "proxy_nca", "soft_triple")
+#: nirdml.losses.nir.OBJECTIVES, repeated so a config validates without importing torch
+#: (tests/test_config.py keeps the two equal).
+NIR_OBJECTIVES = (
+    "exp_nll",
+    "nll",
+    "noise_nll",
+    "noise_nll_spread",
+    "tangent_nll",
+    "tangent_spread",
+)
 
 
 class ConfigError(ValueError):
@@ -485,14 +495,7 @@ def validate(cfg: RunConfig) -> None:
         cfg.loss.name in LOSS_NAMES,
         f"loss.name {cfg.loss.name!r} is unknown; use one of {', '.join(LOSS_NAMES)}",
     )
-    objectives = (
-        "exp_nll",
-        "nll",
-        "noise_nll",
-        "noise_nll_spread",
-        "tangent_nll",
-        "tangent_spread",
-    )  # nirdml.losses.nir.OBJECTIVES (not imported: the config loads without torch)
+    objectives = NIR_OBJECTIVES
     close = difflib.get_close_matches(n.objective, objectives, n=1)
     _check(
         n.objective in objectives,
