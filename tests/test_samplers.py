@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -210,12 +211,19 @@ def test_small_classes_skip_or_error() -> None:
         ClassBalancedBatchSampler(y, 6, 3, small_classes="error")
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _ddp_worker(rank: int, world: int, init_method: str, out_dir: str) -> None:
+    import datetime
     import json
 
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo",
+        init_method=init_method,
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(minutes=5),  # a loaded 2-core CI machine is slow to connect
+    )
     try:
         y = labels_of([6, 5, 7, 8, 6, 9, 5, 6])
         s = ClassBalancedBatchSampler(y, 8, 2, seed=9)  # rank/world from torch.distributed
@@ -233,7 +241,11 @@ def test_real_torch_distributed_ranks(tmp_path: Path) -> None:
 
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    with socket.socket() as sock:  # a free loopback port for the TCP rendezvous (as torchrun)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    init = f"tcp://127.0.0.1:{port}"
+    mp.spawn(_ddp_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True)
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [(g["world"], g["rank"]) for g in got] == [(2, 0), (2, 1)]
     ref = ClassBalancedBatchSampler(labels_of([6, 5, 7, 8, 6, 9, 5, 6]), 8, 2, seed=9)
