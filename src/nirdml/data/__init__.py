@@ -26,6 +26,7 @@ from nirdml.data.errors import (
     SamplerConfigError,
 )
 from nirdml.data.omniglot import load_omniglot
+from nirdml.data.orl import load_orl
 from nirdml.data.samplers import ClassBalancedBatchSampler
 from nirdml.data.sop import load_sop
 from nirdml.data.splits import carve_validation, split_class_names
@@ -37,6 +38,7 @@ _READERS: dict[str, tuple[Callable[..., DatasetSplits], str, frozenset[str]]] = 
     "cub200": (load_cub200, "resnet", frozenset()),
     "cars196": (load_cars196, "resnet", frozenset()),
     "cars98": (load_cars98, "resnet", frozenset({"train_classes"})),
+    "orl": (load_orl, "resnet", frozenset({"train_classes"})),
     "sop": (load_sop, "resnet", frozenset()),
     "omniglot": (load_omniglot, "omniglot", frozenset({"source"})),
     "digits": (load_digits_splits, "digits", frozenset()),
@@ -78,7 +80,7 @@ def default_transform_preset(name: str) -> str:
 
 #: Datasets whose default ("auto") is a class-disjoint validation split: the paper's
 #: CUB/Cars/SOP runs keep every training class and report the best test epoch, as published.
-AUTO_VAL_DATASETS = frozenset({"digits", "folder", "csv", "omniglot", "cars98"})
+AUTO_VAL_DATASETS = frozenset({"digits", "folder", "csv", "omniglot", "cars98", "orl"})
 
 
 def auto_val_classes(name: str, num_train_classes: int) -> int:
