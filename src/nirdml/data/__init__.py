@@ -107,7 +107,7 @@ def load_dataset(
 ) -> DatasetSplits:
     """Load the train/test(/val) splits of a dataset, with the preset's transforms.
 
-    name: "cub200", "cars196", "sop", "omniglot", "digits", "folder" or "csv".
+    name: "cub200", "cars196", "cars98", "orl", "sop", "omniglot", "digits", "folder" or "csv".
     transform_preset: "resnet", "omniglot", "digits", "none" (raw PIL images / tensors) or
         None for the dataset's default ("resnet" for photos).
     val_classes: a fraction in (0, 1) or a count of TRAIN classes moved (chosen from
@@ -119,7 +119,8 @@ def load_dataset(
         Resize(round(S*256/224)) + CenterCrop(S)); None = 224, the paper's.
     skip_corrupt: drop missing files (counted in ``split.missing``) and replace unreadable
         images by another image of the same class (counted in ``split.corrupt_count``).
-    layout_options: omniglot ``source`` ("auto"/"png"/"npz"); folder/csv ``train_classes``,
+    layout_options: omniglot ``source`` ("auto"/"png"/"npz"); cars98/orl ``train_classes``
+        ([first, last] class ids / subject numbers); folder/csv ``train_classes``,
         ``test_classes``; csv ``image_root``.
     """
     key = _ALIASES.get(name.lower(), name.lower())
