@@ -304,6 +304,42 @@ def test_real_cars98_splits(shared_data):
     assert splits.test.class_names[0] == "Buick Enclave SUV 2012"  # official id 50
 
 
+def test_orl_reader_on_a_synthetic_file(tmp_path):
+    from nirdml.data import load_dataset
+    from nirdml.data.errors import DatasetLayoutError
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(6, 10, 28, 24), dtype=np.uint8)
+    labels = np.repeat(np.arange(6)[:, None], 10, axis=1)
+    np.savez(tmp_path / "orl_faces.npz", images=images, labels=labels)
+    splits = load_dataset("orl", tmp_path, train_classes=[1, 4], val_classes=2, seed=0)
+    assert (splits.train.num_classes, splits.val.num_classes, splits.test.num_classes) == (2, 2, 2)
+    assert splits.test.class_names == ["s5", "s6"] and len(splits.test) == 20
+    raw = load_dataset("orl", tmp_path, transform_preset="none", train_classes=[1, 4])
+    img, label = raw.test[0]
+    assert img.mode == "RGB" and img.size == (24, 28) and label == 0
+    assert np.array_equal(np.asarray(img)[..., 0], images[4, 0])
+    with pytest.raises(DatasetLayoutError, match="orl_faces.npz"):
+        load_dataset("orl", tmp_path / "nowhere")
+
+
+def test_real_orl_splits(shared_data):
+    root = shared_data / "orl_faces"
+    if not (root / "orl_faces.npz").is_file():
+        pytest.skip(f"orl_faces not found in {shared_data}")
+    from nirdml.data import load_dataset
+
+    cfg = load_config("orl-frozen-proxyanchor-baseline")
+    splits = load_dataset("orl", root, val_classes=cfg.data.val_classes, seed=0, image_size=128)
+    assert (splits.train.num_classes, splits.val.num_classes, splits.test.num_classes) == (
+        16,
+        4,
+        20,
+    )
+    assert len(splits.train) == 160 and len(splits.test) == 200
+    assert splits.test[0][0].shape == (3, 128, 128) and splits.test.class_names[0] == "s21"
+
+
 def test_analyze_and_search_run_on_a_frozen_nir_run(image_root, cache_dir, tmp_path):
     from nirdml.analysis import analyze, search
     from nirdml.training.artifacts import load_trained

@@ -245,11 +245,24 @@ def test_control_arms_change_exactly_their_knobs(mini_grid):
     assert cfg("base-proxylr").optim.proxy_lr_mult == 2 * b.optim.proxy_lr_mult
     assert cfg("base-warmup").optim.warmup_epochs == 1
     assert cfg("nir-tangent_spread").loss.nir.objective == "tangent_spread"
+    assert cfg("nir-nll").loss.nir.objective == "nll"
     absolute = controls.arm_spec("base-proxylr", 0, base, nir, (), recipe_proxy_lr_mult=4000)
     assert absolute.config("").optim.proxy_lr_mult == 4000
     with pytest.raises(ValueError, match="Did you mean 'recipe-nir-x0'"):
         controls.arm_spec("recipe-nir-x", 0, base, nir)
     assert len(grid.specs_of("controls")) == len(controls.ARMS) * len(grid.MAIN_SEEDS)
+
+
+def test_frozen_control_arms_drop_warmup():
+    from study import controls
+
+    base, nir = "cars98-frozen-proxyanchor-baseline", "cars98-frozen-proxyanchor-nir"
+    for arm in ("recipe-nir", "recipe-nir-x0", "recipe-nir-detached"):
+        cfg = controls.arm_spec(arm, 0, base, nir).config("")
+        assert cfg.model.frozen and cfg.optim.warmup_epochs == 0
+        assert cfg.loss.nir.objective == "exp_nll" and cfg.optim.proxy_lr_mult == 200
+    with pytest.raises(ValueError, match="frozen"):
+        controls.arm_spec("base-warmup", 0, base, nir)
 
 
 def test_controls_cli_runs_and_reports(mini_grid, capsys):
@@ -262,7 +275,13 @@ def test_controls_cli_runs_and_reports(mini_grid, capsys):
     arms = ["--arms", "base", "recipe-nir", "recipe-nir-x0"]
     assert nir_controls.main(["run", *common, *arms]) == 0
     out = mini_grid / "controls.md"
-    assert nir_controls.main(["report", *common, *arms, "--out", str(out)]) == 0
+    per_run = mini_grid / "controls.json"
+    assert (
+        nir_controls.main(["report", *common, *arms, "--out", str(out), "--json", str(per_run)])
+        == 0
+    )
+    numbers = json.loads(per_run.read_text())
+    assert numbers["metric"] == "recall@1" and set(numbers["runs"]["base"]) == {"0", "1"}
     text = out.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert rows[1].startswith("| base | 2 (0) |")

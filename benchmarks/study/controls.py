@@ -20,11 +20,16 @@ every arm, e.g. a frozen-feature switch or a data root layout option. Arms (issu
 ``recipe-nir-x0``      the same with the NIR term multiplied by zero (``nir_scale=0``).
 ``recipe-nir-detached`` the same with ``detach_inputs=true``: the flow trains but cannot act.
 ``nir``                the nir preset as it is (its own objective and knobs).
+``nir-nll``            the nir preset with the paper's plain-NLL form (``objective=nll``).
 ``nir-<objective>``    the nir preset with a bounded objective (its recommended defaults):
                        ``noise_nll``, ``noise_nll_spread``, ``tangent_nll``, ``tangent_spread``.
 
 Paired differences are taken against ``base`` (and, for the ``recipe-*`` arms, against
 ``recipe-nir-x0``, which isolates the NIR term within the recipe).
+
+Frozen backbones (``model.frozen=true`` in the base config): warmup means nothing there (the
+config refuses it), so the ``recipe-*`` arms leave ``optim.warmup_epochs`` at 0 and
+``base-warmup`` is refused.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ ARMS = (
     "recipe-nir-x0",
     "recipe-nir-detached",
     "nir",
+    "nir-nll",
     *BOUNDED_ARMS,
 )
 """Every arm, in run order (the controls first)."""
@@ -67,7 +73,7 @@ def _recipe(
     cfg = load_config(base_preset, list(extra))
     decay = cfg.optim.weight_decay if cfg.optim.weight_decay > 0 else RECIPE_DECAY
     mult = 2.0 * cfg.optim.proxy_lr_mult if proxy_lr_mult is None else float(proxy_lr_mult)
-    return {"decay": decay, "proxy_lr_mult": mult}
+    return {"decay": decay, "proxy_lr_mult": mult, "frozen": bool(cfg.model.frozen)}
 
 
 def arm_spec(
@@ -87,6 +93,8 @@ def arm_spec(
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"unknown arm {arm!r}.{hint} Arms: {', '.join(ARMS)}")
     r = _recipe(base_preset, extra, recipe_proxy_lr_mult)
+    if r["frozen"] and arm == "base-warmup":
+        raise ValueError("base-warmup does not apply to a frozen backbone (model.frozen=true)")
     scaled = (
         "loss.nir.objective=exp_nll",
         "loss.nir.nir_scale=0",
@@ -97,7 +105,7 @@ def arm_spec(
         f"loss.nir.proxy_weight={RECIPE_PROXY_WEIGHT}",
         f"optim.weight_decay={r['decay']}",
         f"optim.proxy_lr_mult={r['proxy_lr_mult']}",
-        "optim.warmup_epochs=1",
+        *(() if r["frozen"] else ("optim.warmup_epochs=1",)),
     )
     table: dict[str, tuple[str, tuple[str, ...]]] = {
         "base": (base_preset, ()),
@@ -109,6 +117,7 @@ def arm_spec(
         "recipe-nir-x0": (nir_preset, (*recipe, "loss.nir.nir_scale=0")),
         "recipe-nir-detached": (nir_preset, (*recipe, "loss.nir.detach_inputs=true")),
         "nir": (nir_preset, ()),
+        "nir-nll": (nir_preset, ("loss.nir.objective=nll",)),
     }
     for objective in BOUNDED:
         table[f"nir-{objective}"] = (nir_preset, (f"loss.nir.objective={objective}",))

@@ -26,6 +26,7 @@ from nirdml.data.errors import (
     SamplerConfigError,
 )
 from nirdml.data.omniglot import load_omniglot
+from nirdml.data.orl import load_orl
 from nirdml.data.samplers import ClassBalancedBatchSampler
 from nirdml.data.sop import load_sop
 from nirdml.data.splits import carve_validation, split_class_names
@@ -37,6 +38,7 @@ _READERS: dict[str, tuple[Callable[..., DatasetSplits], str, frozenset[str]]] = 
     "cub200": (load_cub200, "resnet", frozenset()),
     "cars196": (load_cars196, "resnet", frozenset()),
     "cars98": (load_cars98, "resnet", frozenset({"train_classes"})),
+    "orl": (load_orl, "resnet", frozenset({"train_classes"})),
     "sop": (load_sop, "resnet", frozenset()),
     "omniglot": (load_omniglot, "omniglot", frozenset({"source"})),
     "digits": (load_digits_splits, "digits", frozenset()),
@@ -78,7 +80,7 @@ def default_transform_preset(name: str) -> str:
 
 #: Datasets whose default ("auto") is a class-disjoint validation split: the paper's
 #: CUB/Cars/SOP runs keep every training class and report the best test epoch, as published.
-AUTO_VAL_DATASETS = frozenset({"digits", "folder", "csv", "omniglot", "cars98"})
+AUTO_VAL_DATASETS = frozenset({"digits", "folder", "csv", "omniglot", "cars98", "orl"})
 
 
 def auto_val_classes(name: str, num_train_classes: int) -> int:
@@ -105,7 +107,7 @@ def load_dataset(
 ) -> DatasetSplits:
     """Load the train/test(/val) splits of a dataset, with the preset's transforms.
 
-    name: "cub200", "cars196", "sop", "omniglot", "digits", "folder" or "csv".
+    name: "cub200", "cars196", "cars98", "orl", "sop", "omniglot", "digits", "folder" or "csv".
     transform_preset: "resnet", "omniglot", "digits", "none" (raw PIL images / tensors) or
         None for the dataset's default ("resnet" for photos).
     val_classes: a fraction in (0, 1) or a count of TRAIN classes moved (chosen from
@@ -117,7 +119,8 @@ def load_dataset(
         Resize(round(S*256/224)) + CenterCrop(S)); None = 224, the paper's.
     skip_corrupt: drop missing files (counted in ``split.missing``) and replace unreadable
         images by another image of the same class (counted in ``split.corrupt_count``).
-    layout_options: omniglot ``source`` ("auto"/"png"/"npz"); folder/csv ``train_classes``,
+    layout_options: omniglot ``source`` ("auto"/"png"/"npz"); cars98/orl ``train_classes``
+        ([first, last] class ids / subject numbers); folder/csv ``train_classes``,
         ``test_classes``; csv ``image_root``.
     """
     key = _ALIASES.get(name.lower(), name.lower())

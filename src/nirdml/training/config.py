@@ -38,13 +38,14 @@ class ConfigError(ValueError):
     """A config key or value is invalid; the message names it and the fix."""
 
 
-DATASET_NAMES = ("cub200", "cars196", "cars98", "sop", "omniglot", "digits", "folder", "csv")
+DATASET_NAMES = ("cub200", "cars196", "cars98", "orl", "sop", "omniglot", "digits", "folder", "csv")
 #: Each dataset's default transform preset (as nirdml.data's readers; a test keeps them in
 #: sync) and each preset's output, so a config is checked without importing torch.
 DEFAULT_TRANSFORMS = {
     "cub200": "resnet",
     "cars196": "resnet",
     "cars98": "resnet",
+    "orl": "resnet",
     "sop": "resnet",
     "omniglot": "omniglot",
     "digits": "digits",
