@@ -21,18 +21,9 @@ from nirdml.losses import (
 )
 from nirdml.losses.nir import BOUNDED, flow_dims, tangent_coordinates
 from nirdml.training.config import ConfigError, load_config
+from test_nir import _labels, _unit  # the same seeded unit vectors and paired labels
 
 BOUNDED_NAMES = tuple(BOUNDED)
-
-
-def _unit(*shape: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(*shape, generator=g), dim=-1)
-
-
-def _labels(b: int, c: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, c, (b // 2,), generator=g).repeat_interleave(2)
 
 
 def _small_flow(objective: str, d: int, g: torch.Generator) -> ConditionalFlow:
