@@ -140,7 +140,7 @@ class HeadModel(nn.Module):
         return x.float()
 
     def embed(self, features: Tensor) -> Tensor:
-        return _normalise(self.head(features))
+        return _normalise(self.head(features.float()))  # cached fp16 features in as fp32
 
     def forward(self, x: Tensor) -> Tensor:
         return self.embed(self.features(x))
@@ -152,20 +152,19 @@ class HeadModel(nn.Module):
         return [p for p in self.head.parameters() if p.requires_grad]
 
 
-class FrozenBackboneModel(nn.Module):
-    """Backbone + pooling (frozen) composed with a trained :class:`FeatureHead`: images in."""
+class FrozenBackboneModel(HeadModel):
+    """Backbone + pooling (frozen) composed with a trained :class:`FeatureHead`: images in.
+
+    A :class:`HeadModel` whose ``features`` runs the frozen backbone instead of taking
+    cached features, so embedding, parameters and spec are the head model's own.
+    """
 
     def __init__(self, extractor: nn.Module, head: FeatureHead, spec: Mapping[str, Any]) -> None:
-        super().__init__()
+        super().__init__(head, spec["backbone"])
         self.extractor = extractor.eval()
         for p in self.extractor.parameters():
             p.requires_grad_(False)
-        self.head = head
         self.spec = dict(spec)
-
-    @property
-    def embed_dim(self) -> int:
-        return self.head.spec["embed_dim"]
 
     def train(self, mode: bool = True) -> FrozenBackboneModel:
         super().train(mode)
@@ -173,20 +172,8 @@ class FrozenBackboneModel(nn.Module):
         return self
 
     def features(self, x: Tensor) -> Tensor:
-        """Pooled backbone features (B, F), as the feature cache stores them."""
-        return self.extractor.features(x)
-
-    def embed(self, features: Tensor) -> Tensor:
-        return _normalise(self.head(features.float()))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.embed(self.features(x))
-
-    def backbone_parameters(self) -> list[nn.Parameter]:
-        return []
-
-    def head_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.head.parameters() if p.requires_grad]
+        """Pooled backbone features (B, F) as float32, as the head sees the cache."""
+        return self.extractor.features(x).float()
 
     def head_only(self) -> HeadModel:
         """The head as a :class:`HeadModel` (cached features in), sharing its weights."""
