@@ -151,6 +151,23 @@ def test_frozen_presets_and_image_size_on_every_rgb_preset():
 
 def test_config_knows_every_nir_objective() -> None:
     from nirdml.losses.nir import OBJECTIVES
-    from nirdml.training.config import NIR_OBJECTIVES
+    from nirdml.losses.registry import NIR_OBJECTIVES
 
     assert NIR_OBJECTIVES == OBJECTIVES
+
+
+def test_loss_table_matches_the_constructors_and_names_a_bad_option() -> None:
+    import inspect
+
+    from nirdml.losses.registry import LOSSES
+
+    for name, entry in LOSSES.items():
+        signature = inspect.signature(entry.load())
+        options = {
+            p.name: p.default
+            for p in list(signature.parameters.values())[2:]
+            if p.kind is p.POSITIONAL_OR_KEYWORD
+        }
+        assert options == dict(entry.options), name
+    with pytest.raises(ConfigError, match="Did you mean 'alpha'"):
+        load_config("digits", ["loss.params.alpah=16"])

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from nirdml.losses.registry import LOSSES as REGISTRY
+
 PRESET_DIR = Path(__file__).resolve().parents[1] / "src" / "nirdml" / "configs" / "presets"
 
 DATASETS = {
@@ -21,29 +23,22 @@ DATASETS = {
     "cars196": ("Cars196", 100, [], 0.1, 0.01, 50.0, 1),
     "sop": ("Stanford Online Products", 300, [140, 230], 0.2, 0.3, 1.0, 5),
 }
-LOSSES = {
-    # short name: (loss.name, params, title)
-    "proxyanchor": (
-        "proxy_anchor",
-        {"alpha": 32.0, "delta": 0.1, "positive_mean": "samples"},
-        "ProxyAnchor",
-    ),
-    "proxynca": ("proxy_nca", {}, "ProxyNCA"),
-    "softtriple": ("soft_triple", {}, "SoftTriple"),
-}
+LOSSES = {entry.preset_key: name for name, entry in REGISTRY.items()}
+"""preset short name -> loss.name"""
 POOLINGS = {"avg": "avg", "avgmax": "avg+max"}
 
 
 def paper_preset(dataset: str, dim: int, pool: str, loss: str, nir: bool) -> tuple[str, dict]:
     title, epochs, milestones, gamma, proxy_weight, flow_mult, warmup = DATASETS[dataset]
-    loss_name, params, loss_title = LOSSES[loss]
+    loss_name = LOSSES[loss]
+    entry = REGISTRY[loss_name]
     name = f"{dataset}-r{dim}-{pool}-{loss}-{'nir' if nir else 'baseline'}"
     variant = " + NIR" if nir else " (baseline)"
     config = {
         "name": name,
         "description": (
             f"{title}, ResNet50 (frozen BN), {dim}-d, {POOLINGS[pool]} pooling, "
-            f"{loss_title}{variant}; the paper's recipe"
+            f"{entry.title}{variant}; the paper's recipe"
         ),
         "seed": 0,
         "epochs": epochs,
@@ -67,7 +62,7 @@ def paper_preset(dataset: str, dim: int, pool: str, loss: str, nir: bool) -> tup
         },
         "loss": {
             "name": loss_name,
-            "params": dict(params),
+            "params": dict(entry.paper_params),
             "nir": {
                 "enabled": nir,
                 "objective": "exp_nll",
@@ -155,7 +150,7 @@ def frozen_preset(
         },
         "loss": {
             "name": "proxy_anchor",
-            "params": dict(LOSSES["proxyanchor"][1]),
+            "params": dict(REGISTRY["proxy_anchor"].paper_params),
             "nir": {"enabled": nir, "objective": objective, "proxy_weight": 0.01},
         },
         "optim": {

@@ -21,18 +21,6 @@ from typing import Any
 
 import yaml
 
-LOSS_NAMES = ("proxy_anchor", "proxy_nca", "soft_triple")
-#: nirdml.losses.nir.OBJECTIVES, repeated so a config validates without importing torch
-#: (tests/test_config.py keeps the two equal).
-NIR_OBJECTIVES = (
-    "exp_nll",
-    "nll",
-    "noise_nll",
-    "noise_nll_spread",
-    "tangent_nll",
-    "tangent_spread",
-)
-
 
 class ConfigError(ValueError):
     """A config key or value is invalid; the message names it and the fix."""
@@ -454,6 +442,17 @@ def _check(cond: bool, message: str) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Range and consistency checks; each message names the field and the fix."""
+    # Imported here until nirdml/losses/__init__.py imports lazily (it imports torch).
+    from nirdml.losses.registry import (
+        BOUNDED_OBJECTIVES,
+        FLOW_CONDITION_BLOCKS,
+        FLOW_CONDITIONS,
+        LOSS_NAMES,
+        NIR_OBJECTIVES,
+        SIGMA_MODES,
+        unknown_params,
+    )
+
     d, m, o, n = cfg.data, cfg.model, cfg.optim, cfg.loss.nir
     _check(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
     _check(cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}")
@@ -496,23 +495,23 @@ def validate(cfg: RunConfig) -> None:
         cfg.loss.name in LOSS_NAMES,
         f"loss.name {cfg.loss.name!r} is unknown; use one of {', '.join(LOSS_NAMES)}",
     )
-    objectives = NIR_OBJECTIVES
-    close = difflib.get_close_matches(n.objective, objectives, n=1)
+    params_error = unknown_params(cfg.loss.name, cfg.loss.params)
+    _check(params_error is None, str(params_error))
+    close = difflib.get_close_matches(n.objective, NIR_OBJECTIVES, n=1)
     _check(
-        n.objective in objectives,
+        n.objective in NIR_OBJECTIVES,
         f"loss.nir.objective must be exp_nll or nll, or a bounded objective "
-        f"({', '.join(objectives[2:])}), not {n.objective!r}"
+        f"({', '.join(BOUNDED_OBJECTIVES)}), not {n.objective!r}"
         + (f". Did you mean {close[0]!r}?" if close else ""),
     )
-    bounded = n.objective in objectives[2:]
     _check(
-        bounded or (n.sigma is None and n.ascend is None),
+        n.objective in BOUNDED_OBJECTIVES or (n.sigma is None and n.ascend is None),
         f"loss.nir.sigma and loss.nir.ascend only apply to the bounded objectives "
-        f"({', '.join(objectives[2:])}), not {n.objective}: drop them",
+        f"({', '.join(BOUNDED_OBJECTIVES)}), not {n.objective}: drop them",
     )
     _check(n.sigma is None or n.sigma > 0, f"loss.nir.sigma must be > 0, got {n.sigma}")
     _check(
-        n.sigma_mode in ("relative", "absolute"),
+        n.sigma_mode in SIGMA_MODES,
         f"loss.nir.sigma_mode must be relative or absolute, not {n.sigma_mode!r}",
     )
     _check(n.alarm_threshold >= 0, "loss.nir.alarm_threshold must be >= 0")
@@ -529,11 +528,11 @@ def validate(cfg: RunConfig) -> None:
     )
     _check(f.clamp > 0, "loss.nir.flow.clamp must be > 0")
     _check(
-        f.condition in ("dense", "embed", "embed_per_block"),
+        f.condition in FLOW_CONDITIONS,
         "loss.nir.flow.condition must be dense, embed or embed_per_block",
     )
     _check(
-        f.condition_blocks in ("all", "first", "middle", "last"),
+        f.condition_blocks in FLOW_CONDITION_BLOCKS,
         "loss.nir.flow.condition_blocks must be all, first, middle or last",
     )
     _check(o.name in ("adam", "adamw"), f"optim.name must be adam or adamw, not {o.name!r}")

@@ -173,16 +173,12 @@ def build_loss(cfg: LossConfig, num_classes: int, embed_dim: int, seed: int = 0)
     """The proxy loss of ``cfg.name``, wrapped in NIRLoss when ``cfg.nir.enabled``
     (``seed``: the bounded objectives' noise generator)."""
     from nirdml.flow import ConditionalFlow
-    from nirdml.losses import NIRLoss, ProxyAnchorLoss, ProxyNCALoss, SoftTripleLoss
+    from nirdml.losses import NIRLoss
     from nirdml.losses.nir import flow_dims
+    from nirdml.losses.registry import LOSSES
 
-    classes = {
-        "proxy_anchor": ProxyAnchorLoss,
-        "proxy_nca": ProxyNCALoss,
-        "soft_triple": SoftTripleLoss,
-    }
     try:
-        base = classes[cfg.name](num_classes, embed_dim, **cfg.params)
+        base = LOSSES[cfg.name].load()(num_classes, embed_dim, **cfg.params)
     except TypeError as exc:
         raise ValueError(f"loss.params for {cfg.name}: {exc}") from exc
     if not cfg.nir.enabled:
