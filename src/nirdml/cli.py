@@ -114,7 +114,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     for key, value in metrics.items():
         print(f"{key:<{width}}  {value:.4f}")
     if args.json:
-        from nirdml.training.checkpoint import atomic_write_json
+        from nirdml.runtime import atomic_write_json
 
         atomic_write_json(args.json, metrics)
     return 0

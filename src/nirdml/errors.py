@@ -1,13 +1,39 @@
-"""Shared error types of nirdml (kept tiny: most bad input raises a plain ValueError)."""
+"""The one error hierarchy of nirdml: every error it raises on purpose is a
+:class:`NirdmlError` and also the builtin type callers already catch (``ValueError`` for bad
+input, ...), and each message names the problem and the fix. No torch import here.
+"""
 
 from __future__ import annotations
 
 
-class NonFiniteLossError(FloatingPointError):
-    """A loss came out NaN/inf; the message names the non-finite input and the fix."""
+class NirdmlError(Exception):
+    """Base of the errors nirdml raises on purpose (``except nirdml.errors.NirdmlError``)."""
 
 
-class WeightsUnavailableError(RuntimeError):
+class NonFiniteLossError(NirdmlError, FloatingPointError, RuntimeError):
+    """A loss came out NaN/inf (NIRLoss), or training met non-finite gradients for too many
+    consecutive steps; the message names the culprit and the fix. Both a FloatingPointError
+    and a RuntimeError, so handlers written for either keep catching it."""
+
+
+class ConfigError(NirdmlError, ValueError):
+    """A config key or value is invalid; the message names it and the fix."""
+
+
+class DistributedSetupError(NirdmlError, ValueError):
+    """The torch.distributed environment or the run config does not fit a distributed run."""
+
+
+class DeviceUnavailableError(NirdmlError, ValueError, RuntimeError):
+    """The requested device is not available here (e.g. ``cuda`` without CUDA). A ValueError
+    (bad argument) and a RuntimeError, as evaluation and training raised before."""
+
+
+class NIRInertWarning(UserWarning):
+    """NIR's gradient on the embeddings stayed negligible for a whole epoch."""
+
+
+class WeightsUnavailableError(NirdmlError, RuntimeError):
     """Pretrained weights could not be fetched (typically: no network).
 
     ``url`` and ``reason`` say what failed; :meth:`cli_message` is the one-paragraph advice

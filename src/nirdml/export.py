@@ -131,8 +131,8 @@ def export_model(
     Raises ValueError when the exported model's output differs from the eager model's by
     more than 1e-4 on a fresh batch.
     """
+    from nirdml.runtime import atomic_write
     from nirdml.training.artifacts import load_trained
-    from nirdml.training.checkpoint import atomic_write
 
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")

@@ -26,13 +26,14 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+
+from nirdml.runtime import no_autocast
 
 CONDITION_MODES = ("dense", "embed", "embed_per_block")
 CONDITION_BLOCKS = ("all", "first", "middle", "last")
@@ -48,17 +49,6 @@ _WEIGHT_NAMES = (
     "out_weight_b",
     "out_bias_b",
 )
-
-
-def no_autocast(device: torch.device) -> AbstractContextManager:
-    """Autocast switched off on ``device`` (a no-op context when it is not on)."""
-    try:
-        enabled = torch.is_autocast_enabled(device.type)
-    except TypeError:  # torch < 2.4: no device_type argument
-        enabled = (
-            torch.is_autocast_cpu_enabled() if device.type == "cpu" else torch.is_autocast_enabled()
-        )
-    return torch.autocast(device.type, enabled=False) if enabled else nullcontext()
 
 
 def _linear_init(

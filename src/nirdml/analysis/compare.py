@@ -21,7 +21,7 @@ import numpy as np
 from nirdml.analysis import html as H
 from nirdml.analysis import plots
 from nirdml.analysis._json import json_safe
-from nirdml.training.checkpoint import atomic_write, atomic_write_json, atomic_write_text
+from nirdml.runtime import atomic_write, atomic_write_json, atomic_write_text
 
 IGNORED_KEYS = (
     "name",

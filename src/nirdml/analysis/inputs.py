@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from nirdml.analysis.images import ImageSource, dataset_images, path_images
+from nirdml.runtime import resolve_device
 
 SPLITS = ("test", "val", "train")
 
@@ -167,7 +168,7 @@ def _from_checkpoint(
 ) -> AnalysisInput:
     from nirdml.evaluation import compute_embeddings
     from nirdml.training.artifacts import checkpoint_data, load_trained, test_transform
-    from nirdml.training.trainer import load_splits, resolve_device
+    from nirdml.training.trainer import load_splits
 
     dev = resolve_device(device)
     run = load_trained(path, dev)

@@ -30,7 +30,7 @@ from nirdml.analysis.retrieval_grid import (
     retrieval_rows,
 )
 from nirdml.analysis.spread import class_spread
-from nirdml.training.checkpoint import atomic_write, atomic_write_json, atomic_write_text
+from nirdml.runtime import atomic_write, atomic_write_json, atomic_write_text, resolve_device
 
 STRUCTURE = ("rho_spectrum", "pi_ratio", "uniformity_g2")
 
@@ -130,7 +130,6 @@ def analyze(
         seed: every random choice (queries, map sample, flow draws) comes from it.
     """
     from nirdml.evaluation import evaluate, singular_values
-    from nirdml.training.trainer import resolve_device
 
     watch = _Stopwatch()
     if k < 1 or num_queries < 1:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from nirdml.analysis.images import path_images
-from nirdml.training.checkpoint import atomic_write
+from nirdml.runtime import atomic_write, resolve_device
 
 CACHE_FORMAT = 1
 
@@ -110,7 +110,6 @@ def embed_gallery(
     """
     from nirdml.evaluation import compute_embeddings
     from nirdml.training.artifacts import load_trained
-    from nirdml.training.trainer import resolve_device
 
     files = _gallery_dataset(gallery, None, None)
     paths = [str(Path(p).resolve()) for p in files.paths]
@@ -179,7 +178,6 @@ class SearchResult:
 def embed_images(run: Any, paths: list[str | Path], device: str = "auto") -> torch.Tensor:
     """Embeddings of single image files, preprocessed as the run's test split."""
     from nirdml.data.base import open_image
-    from nirdml.training.trainer import resolve_device
 
     dev = resolve_device(device)
     reader, transform = _preprocess(run)
@@ -214,7 +212,6 @@ def search(
     """
     from nirdml.evaluation import knn_search
     from nirdml.training.artifacts import load_trained
-    from nirdml.training.trainer import resolve_device
 
     qs = [queries] if isinstance(queries, (str, Path)) else list(queries)
     if not qs:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nirdml.flow import no_autocast
+from nirdml.runtime import no_autocast
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nirdml.errors import NonFiniteLossError
-from nirdml.flow import ConditionalFlow, no_autocast
+from nirdml.flow import ConditionalFlow
 from nirdml.losses.base import ProxyLoss
 from nirdml.losses.pml import PMLProxyLoss
+from nirdml.runtime import no_autocast
 
 OBJECTIVES = (
     "exp_nll",
