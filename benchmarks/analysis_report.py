@@ -58,7 +58,7 @@ def _unpack(zip_path: Path, dest: Path) -> int:
 
 def main() -> None:
     from nirdml.analysis import analyze, search
-    from nirdml.training.checkpoint import atomic_write_text
+    from nirdml.runtime import atomic_write_text
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", help="a trained Omniglot run folder")

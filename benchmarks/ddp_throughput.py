@@ -187,7 +187,7 @@ def main() -> None:
     tag = f"{device.type}{'' if world == 1 else f'_x{world}'}"
     prefix = Path(args.out or Path(__file__).parent / "results" / f"ddp_throughput_{tag}")
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    from nirdml.training.checkpoint import atomic_write_json, atomic_write_text
+    from nirdml.runtime import atomic_write_json, atomic_write_text
 
     atomic_write_json(prefix.with_suffix(".json"), result)
     lines = [

@@ -13,8 +13,9 @@ import warnings
 
 import pytest
 
+from nirdml.errors import NIRInertWarning
 from nirdml.training.config import load_config
-from nirdml.training.trainer import NIRInertWarning, train
+from nirdml.training.trainer import train
 
 
 def _run(omniglot_dir, tmp_path, objective: str):

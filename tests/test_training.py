@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
+from nirdml.errors import NonFiniteLossError
 from nirdml.training.checkpoint import load_checkpoint
 from nirdml.training.config import list_presets, load_config
-from nirdml.training.trainer import NonFiniteLossError, train
+from nirdml.training.trainer import train
 
 FAST = ["epochs=4", "eval.every=2", "log.progress=false"]
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nirdml.training.checkpoint import atomic_write_text
+from nirdml.runtime import atomic_write_text
 
 
 def _tangent(g: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nirdml.training.checkpoint import atomic_write, atomic_write_text
+from nirdml.runtime import atomic_write, atomic_write_text
 
 
 def _embed_train(run: Any, data_root: str) -> tuple[torch.Tensor, torch.Tensor]:

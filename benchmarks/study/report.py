@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from machine import cpu_name  # benchmarks/machine.py
-from nirdml.training.checkpoint import atomic_write, atomic_write_text
+from nirdml.runtime import atomic_write, atomic_write_text
 from study import grid
 from study.collect import RunRecord, by_seed, load_run, values
 from study.runner import run_dir

@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from nirdml.training.checkpoint import atomic_write_json
-from nirdml.training.trainer import NonFiniteLossError
+from nirdml.errors import NonFiniteLossError
+from nirdml.runtime import atomic_write_json
 from study.grid import RunSpec, canonical
 
 

@@ -10,19 +10,6 @@ import torch
 ArrayLike = Any  # torch.Tensor | np.ndarray | nested sequences
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` means CUDA when available, else CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"device={device!s} was requested but CUDA is not available; "
-            "pass device='cpu' (or None to pick automatically)."
-        )
-    return device
-
-
 def as_embeddings(x: ArrayLike, name: str = "embeddings") -> torch.Tensor:
     """A 2-D floating CPU tensor (float32, or float64 if given float64), finite, not copied
     when already suitable. Torch tensors are detached."""

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from nirdml.evaluation import clustering, retrieval, structure
-from nirdml.evaluation._inputs import ArrayLike, as_embeddings, as_labels, resolve_device
+from nirdml.evaluation._inputs import ArrayLike, as_embeddings, as_labels
 from nirdml.evaluation.kmeans_backends import DEFAULT_NITER, kmeans, resolve_kmeans_backend
 from nirdml.evaluation.knn import DEFAULT_MEMORY_BUDGET_MB, iter_knn, resolve_knn_backend
+from nirdml.runtime import resolve_device
 
 _COMMON = ("map@r", "r_precision", "map@1000", "map@1000_authors", "nmi", "f1")
 _SMALL = ("recall@1", "recall@2", "recall@4", "recall@8", *_COMMON)

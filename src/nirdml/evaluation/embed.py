@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from nirdml.evaluation._inputs import resolve_device
+from nirdml.runtime import resolve_device
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -31,8 +31,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from nirdml.evaluation._inputs import ArrayLike, as_embeddings, resolve_device, rows_for_budget
+from nirdml.evaluation._inputs import ArrayLike, as_embeddings, rows_for_budget
 from nirdml.evaluation.knn import DEFAULT_MEMORY_BUDGET_MB, faiss_available
+from nirdml.runtime import resolve_device
 
 KMEANS_BACKENDS = ("auto", "torch", "faiss")
 DEFAULT_NITER = 20

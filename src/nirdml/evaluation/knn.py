@@ -31,7 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nirdml.evaluation._inputs import ArrayLike, as_embeddings, resolve_device, rows_for_budget
+from nirdml.evaluation._inputs import ArrayLike, as_embeddings, rows_for_budget
+from nirdml.runtime import resolve_device
 
 DISTANCES = ("euclidean", "cosine")
 KNN_BACKENDS = ("auto", "torch", "faiss")

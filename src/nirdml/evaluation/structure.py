@@ -33,10 +33,10 @@ from nirdml.evaluation._inputs import (
     ArrayLike,
     as_embeddings,
     as_labels,
-    resolve_device,
     rows_for_budget,
 )
 from nirdml.evaluation.knn import DEFAULT_MEMORY_BUDGET_MB
+from nirdml.runtime import resolve_device
 
 DEFAULT_G2_MAX_POINTS = 10_000
 

@@ -10,14 +10,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from nirdml.training.checkpoint import atomic_write, load_checkpoint
+from nirdml.runtime import atomic_write, resolve_device
+from nirdml.training.checkpoint import load_checkpoint
 from nirdml.training.config import RunConfig, load_config
 from nirdml.training.trainer import (
     build_loss,
     eval_metrics,
     evaluate_model,
     load_splits,
-    resolve_device,
     seeded,
 )
 

@@ -21,10 +21,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config key or value is invalid; the message names it and the fix."""
-
+from nirdml.errors import ConfigError
 
 DATASET_NAMES = ("cub200", "cars196", "cars98", "orl", "sop", "omniglot", "digits", "folder", "csv")
 #: Each dataset's default transform preset (as nirdml.data's readers; a test keeps them in

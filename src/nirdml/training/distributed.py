@@ -48,13 +48,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from nirdml.errors import DistributedSetupError
+
 LAUNCH_HINT = "launch with `torchrun --nproc_per_node=N -m nirdml train PRESET ...`"
 WAIT_TIMEOUT = datetime.timedelta(hours=3)
 """Timeout of the CPU group that waits for rank 0 (downloads, cache builds, metrics)."""
-
-
-class DistributedSetupError(ValueError):
-    """The torch.distributed environment or the run config does not fit a distributed run."""
 
 
 # ----------------------------------------------------------------------------- autograd

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from nirdml.training.checkpoint import atomic_write_json
+from nirdml.runtime import atomic_write_json
 from nirdml.training.config import ConfigError, RunConfig, load_config
 
 FEATURE_FORMAT = 1

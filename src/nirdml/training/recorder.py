@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from nirdml.training.checkpoint import atomic_write, atomic_write_text
+from nirdml.runtime import atomic_write, atomic_write_text
 
 
 def write_history(out_dir: Path, history: Sequence[Mapping[str, Any]]) -> None:

@@ -25,9 +25,9 @@ import torch
 from torch import Tensor, nn
 
 import nirdml
+from nirdml.errors import ConfigError, NIRInertWarning, NonFiniteLossError
+from nirdml.runtime import atomic_write_json, atomic_write_text, resolve_device
 from nirdml.training.checkpoint import (
-    atomic_write_json,
-    atomic_write_text,
     load_checkpoint,
     load_scheduler_state,
     save_checkpoint,
@@ -38,7 +38,6 @@ from nirdml.training.config import LossConfig, RunConfig, load_config
 from nirdml.training.datacheck import check_images, corrupt_summary
 from nirdml.training.distributed import (
     DistContext,
-    DistributedSetupError,
     convert_sync_batchnorm,
     slice_bounds,
 )
@@ -51,14 +50,6 @@ LOG_EVERY = 10
 """Steps between progress reads; each reads the values of the previous read, so the host
 never waits for the device inside an epoch (one read at the end of each epoch)."""
 MAX_CONSECUTIVE_SKIPS = 50
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced non-finite gradients for too many consecutive steps."""
-
-
-class NIRInertWarning(UserWarning):
-    """NIR's gradient on the embeddings stayed negligible for a whole epoch."""
 
 
 ALARM_KEYS = ("grad_ratio", "grad_nir", "grad_proxy", "nll_min", "nll_max")
@@ -134,31 +125,6 @@ class RunResult:
 
 
 # ----------------------------------------------------------------------------- building
-
-
-def resolve_device(name: str, dist: DistContext | None = None) -> torch.device:
-    """``auto`` -> the rank's CUDA device when available, else CPU.
-
-    Distributed: ``auto`` and ``cuda`` mean ``cuda:LOCAL_RANK``; an explicit ``cuda:N`` is
-    kept (for launchers that give every process one GPU through CUDA_VISIBLE_DEVICES).
-    """
-    distributed = dist is not None and dist.enabled
-    if name == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        name = "cuda" if distributed else "cuda:0"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name!r} but CUDA is not available; use device=auto or cpu")
-    if device.type == "cuda" and device.index is None and distributed:
-        if dist.local_rank >= torch.cuda.device_count():
-            raise DistributedSetupError(
-                f"LOCAL_RANK={dist.local_rank} but this node has {torch.cuda.device_count()} "
-                "GPU(s); use torchrun --nproc_per_node <= the GPU count, or device=cuda:0 if "
-                "your launcher gives every process its own GPU via CUDA_VISIBLE_DEVICES"
-            )
-        device = torch.device("cuda", dist.local_rank)
-    return device
 
 
 @contextlib.contextmanager
@@ -242,8 +208,6 @@ def load_splits(cfg: RunConfig, progress: bool = False):
 
     d = cfg.data
     if d.root is None and d.name != "digits":
-        from nirdml.training.config import ConfigError
-
         raise ConfigError(
             f"data.root is not set: {d.name} is read from a folder you provide. Pass "
             f"--set data.root=/path/to/{d.name} (or data.root and data.download=true to fetch "
@@ -417,7 +381,9 @@ class _Run:
         self.cfg = cfg
         self.out_dir = out_dir
         self.dist = dist
-        self.device = resolve_device(cfg.device, dist)
+        self.device = resolve_device(
+            cfg.device, local_rank=dist.local_rank if dist.enabled else None
+        )
         dist.init(self.device)
         dist.check_same(
             cfg.to_dict(), "config", "start every rank with the same preset and --set overrides"
