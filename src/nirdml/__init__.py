@@ -15,10 +15,9 @@ command's ``--help``, ``--version`` and config errors do not pay for importing t
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from nirdml.runtime import __version__
+from nirdml.runtime import __version__, lazy_attributes
 
 #: public name -> the module that defines it (imported on first access)
 _LAZY = {
@@ -63,20 +62,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
 _SUBMODULES = ("analysis", "data", "evaluation", "export", "flow", "losses", "models", "training")
 
 
-def __getattr__(name: str) -> Any:
-    if name in _SUBMODULES:  # ``import nirdml; nirdml.losses`` keeps working
-        return importlib.import_module(f"nirdml.{name}")
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'nirdml' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later accesses skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
-
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, _SUBMODULES)
 
 __all__ = [
     "ClassBalancedBatchSampler",

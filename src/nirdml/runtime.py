@@ -1,5 +1,5 @@
-"""Shared runtime helpers at the bottom of the package: version, device resolution, the
-autocast guard and atomic file writes.
+"""Shared runtime helpers at the bottom of the package: version, lazy package attributes,
+device resolution, the autocast guard and atomic file writes.
 
 Every layer may import this module, and it imports no other part of nirdml except
 :mod:`nirdml.errors`. torch is imported inside the functions that need it, so ``import
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -22,6 +22,32 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     import torch
 
 __version__ = "0.1.0"
+
+
+def lazy_attributes(
+    package: str, table: Mapping[str, str], submodules: Sequence[str] = ()
+) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """A package's PEP 562 ``__getattr__`` and ``__dir__``: ``name`` is imported from the
+    module ``table[name]`` on first access (then cached in the package), and each of
+    ``submodules`` is importable as an attribute. Packages use it so that importing them
+    does not import torch."""
+    import importlib
+    import sys
+
+    def __getattr__(name: str) -> Any:
+        if name in submodules:
+            return importlib.import_module(f"{package}.{name}")
+        module = table.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        setattr(sys.modules[package], name, value)  # later accesses skip __getattr__
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(set(vars(sys.modules[package])) | set(table) | set(submodules))
+
+    return __getattr__, __dir__
 
 
 def resolve_device(

@@ -14,16 +14,10 @@ from nirdml.errors import NonFiniteLossError
 from nirdml.flow import ConditionalFlow
 from nirdml.losses.base import ProxyLoss
 from nirdml.losses.pml import PMLProxyLoss
+from nirdml.losses.registry import NIR_OBJECTIVES
 from nirdml.runtime import no_autocast
 
-OBJECTIVES = (
-    "exp_nll",
-    "nll",
-    "noise_nll",
-    "noise_nll_spread",
-    "tangent_nll",
-    "tangent_spread",
-)
+OBJECTIVES = NIR_OBJECTIVES
 BOUNDED = {
     # objective -> (space, embeddings ascend the NLL)
     "noise_nll": ("ambient", False),
