@@ -10,7 +10,15 @@ import torch.nn.functional as F
 from pytorch_metric_learning import losses as pml
 from pytorch_metric_learning import regularizers as pml_reg
 
-from nirdml.losses import PMLProxyLoss, ProxyAnchorLoss, ProxyNCALoss, SoftTripleLoss
+from nirdml.flow import ConditionalFlow
+from nirdml.losses import (
+    NIRLoss,
+    PMLProxyLoss,
+    ProxyAnchorLoss,
+    ProxyCriterion,
+    ProxyNCALoss,
+    SoftTripleLoss,
+)
 from test_flow_reference import authors_panc
 
 
@@ -223,3 +231,26 @@ def test_generator_init_is_reproducible_and_authors_scale() -> None:
     assert torch.equal(a.proxies, b.proxies)
     assert abs(a.proxies.detach().std().item() - 1 / 8) < 0.005
     assert SoftTripleLoss(7, 4).proxies.shape == (70, 4)
+
+
+def test_every_criterion_implements_the_protocol() -> None:
+    """The five criteria are ProxyCriterion instances, with last_stats from the start and
+    after a forward, and the same members (no probes needed by callers)."""
+    flow = ConditionalFlow(8, num_blocks=1, hidden_width=8, hidden_layers=2)
+    criteria = [
+        ProxyAnchorLoss(5, 8),
+        ProxyNCALoss(5, 8),
+        SoftTripleLoss(5, 8, centers_per_class=2),
+        PMLProxyLoss(pml.ProxyAnchorLoss(5, 8)),
+        NIRLoss(ProxyAnchorLoss(5, 8), flow=flow),
+    ]
+    x, labels = _batch(6, 8, 5, seed=0)
+    for criterion in criteria:
+        assert isinstance(criterion, ProxyCriterion), type(criterion).__name__
+        assert criterion.last_stats == {}
+        assert (criterion.num_classes, criterion.embedding_dim) == (5, 8)
+        assert criterion.class_condition(x, labels).shape == (6, 8)
+        groups = criterion.param_groups(1.0, 10.0, 2.0)
+        assert groups[0]["name"] == "proxies" and groups[0]["lr"] == 10.0
+        criterion(x, labels)
+        assert "proxy_loss" in criterion.last_stats

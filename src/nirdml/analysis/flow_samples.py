@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset
+
+from nirdml.losses.base import ProxyCriterion
+from nirdml.losses.nir import NIRLoss
 
 
 @dataclass
@@ -34,9 +37,9 @@ class FlowSamples:
     temperature: float = 1.0
 
 
-def is_nir(loss: Any) -> bool:
-    """Whether a loss module is NIR (has a conditional flow on top of a proxy loss)."""
-    return hasattr(loss, "flow") and hasattr(loss, "base_loss")
+def is_nir(loss: ProxyCriterion) -> TypeGuard[NIRLoss]:
+    """Whether a criterion is NIR (a conditional flow on top of a proxy loss)."""
+    return isinstance(loss, NIRLoss)
 
 
 def choose_classes(labels: np.ndarray, n: int, seed: int) -> list[int]:
@@ -105,7 +108,7 @@ def flow_stats(
 
 def draw_flow_samples(
     model: torch.nn.Module,
-    loss: torch.nn.Module,
+    loss: ProxyCriterion,
     train_data: Any,
     *,
     classes: list[int] | None = None,
@@ -153,7 +156,7 @@ def draw_flow_samples(
     )
     proxies = []
     all_proxies = F.normalize(loss.proxies.detach(), dim=-1)
-    per_class = getattr(base, "condition_per_class", True)
+    per_class = base.condition_per_class
     for c in classes:
         members = np.flatnonzero(labels == c)
         if len(members) == 0:

@@ -12,6 +12,7 @@ from nirdml.runtime import lazy_attributes
 
 #: public name -> the module that defines it (imported on first access)
 _LAZY = {
+    "ProxyCriterion": "nirdml.losses.base",
     "ProxyLoss": "nirdml.losses.base",
     "INERT_THRESHOLD": "nirdml.losses.nir",
     "OBJECTIVES": "nirdml.losses.nir",
@@ -24,7 +25,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from nirdml.losses.base import ProxyLoss
+    from nirdml.losses.base import ProxyCriterion, ProxyLoss
     from nirdml.losses.nir import INERT_THRESHOLD, OBJECTIVES, NIRLoss, nir_diagnostics
     from nirdml.losses.pml import PMLProxyLoss
     from nirdml.losses.proxy_anchor import ProxyAnchorLoss
@@ -40,6 +41,7 @@ __all__ = [
     "NIRLoss",
     "PMLProxyLoss",
     "ProxyAnchorLoss",
+    "ProxyCriterion",
     "ProxyLoss",
     "ProxyNCALoss",
     "SoftTripleLoss",

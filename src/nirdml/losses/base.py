@@ -1,8 +1,10 @@
-"""ProxyLoss: the small interface every proxy loss implements (docs/architecture.md)."""
+"""The loss contract: :class:`ProxyCriterion`, what callers rely on in any criterion, and
+:class:`ProxyLoss`, the base class every proxy loss implements (docs/architecture.md)."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -22,13 +24,51 @@ def init_proxies(num_rows: int, dim: int, generator: torch.Generator | None) -> 
     return nn.Parameter(torch.randn(num_rows, dim, generator=generator) / 8)
 
 
+@runtime_checkable
+class ProxyCriterion(Protocol):
+    """A criterion with class proxies: ProxyAnchorLoss, ProxyNCALoss, SoftTripleLoss,
+    PMLProxyLoss and NIRLoss implement it. Training, analysis and export type against it
+    (no ``hasattr`` probes): every criterion has all of these members."""
+
+    num_classes: int
+    """The number of training classes C."""
+    embedding_dim: int
+    """The embedding dimension D."""
+    last_stats: dict[str, Tensor]
+    """Detached 0-dim tensors of the last forward (at least ``"proxy_loss"``; ``{}``
+    before the first), read without a host sync."""
+
+    @property
+    def proxies(self) -> Tensor:
+        """``(C, D)`` proxies (``(C * K, D)`` with K centers per class)."""
+        ...
+
+    def __call__(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """The scalar loss of a batch."""
+        ...
+
+    def class_condition(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """(B, D) L2-normalised proxy of each sample's own class, NOT detached (SoftTriple:
+        the class's similarity-weighted center)."""
+        ...
+
+    def param_groups(
+        self, lr: float, proxy_lr_mult: float, flow_lr_mult: float = 1.0
+    ) -> list[dict]:
+        """Optimizer groups of the criterion's own parameters, each with "name", "params",
+        "lr" and "weight_decay": 0.0."""
+        ...
+
+
 class ProxyLoss(nn.Module, ABC):
     """A proxy-based metric-learning loss: ``loss(embeddings, labels) -> scalar``.
 
     Subclasses hold ``proxies`` (``(num_classes, dim)``, or ``(num_classes * K, dim)`` for
     K centers per class) and implement :meth:`compute`. ``forward`` validates the inputs,
     computes in the proxies' dtype (fp16/bf16 embeddings are upcast, autocast is off
-    inside) and records ``last_stats["proxy_loss"]`` (detached, no host sync).
+    inside) and records ``last_stats["proxy_loss"]`` (detached, no host sync). Implements
+    :class:`ProxyCriterion`; a criterion built on top of a proxy loss (NIRLoss) uses
+    :meth:`loss_and_inputs` and :meth:`batch_conditions`.
     """
 
     num_classes: int
@@ -55,11 +95,17 @@ class ProxyLoss(nn.Module, ABC):
         return [self.proxies]
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        loss, _, _ = self.loss_and_inputs(embeddings, labels)
+        self.last_stats = {"proxy_loss": loss.detach()}
+        return loss
+
+    def loss_and_inputs(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(loss, checked embeddings, checked labels)`` without recording ``last_stats``:
+        for a criterion on top of this loss that goes on with the same checked inputs."""
         embeddings, labels = self.check_inputs(embeddings, labels)
         with no_autocast(embeddings.device):
             loss = self.compute(embeddings, labels)
-        self.last_stats = {"proxy_loss": loss.detach()}
-        return loss
+        return loss, embeddings, labels
 
     def check_inputs(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Validated ``(embeddings in the proxies' dtype, int64 labels on their device)``."""
@@ -105,6 +151,24 @@ class ProxyLoss(nn.Module, ABC):
     def proxy_condition(self, classes: Tensor) -> Tensor:
         """(n, dim) L2-normalised proxies of ``classes`` (only for ``condition_per_class``)."""
         return F.normalize(self.proxies.index_select(0, classes), dim=-1)
+
+    def batch_conditions(
+        self, embeddings: Tensor, labels: Tensor, host_labels: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        """The class conditions of a batch, as ``(n, dim)`` rows and the row of each sample,
+        or ``(B, dim)`` and None.
+
+        When the condition depends on the class only and ``host_labels`` (the labels as
+        given) lie on the CPU, as a DataLoader yields them, there is one row per class of
+        the batch (a batch holds few classes: 45 x 2 samples); the unique runs on the CPU
+        labels, so it never syncs an accelerator. NOT detached.
+        """
+        if self.condition_per_class and host_labels.device.type == "cpu":
+            classes, index = torch.unique(host_labels, return_inverse=True)
+            device = embeddings.device
+            cond = self.proxy_condition(classes.to(device, torch.long, non_blocking=True))
+            return cond, index.to(device, non_blocking=True)
+        return self.class_condition(embeddings, labels), None
 
     def param_groups(
         self, lr: float, proxy_lr_mult: float, flow_lr_mult: float = 1.0

@@ -350,7 +350,7 @@ class NIRLoss(nn.Module):
         """Set True to measure the diagnostics (gradient ratio) on the next forward."""
         self.last_stats: dict[str, Tensor] = {}
 
-    # The ProxyLoss-like surface the training loop uses.
+    # ProxyCriterion: classes, proxies and conditions are the base loss's.
     @property
     def num_classes(self) -> int:
         return self.base_loss.num_classes
@@ -375,10 +375,9 @@ class NIRLoss(nn.Module):
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         given = labels if isinstance(labels, Tensor) else torch.as_tensor(labels)
-        embeddings, labels = self.base_loss.check_inputs(embeddings, labels)
+        proxy_loss, embeddings, labels = self.base_loss.loss_and_inputs(embeddings, labels)
         diagnose, self.diagnose_next = self.diagnose_next, False
         with no_autocast(embeddings.device):
-            proxy_loss = self.base_loss.compute(embeddings, labels)
             flow_input = embeddings.detach() if self.detach_inputs else embeddings
             if self.ascend:
                 flow_input = reverse_grad(flow_input)
@@ -466,16 +465,7 @@ class NIRLoss(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """The flow's conditions: ``(n, D)`` rows and the row of each sample (or ``(B, D)``
         and None). Detached for ``detach_inputs``."""
-        base = self.base_loss
-        if base.condition_per_class and given.device.type == "cpu":
-            # A batch holds few classes (45 x 2 samples): condition once per class. The
-            # unique runs on the CPU labels, so it never syncs an accelerator.
-            classes, index = torch.unique(given, return_inverse=True)
-            device = embeddings.device
-            cond = base.proxy_condition(classes.to(device, torch.long, non_blocking=True))
-            index = index.to(device, non_blocking=True)
-        else:
-            cond, index = base.class_condition(embeddings, labels), None
+        cond, index = self.base_loss.batch_conditions(embeddings, labels, given)
         if self.detach_inputs:
             cond = cond.detach()
         return cond, index
@@ -537,7 +527,9 @@ class NIRLoss(nn.Module):
             )
         return "NIRLoss: the loss is NaN/inf: lower the weights or nll_cap"
 
-    def param_groups(self, lr: float, proxy_lr_mult: float, flow_lr_mult: float) -> list[dict]:
+    def param_groups(
+        self, lr: float, proxy_lr_mult: float, flow_lr_mult: float = 1.0
+    ) -> list[dict]:
         """Optimizer groups: ``proxies`` (lr x proxy_lr_mult) and ``flow`` (lr x flow_lr_mult),
         no weight decay on either (authors' recipe: x4000 and x50 for CUB/Cars, x1 flow SOP).
         """
