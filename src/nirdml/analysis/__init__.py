@@ -1,6 +1,7 @@
 """See the embedding space: analysis reports, run comparisons and image search (issue 9).
 
-- :func:`analyze`: a self-contained HTML report of a checkpoint or exported embeddings.
+- :func:`analyze`: a self-contained HTML report of a checkpoint or exported embeddings
+  (:func:`compute_analysis` measures, :func:`write_report` renders and writes).
 - :func:`compare_runs`: one table and overlaid metric-vs-epoch curves for several runs.
 - :func:`search` / :func:`embed_gallery`: query a gallery folder with a trained model.
 - Building blocks: :func:`query_scores`, :func:`retrieval_rows`,
@@ -14,7 +15,13 @@ from nirdml.analysis.compare import Comparison, compare_runs
 from nirdml.analysis.flow_samples import FlowSamples, draw_flow_samples
 from nirdml.analysis.inputs import AnalysisInput, load_input
 from nirdml.analysis.projection import project_2d
-from nirdml.analysis.report import AnalysisReport, analyze
+from nirdml.analysis.report import (
+    AnalysisReport,
+    AnalysisResult,
+    analyze,
+    compute_analysis,
+    write_report,
+)
 from nirdml.analysis.retrieval_grid import (
     GridLayout,
     QueryScores,
@@ -29,6 +36,7 @@ from nirdml.analysis.spread import ClassSpread, class_spread
 __all__ = [
     "AnalysisInput",
     "AnalysisReport",
+    "AnalysisResult",
     "ClassSpread",
     "Comparison",
     "FlowSamples",
@@ -40,6 +48,7 @@ __all__ = [
     "analyze",
     "class_spread",
     "compare_runs",
+    "compute_analysis",
     "draw_flow_samples",
     "embed_gallery",
     "load_input",
@@ -49,4 +58,5 @@ __all__ = [
     "retrieval_rows",
     "search",
     "search_grid",
+    "write_report",
 ]
