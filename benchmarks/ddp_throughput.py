@@ -38,11 +38,11 @@ from machine import cpu_name  # benchmarks/machine.py
 from nirdml.flow import ConditionalFlow
 from nirdml.losses import NIRLoss, ProxyAnchorLoss
 from nirdml.models import build_model
+from nirdml.training.build import Criterion
 from nirdml.training.config import OptimConfig
 from nirdml.training.distributed import DistContext, convert_sync_batchnorm
 from nirdml.training.optim import build_optimizer, param_groups
 from nirdml.training.step import GuardedStep
-from nirdml.training.trainer import Criterion
 
 
 class _DDPOnEveryWorldSize(DistContext):

@@ -26,8 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import cpu_name  # noqa: E402
 from nirdml import load_config  # noqa: E402
+from nirdml.training.build import Criterion, build_loss, build_model_from_config  # noqa: E402
 from nirdml.training.features import FeatureCache, _image_splits, load_feature_splits  # noqa: E402
-from nirdml.training.trainer import Criterion, build_loss, build_model_from_config  # noqa: E402
 
 PRESET = "cars98-frozen-proxyanchor-baseline"
 METRICS = ["recall@1", "recall@2", "recall@4", "recall@8", "map@r", "nmi"]
@@ -69,7 +69,7 @@ def step_times(cfg, splits, repeats: int) -> dict[str, float]:
     for nir in (False, True):
         c = load_config(cfg.to_dict(), {"loss": {"nir": {"enabled": nir}}})
         loss = build_loss(c.loss, splits.train.num_classes, c.model.embed_dim)
-        from nirdml.training.features import build_head_model
+        from nirdml.training.build import build_head_model
 
         head = build_head_model(c, splits.train.num_features, splits.cache.meta["backbone"])
         e2e_cfg = load_config(c.to_dict(), {"model": {"frozen": False}})

@@ -156,10 +156,10 @@ def step_variants(
     CUDA, with the NIR criterion captured in a CUDA graph: an experiment)."""
     from nirdml.losses import ProxyAnchorLoss
     from nirdml.models import build_model
+    from nirdml.training.build import Criterion, build_loss
     from nirdml.training.config import LossConfig, NIRConfig, OptimConfig
     from nirdml.training.optim import build_optimizer, param_groups
     from nirdml.training.step import GuardedStep
-    from nirdml.training.trainer import Criterion, build_loss
 
     channels_last = device.type == "cuda"
     model = build_model("resnet50", dim, pretrained=False, freeze_bn=True, seed=0)
@@ -253,9 +253,9 @@ def loss_variants(
 ) -> dict[str, Callable[[], None]]:
     """The step's loss part alone (forward + backward + fused Adam over the loss's own
     parameters) on unit embeddings: the NIR cost, free of the backbone's noise."""
+    from nirdml.training.build import build_loss
     from nirdml.training.config import LossConfig, NIRConfig, OptimConfig
     from nirdml.training.optim import build_optimizer
-    from nirdml.training.trainer import build_loss
 
     g = torch.Generator().manual_seed(2)
     x = torch.nn.functional.normalize(torch.randn(batch, dim, generator=g), dim=-1)

@@ -31,6 +31,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
+from nirdml.training.build import Criterion
 from nirdml.training.checkpoint import load_checkpoint
 from nirdml.training.config import load_config
 from nirdml.training.distributed import (
@@ -40,7 +41,7 @@ from nirdml.training.distributed import (
     convert_sync_batchnorm,
     slice_bounds,
 )
-from nirdml.training.trainer import Criterion, train
+from nirdml.training.trainer import train
 
 PRESET = "digits-nir"  # small CNN (trainable BatchNorm), ProxyAnchor + NIR, warmup 1 epoch
 RUN = [
@@ -267,7 +268,7 @@ def test_one_process_then_two_rank_resume_matches_single_process(two_ranks):
 
 def test_sharded_evaluation_equals_single_process(two_ranks):
     from nirdml.training.artifacts import load_trained
-    from nirdml.training.trainer import evaluate_model, load_splits
+    from nirdml.training.build import evaluate_model, load_splits
 
     got = torch.load(two_ranks["root"] / "eval_two.pt", weights_only=True)
     run = load_trained(two_ranks["ref"])
@@ -402,7 +403,7 @@ def test_sync_batchnorm_conversion_keeps_weights_and_refuses_unknown_layers():
 def _worker(spec_path: str) -> None:
     """Run the 2-rank tasks of ``spec_path`` (launched by torchrun from ``two_ranks``)."""
     from nirdml.training.artifacts import load_trained
-    from nirdml.training.trainer import eval_metrics, evaluate_model, load_splits
+    from nirdml.training.build import eval_metrics, evaluate_model, load_splits
 
     rank = int(os.environ["RANK"])
     torch.set_num_threads(1)  # one thread per rank (the conftest import asked for 2)

@@ -214,7 +214,7 @@ def test_training_is_bit_reproducible_and_composes_with_the_backbone(
 
 
 def load_trained_head(state, num_features, cfg):
-    from nirdml.training.features import build_head_model
+    from nirdml.training.build import build_head_model
 
     model = build_head_model(cfg, num_features, state["model_spec"]["backbone"])
     model.load_state_dict(state["model"])

@@ -146,8 +146,8 @@ def test_missing_dataset_root_is_a_clear_error(tmp_path, preset):
 
 def test_every_preset_builds_model_loss_and_optimizer():
     """All shipped presets resolve and build (random weights, no data)."""
+    from nirdml.training.build import build_loss, build_model_from_config
     from nirdml.training.optim import build_optimizer, build_scheduler, param_groups
-    from nirdml.training.trainer import build_loss, build_model_from_config
 
     models = {}
     names = list_presets()

@@ -63,8 +63,8 @@ def gradient_diagnostics(run_folder: Path, data_root: str, *, batches: int = 8) 
     """Mean over ``batches`` training batches of the quantities in the module docstring."""
     from nirdml.data import ClassBalancedBatchSampler
     from nirdml.training.artifacts import load_trained
+    from nirdml.training.build import load_splits
     from nirdml.training.loader import train_loader
-    from nirdml.training.trainer import load_splits
 
     run = load_trained(run_folder / "checkpoints" / "last.pt")
     cfg = run.config

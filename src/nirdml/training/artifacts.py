@@ -10,16 +10,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from nirdml.losses import ProxyCriterion
 from nirdml.runtime import atomic_write, resolve_device
+from nirdml.training.build import eval_metrics, evaluate_model, load_splits, run_loss
 from nirdml.training.checkpoint import load_checkpoint
 from nirdml.training.config import RunConfig, load_config
-from nirdml.training.trainer import (
-    build_loss,
-    eval_metrics,
-    evaluate_model,
-    load_splits,
-    seeded,
-)
 
 
 @dataclass
@@ -27,7 +22,7 @@ class TrainedRun:
     """A checkpoint's model (eval mode), loss module (proxies, flow) and config."""
 
     model: nn.Module
-    loss: nn.Module
+    loss: ProxyCriterion
     config: RunConfig
     state: dict[str, Any]
 
@@ -42,8 +37,7 @@ def load_trained(checkpoint: str | Path, device: str | torch.device = "cpu") -> 
     state = load_checkpoint(checkpoint)
     cfg = load_config(state["config"])
     model = model_from_spec(state["model_spec"], state["model"])
-    with seeded(cfg.seed + 1):
-        loss = build_loss(cfg.loss, int(state["num_classes"]), cfg.model.embed_dim, cfg.seed)
+    loss = run_loss(cfg, int(state["num_classes"]))
     loss.load_state_dict(state["loss"])
     device = torch.device(device) if not isinstance(device, torch.device) else device
     return TrainedRun(model.to(device).eval(), loss.to(device).eval(), cfg, state)

@@ -22,6 +22,15 @@ from typing import Any
 import yaml
 
 from nirdml.errors import ConfigError
+from nirdml.losses.registry import (
+    BOUNDED_OBJECTIVES,
+    FLOW_CONDITION_BLOCKS,
+    FLOW_CONDITIONS,
+    LOSS_NAMES,
+    NIR_OBJECTIVES,
+    SIGMA_MODES,
+    unknown_params,
+)
 
 DATASET_NAMES = ("cub200", "cars196", "cars98", "orl", "sop", "omniglot", "digits", "folder", "csv")
 #: Each dataset's default transform preset (as nirdml.data's readers; a test keeps them in
@@ -439,17 +448,6 @@ def _check(cond: bool, message: str) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Range and consistency checks; each message names the field and the fix."""
-    # Imported here until nirdml/losses/__init__.py imports lazily (it imports torch).
-    from nirdml.losses.registry import (
-        BOUNDED_OBJECTIVES,
-        FLOW_CONDITION_BLOCKS,
-        FLOW_CONDITIONS,
-        LOSS_NAMES,
-        NIR_OBJECTIVES,
-        SIGMA_MODES,
-        unknown_params,
-    )
-
     d, m, o, n = cfg.data, cfg.model, cfg.optim, cfg.loss.nir
     _check(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
     _check(cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}")

@@ -104,7 +104,7 @@ def _image_splits(cfg: RunConfig):
     """The config's train (all training classes, not carved) and test image splits."""
     import copy
 
-    from nirdml.training.trainer import load_splits
+    from nirdml.training.build import load_splits
 
     uncarved = copy.deepcopy(cfg)
     uncarved.data.val_classes = 0.0
@@ -550,22 +550,3 @@ def load_feature_splits(cfg: RunConfig, progress: bool = False) -> FeatureSplits
         None if val is None else feats(cache.train_plain, val, "val"),
         cache,
     )
-
-
-def build_head_model(cfg: RunConfig, num_features: int, spec: Mapping[str, Any]) -> torch.nn.Module:
-    """The head of a frozen-feature run, initialised from ``cfg.seed`` (local RNG)."""
-    from nirdml.models import FeatureHead, HeadModel
-
-    m = cfg.model
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        head = FeatureHead(
-            num_features,
-            m.embed_dim,
-            m.head,
-            m.head_hidden,
-            m.head_norm,
-            m.head_dropout,
-            seed=cfg.seed,
-        )
-    return HeadModel(head, spec)

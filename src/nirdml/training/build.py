@@ -1,0 +1,314 @@
+"""Config to objects: every step that turns a :class:`RunConfig` into the parts of a run.
+
+The training loop (trainer.py), a finished run's artifacts (artifacts.py), the analysis and
+the benchmarks build through these functions, so each config field is read in one place.
+A builder takes the config section it needs and hands plain keyword arguments to the
+lower layers (data, models, losses, evaluation), which never see a config object. All
+randomness comes from the config's seed through local generators or :func:`seeded`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from nirdml.errors import ConfigError
+from nirdml.losses import ProxyCriterion
+from nirdml.losses.registry import LOSSES
+from nirdml.training.compiled import CompiledOrEager
+from nirdml.training.config import DataConfig, LossConfig, RunConfig
+from nirdml.training.datacheck import check_images
+from nirdml.training.distributed import DistContext, convert_sync_batchnorm, slice_bounds
+from nirdml.training.loader import SeededBatchSampler, train_loader
+
+_NIR_LOOP_OPTIONS = ("enabled", "alarm", "alarm_threshold", "flow")
+"""loss.nir fields the training loop reads; every other one is a NIRLoss keyword."""
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block with the CPU torch RNG seeded, restoring the global state afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``amp`` ("none", "bf16", "fp16"); None off CUDA (with a warning)."""
+    if amp == "none":
+        return None
+    if device.type != "cuda":
+        warnings.warn(f"amp={amp} is only used on CUDA; running in fp32 on {device}", stacklevel=3)
+        return None
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def build_loss(cfg: LossConfig, num_classes: int, embed_dim: int, seed: int = 0) -> ProxyCriterion:
+    """The proxy loss of ``cfg.name``, wrapped in NIRLoss when ``cfg.nir.enabled``
+    (``seed``: the bounded objectives' noise generator)."""
+    from nirdml.flow import ConditionalFlow
+    from nirdml.losses import NIRLoss
+    from nirdml.losses.nir import flow_dims
+
+    try:
+        base = LOSSES[cfg.name].load()(num_classes, embed_dim, **cfg.params)
+    except TypeError as exc:
+        raise ValueError(f"loss.params for {cfg.name}: {exc}") from exc
+    if not cfg.nir.enabled:
+        return base
+    nir = dataclasses.asdict(cfg.nir)
+    flow_dim, cond_dim = flow_dims(cfg.nir.objective, embed_dim)
+    flow = ConditionalFlow(flow_dim, cond_dim=cond_dim, **nir["flow"])
+    return NIRLoss(
+        base,
+        flow=flow,
+        noise_seed=seed,
+        # No per-step host sync: non-finite steps are skipped and counted by GuardedStep,
+        # and a run of them stops training with a clear error.
+        check_finite=False,
+        **{k: v for k, v in nir.items() if k not in _NIR_LOOP_OPTIONS},
+    )
+
+
+def run_loss(cfg: RunConfig, num_classes: int) -> ProxyCriterion:
+    """The loss module of a run, initialised as training does (proxies from seed + 1)."""
+    with seeded(cfg.seed + 1):
+        return build_loss(cfg.loss, num_classes, cfg.model.embed_dim, cfg.seed)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def build_model_from_config(cfg: RunConfig) -> nn.Module:
+    """The embedding model of ``cfg.model``, initialised from ``cfg.seed``."""
+    from nirdml.models import build_model
+
+    m = cfg.model
+    return build_model(
+        m.arch,
+        m.embed_dim,
+        pooling=m.pooling,
+        pretrained=m.pretrained,
+        weights=m.weights,
+        freeze_bn=m.freeze_bn,
+        freeze_bn_affine=m.freeze_bn_affine,
+        in_channels=m.in_channels,
+        seed=cfg.seed,
+    )
+
+
+def build_head_model(cfg: RunConfig, num_features: int, spec: Mapping[str, Any]) -> nn.Module:
+    """The head of a frozen-feature run, initialised from ``cfg.seed`` (local RNG)."""
+    from nirdml.models import FeatureHead, HeadModel
+
+    m = cfg.model
+    with seeded(cfg.seed):
+        head = FeatureHead(
+            num_features,
+            m.embed_dim,
+            m.head,
+            m.head_hidden,
+            m.head_norm,
+            m.head_dropout,
+            seed=cfg.seed,
+        )
+    return HeadModel(head, spec)
+
+
+def place_model(
+    model: nn.Module, cfg: RunConfig, dist: DistContext, device: torch.device
+) -> nn.Module:
+    """``model`` ready to train on ``device``: synchronised BatchNorm when distributed
+    (``model.sync_bn``), channels-last memory, and the compiled embedding network
+    (``compile``; the flow and losses stay eager, their backward is fused by hand)."""
+    if dist.enabled and cfg.model.sync_bn:
+        model, _ = convert_sync_batchnorm(model, device)
+    else:
+        dist.warn_unsynced_batchnorm(model)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = model.to(device)
+    if cfg.compile:
+        model.features = CompiledOrEager(model.features, f"the {cfg.model.arch} backbone")
+    return model
+
+
+class Criterion(nn.Module):
+    """Model + loss as one module, so DDP synchronises the proxies and the flow too."""
+
+    def __init__(self, model: nn.Module, loss: nn.Module, gather: Any = None) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = loss
+        self.gather = gather
+
+    def forward(self, images: Tensor, labels: Tensor, backbone_grad: bool = True) -> Tensor:
+        with torch.set_grad_enabled(backbone_grad and torch.is_grad_enabled()):
+            features = self.model.features(images)
+        embeddings = self.model.embed(features)
+        if self.gather is not None:
+            embeddings, labels = self.gather(embeddings, labels)
+        return self.loss(embeddings, labels)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_splits(cfg: RunConfig, progress: bool = False) -> Any:
+    """The dataset splits of ``cfg.data`` (train / test / optional val).
+
+    With ``data.cache`` set, every split is served from a pre-resized uint8 cache in that
+    folder (built on first use), so JPEG decoding does not bound training.
+    """
+    from nirdml.data import DatasetSplits, build_cache, cached, load_dataset
+
+    d = cfg.data
+    if d.root is None and d.name != "digits":
+        raise ConfigError(
+            f"data.root is not set: {d.name} is read from a folder you provide. Pass "
+            f"--set data.root=/path/to/{d.name} (or data.root and data.download=true to fetch "
+            "the public archives, where the dataset allows it)"
+        )
+    splits = load_dataset(
+        d.name,
+        d.root,
+        transform_preset=d.transform,
+        val_classes=d.val_classes,
+        seed=cfg.seed,
+        download=d.download,
+        skip_corrupt=d.skip_corrupt,
+        image_size=d.image_size,
+        **d.options,
+    )
+    if d.cache is None:
+        return splits
+
+    def from_cache(split: Any, name: str) -> Any:
+        if split is None:
+            return None
+        folder = Path(d.cache) / name
+        build_cache(split, folder, num_workers=d.num_workers, progress=progress)
+        return cached(split, folder)
+
+    return DatasetSplits(
+        from_cache(splits.train, "train"),
+        from_cache(splits.test, "test"),
+        from_cache(splits.val, "val"),
+    )
+
+
+@dataclass
+class RunData:
+    """A run's splits, what the image check found, and its (untrained) model."""
+
+    splits: Any
+    image_check: dict[str, Any]
+    model: nn.Module
+
+
+def load_run_data(cfg: RunConfig, *, progress: bool, echo: bool) -> RunData:
+    """The splits and model of a run: images and the embedding model, or with
+    ``model.frozen`` the cached backbone features and a head (nirdml.training.features).
+    ``echo``: print the image check's findings (rank 0)."""
+    if cfg.model.frozen:
+        from nirdml.training.features import load_feature_splits
+
+        splits = load_feature_splits(cfg, progress=progress)
+        model = build_head_model(cfg, splits.train.num_features, splits.cache.meta["backbone"])
+        return RunData(
+            splits, {"checked": 0, "skipped": "frozen: checked by the cache build"}, model
+        )
+    splits = load_splits(cfg, progress=progress)
+    image_check = check_images(cfg, splits, progress=progress, echo=echo)
+    return RunData(splits, image_check, build_model_from_config(cfg))
+
+
+def train_batches(
+    train_set: Any, d: DataConfig, *, seed: int, dist: DistContext, device: torch.device
+) -> tuple[DataLoader, SeededBatchSampler]:
+    """The training DataLoader: class-balanced GLOBAL batches (``data.batch_size``), this
+    rank's slice of each, augmentation seeded by the slot in the global batch."""
+    from nirdml.data import ClassBalancedBatchSampler
+
+    batches = ClassBalancedBatchSampler(
+        train_set.labels,
+        d.batch_size,
+        d.samples_per_class,
+        replacement=d.sampler == "authors",
+        seed=seed,
+        num_replicas=1,  # the GLOBAL batches; each rank takes its slice of every one
+        rank=0,
+    )
+    return train_loader(
+        train_set,
+        dist.shard(batches, d.batch_size),
+        seed=seed,
+        num_workers=d.num_workers,
+        rank_offset=slice_bounds(d.batch_size, dist.world_size, dist.rank)[0],
+        pin_memory=device.type == "cuda",
+    )
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def eval_metrics(cfg: RunConfig) -> list[str]:
+    """``eval.metrics``, or the dataset's standard set."""
+    from nirdml.evaluation import DEFAULT_METRICS
+
+    if cfg.eval.metrics:
+        return list(cfg.eval.metrics)
+    return list(DEFAULT_METRICS.get(cfg.data.name, DEFAULT_METRICS["cub200"]))
+
+
+def evaluate_model(
+    model: nn.Module,
+    dataset: Any,
+    *,
+    metrics: list[str],
+    num_clusters: int | None,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    seed: int,
+    amp_dtype: torch.dtype | None = None,
+    dist: DistContext | None = None,
+) -> dict[str, float]:
+    """Embed ``dataset`` with ``model`` and compute ``metrics`` (every test item a query)."""
+    from nirdml.evaluation import compute_embeddings, evaluate
+
+    if dist is not None and dist.enabled:
+        embeddings, labels = dist.compute_embeddings(
+            model,
+            dataset,
+            batch_size=batch_size,
+            device=device,
+            num_workers=num_workers,
+            amp=amp_dtype is not None,
+        )
+        if not dist.is_main:
+            return {}
+    else:
+        embeddings, labels = compute_embeddings(
+            model,
+            dataset,
+            batch_size=batch_size,
+            device=device,
+            num_workers=num_workers,
+            amp=amp_dtype is not None,
+        )
+    return evaluate(
+        embeddings, labels, metrics=metrics, num_clusters=num_clusters, seed=seed, device=device
+    )
