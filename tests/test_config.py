@@ -171,3 +171,14 @@ def test_loss_table_matches_the_constructors_and_names_a_bad_option() -> None:
         assert options == dict(entry.options), name
     with pytest.raises(ConfigError, match="Did you mean 'alpha'"):
         load_config("digits", ["loss.params.alpah=16"])
+
+
+def test_dataset_aliases_are_accepted_by_config_and_load_dataset_alike() -> None:
+    from nirdml.data import load_dataset
+
+    cfg = load_config("cub200-r128-avg-proxyanchor-nir", ["data.name=cub", "data.root=/x"])
+    assert cfg.data.name == "cub200" and cfg.name == "cub200-r128-avg-proxyanchor-nir"
+    with pytest.raises(ConfigError, match="Did you mean 'cub'"):
+        load_config("digits", ["data.name=cubb"])
+    with pytest.raises(ValueError, match="Did you mean 'cub'"):
+        load_dataset("cubb")

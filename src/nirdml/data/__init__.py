@@ -2,175 +2,50 @@
 
 ``load_dataset(name, root)`` returns the class-disjoint train/test (and optional
 validation) splits of the paper's protocol (method.md sections 5-6), transformed with the
-dataset's preset.
+dataset's preset. The datasets are listed once, in :mod:`nirdml.data.registry`.
+
+The names are imported lazily (PEP 562), so config validation reads the torch-free
+registry without importing torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from nirdml.runtime import lazy_attributes
 
-from nirdml.data.base import DatasetSplits, RetrievalDataset
-from nirdml.data.cache import build_cache, cached
-from nirdml.data.cars import load_cars196
-from nirdml.data.cars98 import load_cars98
-from nirdml.data.cub import load_cub200
-from nirdml.data.custom import load_csv, load_folder, load_image_folder
-from nirdml.data.digits import load_digits_splits
-from nirdml.data.download import fetch_dataset
-from nirdml.data.errors import (
-    CorruptImageError,
-    DatasetLayoutError,
-    MissingImageError,
-    SamplerConfigError,
-)
-from nirdml.data.omniglot import load_omniglot
-from nirdml.data.orl import load_orl
-from nirdml.data.samplers import ClassBalancedBatchSampler
-from nirdml.data.sop import load_sop
-from nirdml.data.splits import carve_validation, split_class_names
-from nirdml.data.transforms import PRESETS, build_transforms, check_image_size
-from nirdml.data.verify import VerifyReport, verify
-
-#: name -> (reader, default transform preset, layout options the reader accepts)
-_READERS: dict[str, tuple[Callable[..., DatasetSplits], str, frozenset[str]]] = {
-    "cub200": (load_cub200, "resnet", frozenset()),
-    "cars196": (load_cars196, "resnet", frozenset()),
-    "cars98": (load_cars98, "resnet", frozenset({"train_classes"})),
-    "orl": (load_orl, "resnet", frozenset({"train_classes"})),
-    "sop": (load_sop, "resnet", frozenset()),
-    "omniglot": (load_omniglot, "omniglot", frozenset({"source"})),
-    "digits": (load_digits_splits, "digits", frozenset()),
-    "folder": (load_folder, "resnet", frozenset({"train_classes", "test_classes"})),
-    "csv": (load_csv, "resnet", frozenset({"image_root", "train_classes", "test_classes"})),
-}
-DATASETS = tuple(_READERS)
-#: Download options load_dataset accepts (only with download=True).
-_DOWNLOAD_OPTIONS = frozenset({"urls", "opener"})
-_ALIASES = {
-    "cub": "cub200",
-    "cub200_2011": "cub200",
-    "cars": "cars196",
-    "stanford_online_products": "sop",
+#: public name -> the module that defines it (imported on first access)
+_LAZY = {
+    "DatasetSplits": "nirdml.data.base",
+    "RetrievalDataset": "nirdml.data.base",
+    "build_cache": "nirdml.data.cache",
+    "cached": "nirdml.data.cache",
+    "load_image_folder": "nirdml.data.custom",
+    "fetch_dataset": "nirdml.data.download",
+    "CorruptImageError": "nirdml.data.errors",
+    "DatasetLayoutError": "nirdml.data.errors",
+    "MissingImageError": "nirdml.data.errors",
+    "SamplerConfigError": "nirdml.data.errors",
+    "auto_val_classes": "nirdml.data.load",
+    "default_transform_preset": "nirdml.data.load",
+    "file_reader": "nirdml.data.load",
+    "load_dataset": "nirdml.data.load",
+    "DATASETS": "nirdml.data.registry",
+    "ClassBalancedBatchSampler": "nirdml.data.samplers",
+    "carve_validation": "nirdml.data.splits",
+    "split_class_names": "nirdml.data.splits",
+    "build_transforms": "nirdml.data.transforms",
+    "VerifyReport": "nirdml.data.verify",
+    "verify": "nirdml.data.verify",
 }
 
-
-def file_reader(name: str) -> Callable[[Any], Any] | None:
-    """How dataset ``name`` post-processes a decoded image file (None: as decoded).
-
-    Omniglot PNGs are black ink on white; the reader inverts them to ink = 255, the
-    convention of the whole Omniglot pipeline. Use it to embed new files like the training data.
-    """
-    key = _ALIASES.get(name.lower(), name.lower())
-    if key == "omniglot":
-        from nirdml.data.omniglot import ink_high
-
-        return ink_high
-    return None
+_getattr, __dir__ = lazy_attributes(__name__, _LAZY)
 
 
-def default_transform_preset(name: str) -> str:
-    """The transform preset a dataset uses unless told otherwise ("resnet" for photos)."""
-    key = _ALIASES.get(name.lower(), name.lower())
-    if key not in _READERS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    return _READERS[key][1]
+def __getattr__(name: str) -> object:
+    if name == "_READERS":  # until tests/test_cli.py reads nirdml.data.registry
+        from nirdml.data.registry import DATASETS
 
-
-#: Datasets whose default ("auto") is a class-disjoint validation split: the paper's
-#: CUB/Cars/SOP runs keep every training class and report the best test epoch, as published.
-AUTO_VAL_DATASETS = frozenset({"digits", "folder", "csv", "omniglot", "cars98", "orl"})
-
-
-def auto_val_classes(name: str, num_train_classes: int) -> int:
-    """How many training classes ``val_classes="auto"`` moves into a validation split:
-    10% (at least 2, so retrieval among them means something) for digits, folder, csv,
-    Omniglot and cars98, if at least 2 training classes remain; else 0 (selection on test)."""
-    if name not in AUTO_VAL_DATASETS:
-        return 0
-    n_val = max(2, round(0.1 * num_train_classes))
-    return n_val if num_train_classes - n_val >= 2 else 0
-
-
-def load_dataset(
-    name: str,
-    root: str | Path | None = None,
-    *,
-    transform_preset: str | None = None,
-    val_classes: float | int | str = 0,
-    seed: int = 0,
-    download: bool = False,
-    skip_corrupt: bool = False,
-    image_size: int | None = None,
-    **layout_options: Any,
-) -> DatasetSplits:
-    """Load the train/test(/val) splits of a dataset, with the preset's transforms.
-
-    name: "cub200", "cars196", "cars98", "orl", "sop", "omniglot", "digits", "folder" or "csv".
-    transform_preset: "resnet", "omniglot", "digits", "none" (raw PIL images / tensors) or
-        None for the dataset's default ("resnet" for photos).
-    val_classes: a fraction in (0, 1) or a count of TRAIN classes moved (chosen from
-        ``seed``) into a class-disjoint validation split; 0 for none; ``"auto"``: see
-        :func:`auto_val_classes` (the training configs' default).
-    download: fetch and extract the public archives into ``root`` first (CUB, SOP,
-        Omniglot); ``urls={archive file name: mirror url}`` overrides a source.
-    image_size: crop size of the RGB ``resnet`` transform (train RandomResizedCrop, test
-        Resize(round(S*256/224)) + CenterCrop(S)); None = 224, the paper's.
-    skip_corrupt: drop missing files (counted in ``split.missing``) and replace unreadable
-        images by another image of the same class (counted in ``split.corrupt_count``).
-    layout_options: omniglot ``source`` ("auto"/"png"/"npz"); cars98/orl ``train_classes``
-        ([first, last] class ids / subject numbers); folder/csv ``train_classes``,
-        ``test_classes``; csv ``image_root``.
-    """
-    key = _ALIASES.get(name.lower(), name.lower())
-    if key not in _READERS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    reader, default_preset, allowed = _READERS[key]
-    download_opts = {
-        k: layout_options.pop(k) for k in list(layout_options) if k in _DOWNLOAD_OPTIONS
-    }
-    unknown = set(layout_options) - allowed
-    if unknown:
-        raise TypeError(
-            f"{key} does not take option(s) {sorted(unknown)}; it accepts "
-            f"{sorted(allowed) or 'none'} (download options {sorted(_DOWNLOAD_OPTIONS)} need "
-            "download=True)"
-        )
-    if download_opts and not download:
-        raise TypeError(f"{sorted(download_opts)} only apply with download=True")
-    if download:
-        if root is None:
-            raise ValueError(f"download=True needs root=... (the folder to download {key} into)")
-        fetch_dataset(key, root, **download_opts)
-    splits = reader(root, skip_corrupt=skip_corrupt, **layout_options)
-
-    preset = default_preset if transform_preset is None else transform_preset
-    if preset != "none" and preset not in PRESETS:
-        raise ValueError(
-            f"unknown transform_preset {preset!r}; choose one of {', '.join(PRESETS)}, "
-            "'none' or None"
-        )
-    if preset != "none":
-        check_image_size(preset, image_size)
-    train, val = splits.train, splits.val
-    if val_classes == "auto":
-        val_classes = 0 if val is not None else auto_val_classes(key, train.num_classes)
-    if val_classes:
-        if val is not None:
-            raise ValueError(
-                f"{key} data already defines a validation split; drop val_classes or the 'val' rows"
-            )
-        train, val = carve_validation(train, val_classes, seed)
-
-    def tf(ds: RetrievalDataset | None, is_train: bool) -> RetrievalDataset | None:
-        if ds is None:
-            return None
-        return ds.with_transform(
-            None if preset == "none" else build_transforms(preset, is_train, image_size)
-        )
-
-    return DatasetSplits(tf(train, True), tf(splits.test, False), tf(val, False))
+        return {n: (e.reader, e.transform, e.options) for n, e in DATASETS.items()}
+    return _getattr(name)
 
 
 __all__ = [

@@ -14,26 +14,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from nirdml.data.registry import DATASETS
 from nirdml.evaluation import clustering, retrieval, structure
 from nirdml.evaluation._inputs import ArrayLike, as_embeddings, as_labels
 from nirdml.evaluation.kmeans_backends import DEFAULT_NITER, kmeans, resolve_kmeans_backend
 from nirdml.evaluation.knn import DEFAULT_MEMORY_BUDGET_MB, iter_knn, resolve_knn_backend
 from nirdml.runtime import resolve_device
 
-_COMMON = ("map@r", "r_precision", "map@1000", "map@1000_authors", "nmi", "f1")
-_SMALL = ("recall@1", "recall@2", "recall@4", "recall@8", *_COMMON)
-_SOP = ("recall@1", "recall@10", "recall@100", "recall@1000", *_COMMON)
-
 DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
-    "cub200": _SMALL,
-    "cars196": _SMALL,
-    "sop": _SOP,
-    "omniglot": _SMALL,
-    "digits": _SMALL,
-    "folder": _SMALL,
-    "csv": _SMALL,
+    name: entry.metrics for name, entry in DATASETS.items()
 }
-"""Metrics reported per dataset (the paper's Recall@k ks; CUB/Cars-style for the rest)."""
+"""Metrics reported per dataset (the paper's Recall@k ks; CUB/Cars-style for the rest),
+from the dataset table (nirdml.data.registry)."""
 
 CLUSTERING_METRICS = ("nmi", "ami", "f1")
 STRUCTURE_METRICS = ("rho_spectrum", "pi_ratio", "uniformity_g2")

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from nirdml.data.registry import DATASETS, dataset_name
 from nirdml.errors import ConfigError
 from nirdml.losses import ProxyCriterion
 from nirdml.losses.registry import LOSSES
@@ -175,7 +176,7 @@ def load_splits(cfg: RunConfig, progress: bool = False) -> Any:
     from nirdml.data import DatasetSplits, build_cache, cached, load_dataset
 
     d = cfg.data
-    if d.root is None and d.name != "digits":
+    if d.root is None and DATASETS[dataset_name(d.name)].needs_root:
         raise ConfigError(
             f"data.root is not set: {d.name} is read from a folder you provide. Pass "
             f"--set data.root=/path/to/{d.name} (or data.root and data.download=true to fetch "
@@ -266,11 +267,9 @@ def train_batches(
 
 def eval_metrics(cfg: RunConfig) -> list[str]:
     """``eval.metrics``, or the dataset's standard set."""
-    from nirdml.evaluation import DEFAULT_METRICS
-
     if cfg.eval.metrics:
         return list(cfg.eval.metrics)
-    return list(DEFAULT_METRICS.get(cfg.data.name, DEFAULT_METRICS["cub200"]))
+    return list(DATASETS[dataset_name(cfg.data.name)].metrics)
 
 
 def evaluate_model(

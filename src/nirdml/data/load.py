@@ -1,0 +1,120 @@
+"""``load_dataset``: a dataset of the table (nirdml.data.registry), split and transformed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from nirdml.data.base import DatasetSplits, RetrievalDataset
+from nirdml.data.download import fetch_dataset
+from nirdml.data.registry import DATASETS, dataset_name
+from nirdml.data.splits import carve_validation
+from nirdml.data.transforms import PRESETS, build_transforms, check_image_size
+
+#: Download options load_dataset accepts (only with download=True).
+_DOWNLOAD_OPTIONS = frozenset({"urls", "opener"})
+
+
+def file_reader(name: str) -> Callable[[Any], Any] | None:
+    """How dataset ``name`` post-processes a decoded image file (None: as decoded).
+
+    Omniglot PNGs are black ink on white; the reader inverts them to ink = 255, the
+    convention of the whole Omniglot pipeline. Use it to embed new files like the training data.
+    """
+    return DATASETS[dataset_name(name)].load_file_reader()
+
+
+def default_transform_preset(name: str) -> str:
+    """The transform preset a dataset uses unless told otherwise ("resnet" for photos)."""
+    return DATASETS[dataset_name(name)].transform
+
+
+def auto_val_classes(name: str, num_train_classes: int) -> int:
+    """How many training classes ``val_classes="auto"`` moves into a validation split:
+    10% (at least 2, so retrieval among them means something) for digits, folder, csv,
+    Omniglot and cars98, if at least 2 training classes remain; else 0 (selection on test)."""
+    entry = DATASETS.get(name)
+    if entry is None or not entry.auto_val:
+        return 0
+    n_val = max(2, round(0.1 * num_train_classes))
+    return n_val if num_train_classes - n_val >= 2 else 0
+
+
+def load_dataset(
+    name: str,
+    root: str | Path | None = None,
+    *,
+    transform_preset: str | None = None,
+    val_classes: float | int | str = 0,
+    seed: int = 0,
+    download: bool = False,
+    skip_corrupt: bool = False,
+    image_size: int | None = None,
+    **layout_options: Any,
+) -> DatasetSplits:
+    """Load the train/test(/val) splits of a dataset, with the preset's transforms.
+
+    name: "cub200", "cars196", "cars98", "orl", "sop", "omniglot", "digits", "folder" or "csv".
+    transform_preset: "resnet", "omniglot", "digits", "none" (raw PIL images / tensors) or
+        None for the dataset's default ("resnet" for photos).
+    val_classes: a fraction in (0, 1) or a count of TRAIN classes moved (chosen from
+        ``seed``) into a class-disjoint validation split; 0 for none; ``"auto"``: see
+        :func:`auto_val_classes` (the training configs' default).
+    download: fetch and extract the public archives into ``root`` first (CUB, SOP,
+        Omniglot); ``urls={archive file name: mirror url}`` overrides a source.
+    image_size: crop size of the RGB ``resnet`` transform (train RandomResizedCrop, test
+        Resize(round(S*256/224)) + CenterCrop(S)); None = 224, the paper's.
+    skip_corrupt: drop missing files (counted in ``split.missing``) and replace unreadable
+        images by another image of the same class (counted in ``split.corrupt_count``).
+    layout_options: omniglot ``source`` ("auto"/"png"/"npz"); cars98/orl ``train_classes``
+        ([first, last] class ids / subject numbers); folder/csv ``train_classes``,
+        ``test_classes``; csv ``image_root``.
+    """
+    key = dataset_name(name)
+    entry = DATASETS[key]
+    allowed = entry.options
+    download_opts = {
+        k: layout_options.pop(k) for k in list(layout_options) if k in _DOWNLOAD_OPTIONS
+    }
+    unknown = set(layout_options) - allowed
+    if unknown:
+        raise TypeError(
+            f"{key} does not take option(s) {sorted(unknown)}; it accepts "
+            f"{sorted(allowed) or 'none'} (download options {sorted(_DOWNLOAD_OPTIONS)} need "
+            "download=True)"
+        )
+    if download_opts and not download:
+        raise TypeError(f"{sorted(download_opts)} only apply with download=True")
+    if download:
+        if root is None:
+            raise ValueError(f"download=True needs root=... (the folder to download {key} into)")
+        fetch_dataset(key, root, **download_opts)
+    splits = entry.load_reader()(root, skip_corrupt=skip_corrupt, **layout_options)
+
+    preset = entry.transform if transform_preset is None else transform_preset
+    if preset != "none" and preset not in PRESETS:
+        raise ValueError(
+            f"unknown transform_preset {preset!r}; choose one of {', '.join(PRESETS)}, "
+            "'none' or None"
+        )
+    if preset != "none":
+        check_image_size(preset, image_size)
+    train, val = splits.train, splits.val
+    if val_classes == "auto":
+        val_classes = 0 if val is not None else auto_val_classes(key, train.num_classes)
+    if val_classes:
+        if val is not None:
+            raise ValueError(
+                f"{key} data already defines a validation split; drop val_classes or the 'val' rows"
+            )
+        train, val = carve_validation(train, val_classes, seed)
+
+    def tf(ds: RetrievalDataset | None, is_train: bool) -> RetrievalDataset | None:
+        if ds is None:
+            return None
+        return ds.with_transform(
+            None if preset == "none" else build_transforms(preset, is_train, image_size)
+        )
+
+    return DatasetSplits(tf(train, True), tf(splits.test, False), tf(val, False))
