@@ -7,17 +7,17 @@ public too.
 
 from __future__ import annotations
 
-from nirdml.evaluation.api import (
-    CLUSTERING_METRICS,
-    DEFAULT_METRICS,
-    METRIC_NAMES_HELP,
-    STRUCTURE_METRICS,
-    evaluate,
-)
+from nirdml.evaluation.api import DEFAULT_METRICS, evaluate
 from nirdml.evaluation.clustering import ami, nmi, pairwise_f1
 from nirdml.evaluation.embed import compute_embeddings
 from nirdml.evaluation.kmeans_backends import kmeans
 from nirdml.evaluation.knn import faiss_available, knn_search
+from nirdml.evaluation.registry import (
+    CLUSTERING_METRICS,
+    METRIC_NAMES_HELP,
+    METRICS,
+    STRUCTURE_METRICS,
+)
 from nirdml.evaluation.retrieval import (
     map_at,
     map_at_authors,
@@ -30,6 +30,7 @@ from nirdml.evaluation.structure import pi_ratio, rho_spectrum, singular_values,
 __all__ = [
     "CLUSTERING_METRICS",
     "DEFAULT_METRICS",
+    "METRICS",
     "METRIC_NAMES_HELP",
     "STRUCTURE_METRICS",
     "ami",

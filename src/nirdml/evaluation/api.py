@@ -7,7 +7,6 @@ work on the embeddings directly.
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -15,10 +14,10 @@ import numpy as np
 import torch
 
 from nirdml.data.registry import DATASETS
-from nirdml.evaluation import clustering, retrieval, structure
 from nirdml.evaluation._inputs import ArrayLike, as_embeddings, as_labels
 from nirdml.evaluation.kmeans_backends import DEFAULT_NITER, kmeans, resolve_kmeans_backend
 from nirdml.evaluation.knn import DEFAULT_MEMORY_BUDGET_MB, iter_knn, resolve_knn_backend
+from nirdml.evaluation.registry import METRIC_NAMES_HELP, Metric, parse_metric
 from nirdml.runtime import resolve_device
 
 DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
@@ -27,35 +26,16 @@ DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
 """Metrics reported per dataset (the paper's Recall@k ks; CUB/Cars-style for the rest),
 from the dataset table (nirdml.data.registry)."""
 
-CLUSTERING_METRICS = ("nmi", "ami", "f1")
-STRUCTURE_METRICS = ("rho_spectrum", "pi_ratio", "uniformity_g2")
-_RECALL = re.compile(r"recall@([1-9][0-9]*)")
-_MAP_AT = re.compile(r"map@([1-9][0-9]*)(_authors)?")
-
-METRIC_NAMES_HELP = (
-    "recall@K (any K >= 1), map@r, r_precision, map@K, map@K_authors (e.g. map@1000, "
-    "map@1000_authors), nmi, ami, f1, rho_spectrum, pi_ratio, uniformity_g2"
-)
-
 
 @dataclass
 class _Plan:
-    """The requested metrics, grouped by what they need."""
+    """The requested metrics: each name with its table entry and ``k``, in the order asked."""
 
     names: list[str]
-    recall: list[int] = field(default_factory=list)
-    map_at: list[int] = field(default_factory=list)
-    map_at_authors: list[int] = field(default_factory=list)
-    map_r: bool = False
-    r_precision: bool = False
-    clustering: list[str] = field(default_factory=list)
-    structure: list[str] = field(default_factory=list)
+    metrics: dict[str, tuple[Metric, int | None]] = field(default_factory=dict)
 
-    @property
-    def retrieval(self) -> bool:
-        return bool(
-            self.recall or self.map_at or self.map_at_authors or self.map_r or self.r_precision
-        )
+    def of_kind(self, kind: str) -> list[tuple[str, Metric, int | None]]:
+        return [(n, m, k) for n, (m, k) in self.metrics.items() if m.kind == kind]
 
 
 def _plan(metrics: tuple[str, ...] | list[str] | str) -> _Plan:
@@ -64,23 +44,7 @@ def _plan(metrics: tuple[str, ...] | list[str] | str) -> _Plan:
     names = list(dict.fromkeys(str(m).strip().lower() for m in metrics))
     if not names:
         raise ValueError(f"metrics is empty; choose from: {METRIC_NAMES_HELP}.")
-    plan = _Plan(names=names)
-    for name in names:
-        if m := _RECALL.fullmatch(name):
-            plan.recall.append(int(m.group(1)))
-        elif name == "map@r":
-            plan.map_r = True
-        elif name == "r_precision":
-            plan.r_precision = True
-        elif m := _MAP_AT.fullmatch(name):
-            (plan.map_at_authors if m.group(2) else plan.map_at).append(int(m.group(1)))
-        elif name in CLUSTERING_METRICS:
-            plan.clustering.append(name)
-        elif name in STRUCTURE_METRICS:
-            plan.structure.append(name)
-        else:
-            raise ValueError(f"unknown metric {name!r}; valid names: {METRIC_NAMES_HELP}.")
-    return plan
+    return _Plan(names, {name: parse_metric(name) for name in names})
 
 
 def evaluate(
@@ -143,7 +107,8 @@ def evaluate(
         if not self_mode:
             metrics = tuple(m for m in metrics if not m.endswith("_authors"))
     plan = _plan(metrics)
-    if plan.map_at_authors and not self_mode:
+    retrieval_metrics = plan.of_kind("retrieval")
+    if not self_mode and any(m.self_only for _, m, _ in retrieval_metrics):
         raise ValueError(
             "map@K_authors divides by the class size including the query, which only "
             "exists in self-retrieval; use map@K for query/gallery evaluation."
@@ -153,10 +118,10 @@ def evaluate(
     dev = resolve_device(device)
 
     results: dict[str, float] = {}
-    if plan.retrieval:
+    if retrieval_metrics:
         results.update(
             _retrieval(
-                plan,
+                retrieval_metrics,
                 queries,
                 q_labels,
                 None if self_mode else gallery,
@@ -167,7 +132,8 @@ def evaluate(
                 distance,
             )
         )
-    if plan.clustering:
+    clustering_metrics = plan.of_kind("clustering")
+    if clustering_metrics:
         k = int(np.unique(q_labels).size) if num_clusters is None else num_clusters
         assign = kmeans(
             queries,
@@ -178,23 +144,17 @@ def evaluate(
             device=dev,
             memory_budget_mb=memory_budget_mb,
         )
-        scores = {"nmi": clustering.nmi, "ami": clustering.ami, "f1": clustering.pairwise_f1}
-        for name in plan.clustering:
-            results[name] = scores[name](q_labels, assign)
-    for name in plan.structure:
-        if name == "rho_spectrum":
-            results[name] = structure.rho_spectrum(queries, device=dev)
-        elif name == "pi_ratio":
-            results[name] = structure.pi_ratio(queries, q_labels, device=dev)
-        else:
-            results[name] = structure.uniformity_g2(
-                queries, seed=seed, device=dev, memory_budget_mb=memory_budget_mb
-            )
+        for name, metric, _ in clustering_metrics:
+            results[name] = metric.fn(q_labels, assign)
+    for name, metric, _ in plan.of_kind("structure"):
+        results[name] = metric.fn(
+            queries, q_labels, seed=seed, device=dev, memory_budget_mb=memory_budget_mb
+        )
     return {name: results[name] for name in plan.names}
 
 
 def _retrieval(
-    plan: _Plan,
+    metrics: list[tuple[str, Metric, int | None]],
     queries: torch.Tensor,
     q_labels: np.ndarray,
     gallery: torch.Tensor | None,
@@ -213,13 +173,13 @@ def _retrieval(
     available = len(g_labels) - (1 if self_mode else 0)
     if available < 1:
         raise ValueError("retrieval metrics need at least 2 items (1 gallery item per query).")
-    needed = max(
-        [*plan.recall, *plan.map_at, *plan.map_at_authors, 1]
-        + ([int(num_relevant_all.max())] if plan.map_r or plan.r_precision else [])
-    )
+    depths = [k for _, m, k in metrics if m.depth == "k"]
+    if any(m.depth == "relevant" for _, m, _ in metrics):
+        depths.append(int(num_relevant_all.max()))
+    needed = max([*depths, 1])
     k = min(needed, available)
     lone = int((num_relevant_all == 0).sum())
-    if lone and (plan.recall or plan.map_at or plan.map_r or plan.r_precision):
+    if lone and any(not m.self_only for _, m, _ in metrics):
         warnings.warn(
             f"{lone} of {len(q_labels)} queries have no same-class item in the gallery; "
             "they are left out of recall@K, r_precision, map@r and map@K (and count 0 in "
@@ -250,16 +210,8 @@ def _retrieval(
         idx = idx.to(device)
         hits = g_ids_t[idx] == q_ids_t[s:e].unsqueeze(1)
         rel = rel_t[s:e]
-        for kk in plan.recall:
-            slot(f"recall@{kk}")[s:e] = retrieval.recall_at_k(hits, rel, kk)
-        if plan.r_precision:
-            slot("r_precision")[s:e] = retrieval.r_precision(hits, rel)
-        if plan.map_r:
-            slot("map@r")[s:e] = retrieval.map_at_r(hits, rel)
-        for m in plan.map_at:
-            slot(f"map@{m}")[s:e] = retrieval.map_at(hits, rel, m)
-        for m in plan.map_at_authors:
-            slot(f"map@{m}_authors")[s:e] = retrieval.map_at_authors(hits, rel, m)
+        for name, metric, kk in metrics:
+            slot(name)[s:e] = metric.fn(hits, rel, kk)
 
     out = {}
     for name, values in per_query.items():
