@@ -314,7 +314,7 @@ def test_rejects_bad_bounded_configuration() -> None:
 
 def test_config_selects_and_validates_objectives() -> None:
     from nirdml.training import config as config_module
-    from nirdml.training.trainer import build_loss
+    from nirdml.training.build import build_loss
 
     for objective in OBJECTIVES:
         cfg = load_config("omniglot-nir", [f"loss.nir.objective={objective}"])

@@ -168,7 +168,7 @@ def _from_checkpoint(
 ) -> AnalysisInput:
     from nirdml.evaluation import compute_embeddings
     from nirdml.training.artifacts import checkpoint_data, load_trained, test_transform
-    from nirdml.training.trainer import load_splits
+    from nirdml.training.build import load_splits
 
     dev = resolve_device(device)
     run = load_trained(path, dev)

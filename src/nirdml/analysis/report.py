@@ -121,7 +121,7 @@ def map_subset(
 
 def _metric_names(inp: AnalysisInput, dataset_overridden: bool) -> list[str]:
     from nirdml.evaluation import DEFAULT_METRICS, STRUCTURE_METRICS
-    from nirdml.training.trainer import eval_metrics
+    from nirdml.training.build import eval_metrics
 
     if inp.run is not None and not dataset_overridden:
         names = eval_metrics(inp.run.config)
