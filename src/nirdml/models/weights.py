@@ -15,9 +15,11 @@ are removed. Files are loaded with ``weights_only=True``: no code from the file 
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -179,3 +181,20 @@ def load_matching(
             "from the same architecture (arch, embed_dim, in_channels) as the model being built."
         )
     module.load_state_dict(state, strict=False)
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_identity(path: str | Path, source: str) -> dict[str, Any]:
+    """A weights file by content: name, size and sha256 (cached per path, size, mtime)."""
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _HASHES[key] = h.hexdigest()
+    return {"source": source, "file": path.name, "bytes": st.st_size, "sha256": _HASHES[key]}

@@ -32,6 +32,7 @@ from nirdml.losses.registry import (
     SIGMA_MODES,
     unknown_params,
 )
+from nirdml.models.registry import backbone
 
 DEFAULT_TRANSFORMS = {name: entry.transform for name, entry in DATASETS.items()}
 """Until tests/test_cli.py stops comparing it with nirdml.data._READERS (one table now)."""
@@ -475,6 +476,10 @@ def validate(cfg: RunConfig) -> None:
     )
     _check(m.pooling in ("avg", "max", "avg+max"), "model.pooling must be avg, max or avg+max")
     _check(m.in_channels in (1, 3), "model.in_channels must be 1 or 3")
+    try:
+        backbone(m.arch)
+    except ValueError as exc:
+        raise ConfigError(f"model.arch: {exc}") from None
     _check_transform_fits_model(cfg)
     _check(
         cfg.loss.name in LOSS_NAMES,
@@ -564,12 +569,10 @@ def _check_transform_fits_model(cfg: RunConfig) -> None:
         "the small CNN) or --set data.transform=resnet (3x224x224 RGB, for ResNet/timm)",
     )
     channels = TRANSFORMS[preset].channels
+    entry = backbone(m.arch)
     pretrained = m.pretrained is not False or m.weights is not None
     _check(
-        m.in_channels == 3
-        or m.arch in ("small_cnn",)
-        or m.arch.startswith("timm:")
-        or not pretrained,
+        m.in_channels == 3 or not entry.has_pretrained or entry.any_channels or not pretrained,
         f"model.in_channels={m.in_channels}: pretrained {m.arch} weights take 3-channel RGB; "
         "use --set model.in_channels=3 --set data.transform=resnet, or --set "
         "model.pretrained=false to train it from scratch",
@@ -577,7 +580,7 @@ def _check_transform_fits_model(cfg: RunConfig) -> None:
     if m.in_channels == channels:
         return
     produced = f"{where} makes {TRANSFORMS[preset].output} images ('{preset}' transform)"
-    if m.arch == "small_cnn" and channels == 3:
+    if not entry.has_pretrained and channels == 3:
         raise ConfigError(
             f"{produced}, but model.in_channels={m.in_channels} (the small CNN of this preset "
             "takes 1-channel images). Fix one of: --set data.transform=omniglot (grey 28x28, "
@@ -586,7 +589,7 @@ def _check_transform_fits_model(cfg: RunConfig) -> None:
             "train cub200-r128-avg-proxyanchor-nir --set data.name=folder --set "
             "data.root=/path/to/images`"
         )
-    if m.arch != "small_cnn" and channels == 1:
+    if entry.has_pretrained and channels == 1:
         raise ConfigError(
             f"{produced}, but model.in_channels={m.in_channels} ({m.arch}). Fix: --set "
             "data.transform=resnet (RGB 224 px, what pretrained weights expect), or train "

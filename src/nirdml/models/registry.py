@@ -1,0 +1,91 @@
+"""The one table of backbones, as plain data: how each is built and what it accepts.
+
+``build_model``, the frozen-feature cache's weights identity and config validation read
+this table; nothing here imports torch (config errors stay quick), a builder is imported
+only by :meth:`Backbone.load_builder`. Adding a backbone: its module (a builder
+``fn(arch, pretrained, in_channels) -> nn.Module`` returning a feature-map backbone with
+``num_features`` and ``load_reference_state_dict``) plus one :data:`BACKBONES` entry (or a
+:data:`FAMILIES` entry for a prefix such as ``timm:``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One backbone (or family of backbones named by a prefix)."""
+
+    builder: str
+    """``"module:function"``: ``fn(arch, pretrained, in_channels) -> backbone``."""
+    identity: str | None = None
+    """``"module:function"``: ``fn(arch, pretrained) -> dict``, what its pretrained weights
+    are (recorded by the feature cache); None: it has no pretrained weights (then
+    ``pretrained`` defaults to False and its BatchNorm trains by default)."""
+    weight_versions: bool = False
+    """``pretrained`` may name a torchvision weights version (True means IMAGENET1K_V1)."""
+    rgb_only: bool = False
+    """Takes 3-channel input even from scratch (a per-RGB-channel input re-normalisation)."""
+    any_channels: bool = False
+    """Its pretrained weights adapt to any ``in_channels`` (timm adapts the first conv)."""
+
+    @property
+    def has_pretrained(self) -> bool:
+        return self.identity is not None
+
+    def load_builder(self) -> Callable[..., Any]:
+        """The builder function (imports torch)."""
+        return _load(self.builder)
+
+    def load_identity(self) -> Callable[..., dict[str, Any]]:
+        """The weights-identity function (imports torch); only with pretrained weights."""
+        return _load(str(self.identity))
+
+
+def _load(target: str) -> Callable[..., Any]:
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+_RESNET = Backbone(
+    "nirdml.models.backbones:build_resnet",
+    "nirdml.models.backbones:torchvision_identity",
+    weight_versions=True,
+)
+BACKBONES: dict[str, Backbone] = {
+    "resnet50": _RESNET,
+    "resnet18": _RESNET,
+    "efficientnet_lite0": Backbone(
+        "nirdml.models.backbones:build_efficientnet_lite0",
+        "nirdml.models.backbones:efficientnet_identity",
+        rgb_only=True,
+    ),
+    "small_cnn": Backbone("nirdml.models.small_cnn:build_small_cnn"),
+}
+FAMILIES: dict[str, Backbone] = {
+    "timm:": Backbone(
+        "nirdml.models.backbones:build_timm",
+        "nirdml.models.backbones:timm_identity",
+        any_channels=True,
+    ),
+}
+"""Backbones named ``<prefix><name>`` (e.g. ``timm:resnet50.a1_in1k``)."""
+ARCHS = (*BACKBONES, *(f"{prefix}<name>" for prefix in FAMILIES))
+
+
+def backbone(arch: str) -> Backbone:
+    """The table entry of ``arch``; a ValueError naming the choices (and the closest)."""
+    if isinstance(arch, str):
+        if arch in BACKBONES:
+            return BACKBONES[arch]
+        for prefix, entry in FAMILIES.items():
+            if arch.startswith(prefix) and len(arch) > len(prefix):
+                return entry
+    close = difflib.get_close_matches(str(arch), list(BACKBONES), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"Unknown arch {arch!r}: use one of {', '.join(ARCHS)}.{hint}")
