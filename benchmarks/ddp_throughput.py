@@ -38,9 +38,10 @@ from machine import cpu_name  # benchmarks/machine.py
 from nirdml.flow import ConditionalFlow
 from nirdml.losses import NIRLoss, ProxyAnchorLoss
 from nirdml.models import build_model
+from nirdml.models.batchnorm import convert_sync_batchnorm
 from nirdml.training.build import Criterion
 from nirdml.training.config import OptimConfig
-from nirdml.training.distributed import DistContext, convert_sync_batchnorm
+from nirdml.training.distributed import DistContext
 from nirdml.training.optim import build_optimizer, param_groups
 from nirdml.training.step import GuardedStep
 

@@ -31,16 +31,12 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
+from nirdml.data.samplers import slice_bounds
+from nirdml.models.batchnorm import DistributedBatchNorm, convert_sync_batchnorm
 from nirdml.training.build import Criterion
 from nirdml.training.checkpoint import load_checkpoint
 from nirdml.training.config import load_config
-from nirdml.training.distributed import (
-    DistContext,
-    DistributedBatchNorm,
-    DistributedSetupError,
-    convert_sync_batchnorm,
-    slice_bounds,
-)
+from nirdml.training.distributed import DistContext, DistributedSetupError
 from nirdml.training.trainer import train
 
 PRESET = "digits-nir"  # small CNN (trainable BatchNorm), ProxyAnchor + NIR, warmup 1 epoch

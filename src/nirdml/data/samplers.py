@@ -4,6 +4,9 @@ Every rank builds the same global batch sequence from (seed, epoch) with a local
 torch.Generator; rank r yields the r-th contiguous slice of each global batch (class
 groups of ``samples_per_class`` are kept whole). One process with world size 1 sees exactly
 the global batches. An epoch has ``len(labels) // batch_size`` global batches.
+
+:class:`BatchSlicer` gives a rank its contiguous slice of every GLOBAL batch of another
+sampler (the trainer's distributed batches; slices may split class groups).
 """
 
 from __future__ import annotations
@@ -255,3 +258,40 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
             self._position = b + 1
             yield batches[b, lo : lo + per_rank].tolist()
         self._position = 0
+
+
+# ----------------------------------------------------------------------------- ranks
+
+
+def slice_bounds(n: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Rank ``rank``'s contiguous slice ``[lo, hi)`` of ``n`` items (sizes differ by <= 1)."""
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
+def slice_sizes(n: int, world_size: int) -> list[int]:
+    """Items of each rank's slice of ``n`` (:func:`slice_bounds`), in rank order."""
+    return [b - a for a, b in (slice_bounds(n, world_size, r) for r in range(world_size))]
+
+
+class BatchSlicer:
+    """This rank's contiguous slice of every global batch of a batch sampler.
+
+    Wraps a sampler of GLOBAL batches (the same on every rank, e.g.
+    ``ClassBalancedBatchSampler(..., num_replicas=1)``); slices may split class groups and
+    differ in size by one, since the loss sees the gathered global batch anyway.
+    ``offset`` is the slice's first slot in the global batch (seeds its augmentation).
+    """
+
+    def __init__(self, batch_sampler: Any, batch_size: int, world_size: int, rank: int) -> None:
+        self.batch_sampler = batch_sampler
+        self.offset, self.end = slice_bounds(batch_size, world_size, rank)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batch_sampler:
+            yield list(batch)[self.offset : self.end]

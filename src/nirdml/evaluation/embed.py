@@ -1,11 +1,16 @@
-"""``compute_embeddings``: run a model over a dataset or loader, in eval mode."""
+"""``compute_embeddings``: run a model over a dataset or loader, in eval mode (and its
+sharded form for distributed evaluation)."""
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from typing import Any
 
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from nirdml.data.samplers import slice_bounds, slice_sizes
 from nirdml.runtime import resolve_device
 
 
@@ -85,3 +90,46 @@ def compute_embeddings(
     if not embs:
         raise ValueError("the dataset is empty; nothing to embed.")
     return torch.cat(embs), torch.cat(labels)
+
+
+def gather_rows(tensor: Tensor, sizes: list[int]) -> Tensor:
+    """Every rank's rows, concatenated in rank order (rank r holds ``sizes[r]``; padded to
+    equal shapes for the all-gather). No gradient: see training.distributed.gather_batch."""
+    longest = max(sizes)
+    pad = longest - tensor.shape[0]
+    if pad:
+        tensor = torch.cat([tensor, tensor.new_zeros((pad, *tensor.shape[1:]))])
+    parts = [torch.empty_like(tensor) for _ in sizes]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
+
+
+def compute_embeddings_sharded(
+    model: nn.Module,
+    dataset: Any,
+    *,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int,
+    amp: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Distributed: each rank embeds a contiguous shard of ``dataset``; every rank gets all
+    of them, in dataset order (float32 / int64 CPU tensors, as :func:`compute_embeddings`).
+    Call it on every rank of the initialised process group."""
+    n, world, rank = len(dataset), dist.get_world_size(), dist.get_rank()
+    if n < world:
+        raise ValueError(
+            f"cannot shard {n} evaluation items over {world} ranks; evaluate with fewer processes"
+        )
+    lo, hi = slice_bounds(n, world, rank)
+    emb, labels = compute_embeddings(
+        model,
+        Subset(dataset, range(lo, hi)),
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
+        amp=amp,
+    )
+    comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    sizes = slice_sizes(n, world)
+    return gather_rows(emb.to(comm), sizes).cpu(), gather_rows(labels.to(comm), sizes).cpu()

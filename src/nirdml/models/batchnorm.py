@@ -5,13 +5,21 @@ ImageNet running statistics (the authors put every BN module in eval mode and di
 ``.train``) while the affine weight and bias still train. Here that behaviour is a module
 class, so it survives ``.train()``, ``deepcopy``, pickling and ``state_dict`` round trips,
 and nothing is monkeypatched.
+
+Distributed training with trainable BatchNorm: :func:`convert_sync_batchnorm` swaps in
+layers that normalise with global-batch statistics (:class:`DistributedBatchNorm`).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from nirdml.errors import DistributedSetupError
 
 __all__ = ["FrozenBatchNorm2d", "FrozenBatchNormAct2d", "freeze_batchnorm"]
 
@@ -163,4 +171,126 @@ def _freeze_one(bn: nn.modules.batchnorm._BatchNorm, freeze_affine: bool) -> nn.
         f"Cannot freeze the BatchNorm layer of type {type(bn).__module__}.{type(bn).__name__}: "
         "only nn.BatchNorm2d and timm's BatchNormAct2d are supported. "
         "Build the model with freeze_bn=False to train it with ordinary BatchNorm."
+    )
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+class _AllReduceWithGrad(torch.autograd.Function):
+    """Sum over ranks; the backward sums the incoming gradients over ranks too."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor) -> Tensor:
+        out = tensor.contiguous().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+class DistributedBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm with statistics of the global batch, on any backend (gloo on CPU too).
+
+    Same parameters and buffers as ``nn.BatchNorm{1,2,3}d`` (checkpoints load either way).
+    In training mode the per-channel mean and (biased) variance are computed over the
+    samples of ALL ranks with two all-reduces that carry gradients, so outputs, gradients
+    and running statistics equal those of one process holding the whole batch. In eval
+    mode it communicates nothing (ranks may embed different numbers of batches): it
+    normalises with the running statistics, as ``nn.SyncBatchNorm`` does.
+    torch's ``nn.SyncBatchNorm`` (fused kernels) is used instead on CUDA.
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2-D input (N, C, ...), got {input.dim()}-D")
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        if not self.training or not (dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(input)
+        dims = [0, *range(2, input.dim())]
+        shape = [1, -1] + [1] * (input.dim() - 2)
+        # sums accumulated in float64 (as the CPU BatchNorm kernel does), then the two-pass
+        # (centered) variance: accurate statistics for any number of ranks
+        acc = torch.float64
+        count = torch.tensor(input.numel() // input.shape[1], dtype=acc, device=input.device)
+        dist.all_reduce(count)
+        mean = (_AllReduceWithGrad.apply(input.sum(dims, dtype=acc)) / count).to(input.dtype)
+        centered = input - mean.reshape(shape)
+        var = _AllReduceWithGrad.apply((centered * centered).sum(dims, dtype=acc)) / count
+        var = var.to(input.dtype)
+        out = centered * torch.rsqrt(var + self.eps).reshape(shape)
+        if self.affine:
+            out = out * self.weight.reshape(shape) + self.bias.reshape(shape)
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                if self.momentum is None:  # cumulative moving average, as nn.BatchNorm
+                    factor = 1.0 / float(self.num_batches_tracked)
+                else:
+                    factor = self.momentum
+                unbiased = var.detach() * (count / (count - 1).clamp_min(1)).to(var.dtype)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+        return out
+
+
+_PLAIN_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> tuple[nn.Module, int]:
+    """Replace every trainable ``nn.BatchNorm{1,2,3}d`` by a synchronised one (in place).
+
+    CUDA: ``nn.SyncBatchNorm``; other devices: :class:`DistributedBatchNorm`. Frozen
+    BatchNorm (the pretrained recipe) has fixed statistics and is left alone. Returns the
+    module and the number of layers converted.
+    """
+    converted = 0
+
+    def convert(child: nn.Module) -> nn.Module:
+        nonlocal converted
+        if isinstance(child, (nn.SyncBatchNorm, DistributedBatchNorm)):
+            return child
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            if type(child) not in _PLAIN_BATCHNORM:
+                raise DistributedSetupError(
+                    f"model.sync_bn cannot convert {type(child).__module__}."
+                    f"{type(child).__name__} (only nn.BatchNorm1d/2d/3d); use "
+                    "model.freeze_bn=true, or model.sync_bn=false for per-rank statistics"
+                )
+            cls = nn.SyncBatchNorm if device.type == "cuda" else DistributedBatchNorm
+            like = next(iter([*child.parameters(), *child.buffers()]), None)
+            new = cls(
+                child.num_features,
+                child.eps,
+                child.momentum,
+                child.affine,
+                child.track_running_stats,
+                device=like.device if like is not None else None,
+                dtype=child.weight.dtype if child.affine else None,
+            )
+            new.load_state_dict(child.state_dict())
+            new.train(child.training)
+            for p_new, p_old in zip(new.parameters(), child.parameters(), strict=True):
+                p_new.requires_grad_(p_old.requires_grad)
+            converted += 1
+            return new
+        for name, grandchild in child.named_children():
+            setattr(child, name, convert(grandchild))
+        return child
+
+    return convert(module), converted
+
+
+def trainable_batchnorm_count(module: nn.Module) -> int:
+    """BatchNorm layers whose statistics come from the batch in training mode."""
+    return sum(
+        isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and not isinstance(m, (nn.SyncBatchNorm, DistributedBatchNorm))
+        for m in module.modules()
     )

@@ -22,13 +22,15 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from nirdml.data.registry import DATASETS, dataset_name
+from nirdml.data.samplers import slice_bounds
 from nirdml.errors import ConfigError
 from nirdml.losses import ProxyCriterion
 from nirdml.losses.registry import LOSSES
+from nirdml.models.batchnorm import convert_sync_batchnorm
 from nirdml.training.compiled import CompiledOrEager
 from nirdml.training.config import DataConfig, LossConfig, RunConfig
 from nirdml.training.datacheck import check_images
-from nirdml.training.distributed import DistContext, convert_sync_batchnorm, slice_bounds
+from nirdml.training.distributed import DistContext
 from nirdml.training.loader import SeededBatchSampler, train_loader
 
 _NIR_LOOP_OPTIONS = ("enabled", "alarm", "alarm_threshold", "flow")

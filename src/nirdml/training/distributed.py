@@ -1,9 +1,14 @@
 """torch.distributed support: one model trained across processes launched by ``torchrun``.
 
+This module holds the process-group context (:class:`DistContext`: environment, setup,
+waits, DDP wrapping) and the training collectives (:func:`gather_batch`); the pieces that
+serve other layers live next to them: batch slicing in data/samplers.py, the synchronised
+BatchNorm in models/batchnorm.py, sharded embedding in evaluation/embed.py.
+
 Design (user documentation: docs/guide/distributed.md):
 
 - ``data.batch_size`` is the GLOBAL batch. Every rank draws the same global batch sequence
-  from (seed, epoch) and loads its contiguous slice (:class:`BatchSlicer`; any world size up
+  from (seed, epoch) and loads its contiguous slice (``BatchSlicer``; any world size up
   to the batch size, slices differ by at most one row, a class group may span two ranks),
   and augmentation is seeded by the global slot (training/loader.py): the same images,
   augmented the same way, for any world size.
@@ -20,9 +25,10 @@ Design (user documentation: docs/guide/distributed.md):
   warmup the backbone is left out of DDP, afterwards it is in (one rebuild per run).
 - BatchNorm: frozen statistics (the paper's recipe) need nothing. Trainable BatchNorm uses
   global-batch statistics when ``model.sync_bn`` (default): torch's ``nn.SyncBatchNorm``
-  on CUDA, :class:`DistributedBatchNorm` on other devices.
-- Evaluation: each rank embeds a contiguous shard, the shards are gathered, rank 0 computes
-  the metrics once and shares them; only rank 0 writes files and logs.
+  on CUDA, ``DistributedBatchNorm`` (models/batchnorm.py) on other devices.
+- Evaluation: each rank embeds a contiguous shard, the shards are gathered
+  (evaluation/embed.py), rank 0 computes the metrics once and shares them; only rank 0
+  writes files and logs.
 - Long waits (a download or cache build on rank 0, metrics on rank 0) use a CPU (gloo)
   group with a long timeout, so NCCL's watchdog does not stop the run meanwhile.
 - The process group lives as long as the process: re-creating it (e.g. for a second run in
@@ -48,7 +54,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from nirdml.data.samplers import BatchSlicer, slice_sizes
 from nirdml.errors import DistributedSetupError
+from nirdml.evaluation.embed import compute_embeddings_sharded, gather_rows
+from nirdml.models.batchnorm import trainable_batchnorm_count
 
 LAUNCH_HINT = "launch with `torchrun --nproc_per_node=N -m nirdml train PRESET ...`"
 WAIT_TIMEOUT = datetime.timedelta(hours=3)
@@ -58,22 +67,6 @@ WAIT_TIMEOUT = datetime.timedelta(hours=3)
 # ----------------------------------------------------------------------------- autograd
 
 
-def slice_bounds(n: int, world_size: int, rank: int) -> tuple[int, int]:
-    """Rank ``rank``'s contiguous slice ``[lo, hi)`` of ``n`` items (sizes differ by <= 1)."""
-    return n * rank // world_size, n * (rank + 1) // world_size
-
-
-def _all_gather_rows(tensor: Tensor, sizes: list[int]) -> Tensor:
-    """Concatenate every rank's rows (rank r holds ``sizes[r]``), padding to equal shapes."""
-    longest = max(sizes)
-    pad = longest - tensor.shape[0]
-    if pad:
-        tensor = torch.cat([tensor, tensor.new_zeros((pad, *tensor.shape[1:]))])
-    parts = [torch.empty_like(tensor) for _ in sizes]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
-
-
 class _GatherWithGrad(torch.autograd.Function):
     """All-gather along dim 0; backward sums the gradient over ranks and keeps this rank's rows."""
 
@@ -81,29 +74,13 @@ class _GatherWithGrad(torch.autograd.Function):
     def forward(ctx: Any, tensor: Tensor, sizes: list[int]) -> Tensor:
         rank = dist.get_rank()
         ctx.lo, ctx.hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
-        return _all_gather_rows(tensor, sizes)
+        return gather_rows(tensor, sizes)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         return grad[ctx.lo : ctx.hi], None
-
-
-class _AllReduceWithGrad(torch.autograd.Function):
-    """Sum over ranks; the backward sums the incoming gradients over ranks too."""
-
-    @staticmethod
-    def forward(ctx: Any, tensor: Tensor) -> Tensor:
-        out = tensor.contiguous().clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad
 
 
 def gather_batch(
@@ -122,138 +99,8 @@ def gather_batch(
             f"rank {dist.get_rank()} holds {embeddings.shape[0]} rows, expected "
             f"{sizes[dist.get_rank()]} (sizes {sizes})"
         )
-    labels = _all_gather_rows(labels.to(embeddings.device), sizes)
+    labels = gather_rows(labels.to(embeddings.device), sizes)
     return _GatherWithGrad.apply(embeddings, sizes), labels
-
-
-class BatchSlicer:
-    """This rank's contiguous slice of every global batch of a batch sampler.
-
-    Wraps a sampler of GLOBAL batches (the same on every rank, e.g.
-    ``ClassBalancedBatchSampler(..., num_replicas=1)``); slices may split class groups and
-    differ in size by one, since the loss sees the gathered global batch anyway.
-    ``offset`` is the slice's first slot in the global batch (seeds its augmentation).
-    """
-
-    def __init__(self, batch_sampler: Any, batch_size: int, world_size: int, rank: int) -> None:
-        self.batch_sampler = batch_sampler
-        self.offset, self.end = slice_bounds(batch_size, world_size, rank)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.batch_sampler.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.batch_sampler)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for batch in self.batch_sampler:
-            yield list(batch)[self.offset : self.end]
-
-
-# ----------------------------------------------------------------------------- BatchNorm
-
-
-class DistributedBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm with statistics of the global batch, on any backend (gloo on CPU too).
-
-    Same parameters and buffers as ``nn.BatchNorm{1,2,3}d`` (checkpoints load either way).
-    In training mode the per-channel mean and (biased) variance are computed over the
-    samples of ALL ranks with two all-reduces that carry gradients, so outputs, gradients
-    and running statistics equal those of one process holding the whole batch. In eval
-    mode it communicates nothing (ranks may embed different numbers of batches): it
-    normalises with the running statistics, as ``nn.SyncBatchNorm`` does.
-    torch's ``nn.SyncBatchNorm`` (fused kernels) is used instead on CUDA.
-    """
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(f"expected at least 2-D input (N, C, ...), got {input.dim()}-D")
-
-    def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        if not self.training or not (dist.is_initialized() and dist.get_world_size() > 1):
-            return super().forward(input)
-        dims = [0, *range(2, input.dim())]
-        shape = [1, -1] + [1] * (input.dim() - 2)
-        # sums accumulated in float64 (as the CPU BatchNorm kernel does), then the two-pass
-        # (centered) variance: accurate statistics for any number of ranks
-        acc = torch.float64
-        count = torch.tensor(input.numel() // input.shape[1], dtype=acc, device=input.device)
-        dist.all_reduce(count)
-        mean = (_AllReduceWithGrad.apply(input.sum(dims, dtype=acc)) / count).to(input.dtype)
-        centered = input - mean.reshape(shape)
-        var = _AllReduceWithGrad.apply((centered * centered).sum(dims, dtype=acc)) / count
-        var = var.to(input.dtype)
-        out = centered * torch.rsqrt(var + self.eps).reshape(shape)
-        if self.affine:
-            out = out * self.weight.reshape(shape) + self.bias.reshape(shape)
-        if self.track_running_stats and self.running_mean is not None:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                if self.momentum is None:  # cumulative moving average, as nn.BatchNorm
-                    factor = 1.0 / float(self.num_batches_tracked)
-                else:
-                    factor = self.momentum
-                unbiased = var.detach() * (count / (count - 1).clamp_min(1)).to(var.dtype)
-                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
-        return out
-
-
-_PLAIN_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> tuple[nn.Module, int]:
-    """Replace every trainable ``nn.BatchNorm{1,2,3}d`` by a synchronised one (in place).
-
-    CUDA: ``nn.SyncBatchNorm``; other devices: :class:`DistributedBatchNorm`. Frozen
-    BatchNorm (the pretrained recipe) has fixed statistics and is left alone. Returns the
-    module and the number of layers converted.
-    """
-    converted = 0
-
-    def convert(child: nn.Module) -> nn.Module:
-        nonlocal converted
-        if isinstance(child, (nn.SyncBatchNorm, DistributedBatchNorm)):
-            return child
-        if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            if type(child) not in _PLAIN_BATCHNORM:
-                raise DistributedSetupError(
-                    f"model.sync_bn cannot convert {type(child).__module__}."
-                    f"{type(child).__name__} (only nn.BatchNorm1d/2d/3d); use "
-                    "model.freeze_bn=true, or model.sync_bn=false for per-rank statistics"
-                )
-            cls = nn.SyncBatchNorm if device.type == "cuda" else DistributedBatchNorm
-            like = next(iter([*child.parameters(), *child.buffers()]), None)
-            new = cls(
-                child.num_features,
-                child.eps,
-                child.momentum,
-                child.affine,
-                child.track_running_stats,
-                device=like.device if like is not None else None,
-                dtype=child.weight.dtype if child.affine else None,
-            )
-            new.load_state_dict(child.state_dict())
-            new.train(child.training)
-            for p_new, p_old in zip(new.parameters(), child.parameters(), strict=True):
-                p_new.requires_grad_(p_old.requires_grad)
-            converted += 1
-            return new
-        for name, grandchild in child.named_children():
-            setattr(child, name, convert(grandchild))
-        return child
-
-    return convert(module), converted
-
-
-def trainable_batchnorm_count(module: nn.Module) -> int:
-    """BatchNorm layers whose statistics come from the batch in training mode."""
-    return sum(
-        isinstance(m, nn.modules.batchnorm._BatchNorm)
-        and not isinstance(m, (nn.SyncBatchNorm, DistributedBatchNorm))
-        for m in module.modules()
-    )
 
 
 # ----------------------------------------------------------------------------- environment
@@ -380,12 +227,7 @@ class DistContext:
 
     def slice_sizes(self, batch_size: int) -> list[int]:
         """Rows of the global batch held by each rank."""
-        return [
-            b - a
-            for a, b in (
-                slice_bounds(batch_size, self.world_size, r) for r in range(self.world_size)
-            )
-        ]
+        return slice_sizes(batch_size, self.world_size)
 
     def shard(self, batch_sampler: Any, batch_size: int) -> Any:
         """This rank's slices of a global batch sampler (the sampler itself on one process)."""
@@ -496,33 +338,11 @@ class DistContext:
         num_workers: int,
         amp: bool = False,
     ) -> tuple[Tensor, Tensor]:
-        """Each rank embeds a contiguous shard; every rank gets all of them, in dataset order.
-
-        Returns float32 / int64 CPU tensors, as :func:`nirdml.evaluation.compute_embeddings`.
-        """
-        from torch.utils.data import Subset
-
-        from nirdml.evaluation import compute_embeddings
-
-        n = len(dataset)
-        if n < self.world_size:
-            raise ValueError(
-                f"cannot shard {n} evaluation items over {self.world_size} ranks; evaluate "
-                "with fewer processes"
-            )
-        lo, hi = slice_bounds(n, self.world_size, self.rank)
-        emb, labels = compute_embeddings(
-            model,
-            Subset(dataset, range(lo, hi)),
-            batch_size=batch_size,
-            device=device,
-            num_workers=num_workers,
-            amp=amp,
+        """Each rank embeds a contiguous shard; every rank gets all of them, in dataset order
+        (:func:`nirdml.evaluation.embed.compute_embeddings_sharded`)."""
+        return compute_embeddings_sharded(
+            model, dataset, batch_size=batch_size, device=device, num_workers=num_workers, amp=amp
         )
-        comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
-        sizes = self.slice_sizes(n)
-        emb_all = _all_gather_rows(emb.to(comm), sizes)
-        return emb_all.cpu(), _all_gather_rows(labels.to(comm), sizes).cpu()
 
 
 _CPU_GROUP: list[Any] = []  # [default group, its gloo side group]
