@@ -34,11 +34,9 @@ from nirdml.training.alarm import ALARM_KEYS, alarm_row, alarm_summary, inert_me
 from nirdml.training.build import (
     Criterion,
     amp_dtype,
-    build_loss,  # noqa: F401 (until tests/test_nir_bounded.py imports it from build.py)
     eval_metrics,
     evaluate_model,
     load_run_data,
-    load_splits,  # noqa: F401 (until analysis/inputs.py imports it from build.py)
     place_model,
     run_loss,
     train_batches,
