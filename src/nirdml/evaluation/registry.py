@@ -49,6 +49,13 @@ class Metric:
         return int(m.group(1)) if m.groups() else None
 
 
+def _up_to_class_size(name: str, fn: Callable[..., Any], description: str) -> Metric:
+    """A retrieval metric over the R nearest neighbours, R the query's same-class count."""
+    return Metric(
+        name, "retrieval", lambda hits, rel, _: fn(hits, rel), name, description, "relevant"
+    )
+
+
 METRICS: dict[str, Metric] = {
     "recall@K": Metric(
         r"recall@([1-9][0-9]*)",
@@ -57,21 +64,13 @@ METRICS: dict[str, Metric] = {
         "recall@K (any K >= 1)",
         "1 where a same-class item is among the K nearest neighbours",
     ),
-    "map@r": Metric(
-        r"map@r",
-        "retrieval",
-        lambda hits, rel, _: retrieval.map_at_r(hits, rel),
+    "map@r": _up_to_class_size(
         "map@r",
+        retrieval.map_at_r,
         "sum of P@j over hits j <= R, divided by R (R: same-class gallery items)",
-        depth="relevant",
     ),
-    "r_precision": Metric(
-        r"r_precision",
-        "retrieval",
-        lambda hits, rel, _: retrieval.r_precision(hits, rel),
-        "r_precision",
-        "hits among the R nearest neighbours over R",
-        depth="relevant",
+    "r_precision": _up_to_class_size(
+        "r_precision", retrieval.r_precision, "hits among the R nearest neighbours over R"
     ),
     "map@K": Metric(
         r"map@([1-9][0-9]*)",

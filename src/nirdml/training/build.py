@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,19 @@ from nirdml.training.datacheck import check_images
 from nirdml.training.distributed import DistContext
 from nirdml.training.loader import SeededBatchSampler, train_loader
 
-_NIR_LOOP_OPTIONS = ("enabled", "alarm", "alarm_threshold", "flow")
-"""loss.nir fields the training loop reads; every other one is a NIRLoss keyword."""
+
+def options_for(fn: Callable[..., Any], section: Any) -> dict[str, Any]:
+    """The fields of a config section that ``fn`` takes as parameters, by name.
+
+    Config fields are named after the parameters of the function they feed (``model.*``
+    after ``build_model``, ``data.*`` after ``load_dataset``, ``loss.nir.*`` after
+    ``NIRLoss``, ``loss.nir.flow.*`` after ``ConditionalFlow``), so no field is copied by
+    hand; the other fields (``loss.nir.alarm``, ``data.batch_size``...) are the loop's.
+    """
+    params = inspect.signature(fn).parameters
+    return {
+        f.name: getattr(section, f.name) for f in dataclasses.fields(section) if f.name in params
+    }
 
 
 @contextlib.contextmanager
@@ -71,18 +83,14 @@ def build_loss(cfg: LossConfig, num_classes: int, embed_dim: int, seed: int = 0)
         raise ValueError(f"loss.params for {cfg.name}: {exc}") from exc
     if not cfg.nir.enabled:
         return base
-    nir = dataclasses.asdict(cfg.nir)
     flow_dim, cond_dim = flow_dims(cfg.nir.objective, embed_dim)
-    flow = ConditionalFlow(flow_dim, cond_dim=cond_dim, **nir["flow"])
-    return NIRLoss(
-        base,
-        flow=flow,
-        noise_seed=seed,
-        # No per-step host sync: non-finite steps are skipped and counted by GuardedStep,
-        # and a run of them stops training with a clear error.
-        check_finite=False,
-        **{k: v for k, v in nir.items() if k not in _NIR_LOOP_OPTIONS},
+    options = options_for(NIRLoss, cfg.nir)
+    options["flow"] = ConditionalFlow(
+        flow_dim, cond_dim=cond_dim, **options_for(ConditionalFlow, cfg.nir.flow)
     )
+    # No per-step host sync: non-finite steps are skipped and counted by GuardedStep, and a
+    # run of them stops training with a clear error.
+    return NIRLoss(base, noise_seed=seed, check_finite=False, **options)
 
 
 def run_loss(cfg: RunConfig, num_classes: int) -> ProxyCriterion:
@@ -98,18 +106,7 @@ def build_model_from_config(cfg: RunConfig) -> nn.Module:
     """The embedding model of ``cfg.model``, initialised from ``cfg.seed``."""
     from nirdml.models import build_model
 
-    m = cfg.model
-    return build_model(
-        m.arch,
-        m.embed_dim,
-        pooling=m.pooling,
-        pretrained=m.pretrained,
-        weights=m.weights,
-        freeze_bn=m.freeze_bn,
-        freeze_bn_affine=m.freeze_bn_affine,
-        in_channels=m.in_channels,
-        seed=cfg.seed,
-    )
+    return build_model(**options_for(build_model, cfg.model), seed=cfg.seed)
 
 
 def build_head_model(cfg: RunConfig, num_features: int, spec: Mapping[str, Any]) -> nn.Module:
@@ -185,15 +182,7 @@ def load_splits(cfg: RunConfig, progress: bool = False) -> Any:
             "the public archives, where the dataset allows it)"
         )
     splits = load_dataset(
-        d.name,
-        d.root,
-        transform_preset=d.transform,
-        val_classes=d.val_classes,
-        seed=cfg.seed,
-        download=d.download,
-        skip_corrupt=d.skip_corrupt,
-        image_size=d.image_size,
-        **d.options,
+        **options_for(load_dataset, d), transform_preset=d.transform, seed=cfg.seed, **d.options
     )
     if d.cache is None:
         return splits
@@ -290,26 +279,18 @@ def evaluate_model(
     """Embed ``dataset`` with ``model`` and compute ``metrics`` (every test item a query)."""
     from nirdml.evaluation import compute_embeddings, evaluate
 
-    if dist is not None and dist.enabled:
-        embeddings, labels = dist.compute_embeddings(
-            model,
-            dataset,
-            batch_size=batch_size,
-            device=device,
-            num_workers=num_workers,
-            amp=amp_dtype is not None,
-        )
-        if not dist.is_main:
-            return {}
-    else:
-        embeddings, labels = compute_embeddings(
-            model,
-            dataset,
-            batch_size=batch_size,
-            device=device,
-            num_workers=num_workers,
-            amp=amp_dtype is not None,
-        )
+    sharded = dist is not None and dist.enabled
+    embed = dist.compute_embeddings if sharded else compute_embeddings
+    embeddings, labels = embed(
+        model,
+        dataset,
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
+        amp=amp_dtype is not None,
+    )
+    if sharded and not dist.is_main:
+        return {}
     return evaluate(
         embeddings, labels, metrics=metrics, num_clusters=num_clusters, seed=seed, device=device
     )

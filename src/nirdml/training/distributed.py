@@ -329,20 +329,11 @@ class DistContext:
             dist.broadcast(buf, src=0)
 
     def compute_embeddings(
-        self,
-        model: nn.Module,
-        dataset: Any,
-        *,
-        batch_size: int,
-        device: torch.device,
-        num_workers: int,
-        amp: bool = False,
+        self, model: nn.Module, dataset: Any, **options: Any
     ) -> tuple[Tensor, Tensor]:
-        """Each rank embeds a contiguous shard; every rank gets all of them, in dataset order
-        (:func:`nirdml.evaluation.embed.compute_embeddings_sharded`)."""
-        return compute_embeddings_sharded(
-            model, dataset, batch_size=batch_size, device=device, num_workers=num_workers, amp=amp
-        )
+        """Each rank embeds a contiguous shard; every rank gets all of them, in dataset order:
+        :func:`nirdml.evaluation.embed.compute_embeddings_sharded` (same ``options``)."""
+        return compute_embeddings_sharded(model, dataset, **options)
 
 
 _CPU_GROUP: list[Any] = []  # [default group, its gloo side group]
