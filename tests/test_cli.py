@@ -215,11 +215,12 @@ def test_every_positional_argument_has_help(capsys):
                 assert len(line.split()) > 1, f"{command}: {line.strip()} has no help"
 
 
-def test_config_transform_table_matches_the_dataset_readers():
-    from nirdml.data import _READERS
-    from nirdml.training.config import DEFAULT_TRANSFORMS
+def test_dataset_table_names_known_transforms_and_readers():
+    from nirdml.data.registry import DATASETS, TRANSFORMS
 
-    assert DEFAULT_TRANSFORMS == {name: preset for name, (_, preset, _) in _READERS.items()}
+    for name, entry in DATASETS.items():
+        assert entry.transform in TRANSFORMS, name
+        assert callable(entry.load_reader()), name
 
 
 def test_quickstart_table_shows_test_metrics_and_the_selecting_split():

@@ -37,15 +37,7 @@ _LAZY = {
     "verify": "nirdml.data.verify",
 }
 
-_getattr, __dir__ = lazy_attributes(__name__, _LAZY)
-
-
-def __getattr__(name: str) -> object:
-    if name == "_READERS":  # until tests/test_cli.py reads nirdml.data.registry
-        from nirdml.data.registry import DATASETS
-
-        return {n: (e.reader, e.transform, e.options) for n, e in DATASETS.items()}
-    return _getattr(name)
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [

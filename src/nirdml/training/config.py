@@ -34,9 +34,6 @@ from nirdml.losses.registry import (
 )
 from nirdml.models.registry import backbone
 
-DEFAULT_TRANSFORMS = {name: entry.transform for name, entry in DATASETS.items()}
-"""Until tests/test_cli.py stops comparing it with nirdml.data._READERS (one table now)."""
-
 
 @dataclass
 class DataConfig:
