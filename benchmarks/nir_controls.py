@@ -136,6 +136,21 @@ def report(args: argparse.Namespace) -> str:
                 f"{p.t_p:.3g} | {holm_p} | {p.wins}/{p.n} | "
                 f"{best.mean:+.4f} | {alarm if i == 0 else ''} | {inert if i == 0 else ''} |"
             )
+    if args.also:
+        lines += [
+            "",
+            "Other test metrics at the same (validation-selected) epochs, mean ± std over seeds:",
+            "",
+            "| arm | " + " | ".join(f"test {m}" for m in args.also) + " |",
+            "|---|" + "---|" * len(args.also),
+        ]
+        for arm in args.arms:
+            recs = list(runs[arm].values())
+            cells = [
+                _fmt(*mean_std([r.metrics("selected").get(m, math.nan) for r in recs]))
+                for m in args.also
+            ]
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     if args.json is not None:
         per_run = {
             arm: {
@@ -146,6 +161,7 @@ def report(args: argparse.Namespace) -> str:
                     "best_test": r1(rec, "best_test"),
                     "best_test_epoch": rec.epoch("best_test"),
                     "alarm_ratio": (rec.summary.get("nir_alarm") or {}).get("final_grad_ratio"),
+                    **{f"test_{m}": rec.metrics("selected").get(m) for m in args.also},
                 }
                 for seed, rec in sorted(runs[arm].items())
             }
@@ -182,6 +198,13 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--out", type=Path, default=None, help="markdown file (else stdout)")
             p.add_argument("--json", type=Path, default=None, help="per-run numbers (JSON)")
             p.add_argument("--metric", default="recall@1", help="the test/val metric reported")
+            p.add_argument(
+                "--also",
+                nargs="+",
+                default=[],
+                metavar="METRIC",
+                help="more test metrics at the selected epoch, one table (e.g. map@r nmi)",
+            )
     args = parser.parse_args(argv)
     for arm in args.arms:
         if arm not in controls.ARMS:

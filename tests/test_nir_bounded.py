@@ -325,7 +325,7 @@ def test_config_selects_and_validates_objectives() -> None:
     with pytest.raises(ConfigError, match="Did you mean 'tangent_spread'"):
         load_config("omniglot-nir", ["loss.nir.objective=tangent_sprad"])
     with pytest.raises(ConfigError, match="only apply to the bounded"):
-        load_config("omniglot-nir", ["loss.nir.sigma=0.1"])
+        load_config("omniglot-nir", ["loss.nir.objective=exp_nll", "loss.nir.sigma=0.1"])
     with pytest.raises(ConfigError, match="sigma_mode"):
         load_config("omniglot-nir", ["loss.nir.objective=noise_nll", "loss.nir.sigma_mode=x"])
     cfg = load_config(

@@ -20,6 +20,8 @@ every arm, e.g. a frozen-feature switch or a data root layout option. Arms (issu
 ``recipe-nir-x0``      the same with the NIR term multiplied by zero (``nir_scale=0``).
 ``recipe-nir-detached`` the same with ``detach_inputs=true``: the flow trains but cannot act.
 ``nir``                the nir preset as it is (its own objective and knobs).
+``nir-exp_nll``        the nir preset with the authors' form (``objective=exp_nll``), whatever
+                       objective the preset ships with.
 ``nir-nll``            the nir preset with the paper's plain-NLL form (``objective=nll``).
 ``nir-<objective>``    the nir preset with a bounded objective (its recommended defaults):
                        ``noise_nll``, ``noise_nll_spread``, ``tangent_nll``, ``tangent_spread``.
@@ -56,6 +58,7 @@ ARMS = (
     "recipe-nir-x0",
     "recipe-nir-detached",
     "nir",
+    "nir-exp_nll",
     "nir-nll",
     *BOUNDED_ARMS,
 )
@@ -117,6 +120,7 @@ def arm_spec(
         "recipe-nir-x0": (nir_preset, (*recipe, "loss.nir.nir_scale=0")),
         "recipe-nir-detached": (nir_preset, (*recipe, "loss.nir.detach_inputs=true")),
         "nir": (nir_preset, ()),
+        "nir-exp_nll": (nir_preset, ("loss.nir.objective=exp_nll",)),
         "nir-nll": (nir_preset, ("loss.nir.objective=nll",)),
     }
     for objective in BOUNDED:

@@ -60,7 +60,8 @@ def inert_message(row: dict[str, Any], cfg: RunConfig) -> str:
     if n.objective == "exp_nll":
         return msg + (
             "exp_nll saturates once the flow fits the sphere: use a bounded objective "
-            "(--set loss.nir.objective=noise_nll_spread or tangent_spread)."
+            "(--set loss.nir.objective=tangent_spread, the form the multi-seed evidence "
+            "supports)."
         )
     return msg + "Raise loss.nir.nir_weight (or loss.nir.sigma for a bounded objective)."
 
