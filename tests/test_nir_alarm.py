@@ -54,7 +54,7 @@ def test_alarm_fires_on_exp_nll_and_stays_quiet_on_a_bounded_form(
         assert alarm["inert_epochs"] == [1]
         assert len(inert) == 1
         message = str(inert[0].message)
-        assert "NIR is inert in epoch 1" in message and "noise_nll_spread" in message
+        assert "NIR is inert in epoch 1" in message and "objective=tangent_spread" in message
     else:
         assert alarm["inert_epochs"] == [] and not inert
         assert min(alarm["grad_ratio_per_epoch"]) > 1e-3

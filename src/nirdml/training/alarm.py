@@ -61,7 +61,7 @@ def inert_message(row: dict[str, Any], cfg: RunConfig) -> str:
         return msg + (
             "exp_nll saturates once the flow fits the sphere: use a bounded objective "
             "(--set loss.nir.objective=tangent_spread, the form the multi-seed evidence "
-            "supports)."
+            "supports with ProxyAnchor)."
         )
     return msg + "Raise loss.nir.nir_weight (or loss.nir.sigma for a bounded objective)."
 
