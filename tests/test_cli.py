@@ -93,7 +93,7 @@ def test_my_folder_with_the_small_cnn(tmp_path, capsys):
         assert main(argv) == 0
     finally:
         os.chdir(old)
-    line = capsys.readouterr().out.strip().splitlines()[-1]
+    *_, line, last = capsys.readouterr().out.strip().splitlines()
     assert line.startswith("my_images-proxyanchor: test recall@1 ")
     assert "(selected on val recall@1" in line
     summary = json.loads((tmp_path / "runs" / "my_images-proxyanchor" / "summary.json").read_text())
@@ -102,6 +102,13 @@ def test_my_folder_with_the_small_cnn(tmp_path, capsys):
     assert line.split("test recall@1 ")[1].startswith(
         f"{summary['best']['metrics']['test/recall@1']:.4f}"
     )
+    # The last line: the kept epoch against the untrained features (epoch 0) on validation.
+    found = summary["reference"]["verdict"]
+    assert found["split"] == "val" and found["reference"] == pytest.approx(
+        summary["reference"]["metrics"]["val/recall@1"]
+    )
+    word = "training helped: " if found["beats"] else "WARNING: training did NOT help: "
+    assert last == word + found["message"].split(": ", 1)[1]
 
 
 def test_my_folder_with_a_pretrained_backbone(tmp_path, capsys):
@@ -113,7 +120,8 @@ def test_my_folder_with_a_pretrained_backbone(tmp_path, capsys):
     argv += ["--set", f"data.root={images}", "--set", "model.arch=efficientnet_lite0"]
     argv += [*QUICK, "--set", "data.num_workers=0", "--set", "optim.warmup_epochs=0"]
     assert main([*argv, "--out", str(out), "--quiet"]) == 0
-    line = capsys.readouterr().out.strip().splitlines()[-1]
+    *_, line, last = capsys.readouterr().out.strip().splitlines()
+    assert "untrained features (epoch 0)" in last
     assert line.startswith("photos-r128-avg-proxyanchor-nir: test recall@1 ")
     assert "(selected on test)" in line  # 2 training classes: too few to carve validation
 

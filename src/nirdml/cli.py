@@ -49,6 +49,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     for r in results:
         print(summary_line(r.summary, str(r.out_dir)))
+    found = (results[-1].summary.get("reference") or {}).get("verdict")
+    if found is not None:  # the last line: did training beat the untrained features?
+        print(("" if found["beats"] else "WARNING: ") + found["message"])
     return 0
 
 
@@ -355,16 +358,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from nirdml.errors import WeightsUnavailableError
-    from nirdml.training.config import ConfigError
+    from nirdml.errors import NirdmlError, WeightsUnavailableError
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"nirdml {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except WeightsUnavailableError as exc:
         print(f"nirdml {args.command}: error: {exc.cli_message()}", file=sys.stderr)
+        return 2
+    except (NirdmlError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"nirdml {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -29,6 +29,10 @@ class DeviceUnavailableError(NirdmlError, ValueError, RuntimeError):
     (bad argument) and a RuntimeError, as evaluation and training raised before."""
 
 
+class InsufficientDiskError(NirdmlError, OSError):
+    """A cache would not fit on the disk it is to be written to; nothing was written."""
+
+
 class NIRInertWarning(UserWarning):
     """NIR's gradient on the embeddings stayed negligible for a whole epoch."""
 
@@ -57,3 +61,13 @@ class WeightsUnavailableError(NirdmlError, RuntimeError):
             f"machine with network, copy it here and pass --set model.weights=/path/to/{filename}"
             f"{where}, or train from random weights with --set model.pretrained=false."
         )
+
+
+class NoImprovementWarning(UserWarning):
+    """The epoch a run kept does not beat the untrained backbone features (epoch 0) on the
+    split that selected it: training made retrieval worse."""
+
+
+class SelectionWarning(UserWarning):
+    """The selection split could not rank the epochs (too few classes, a saturated metric,
+    tied values); the message says which and how the tie was broken."""

@@ -13,6 +13,7 @@ mean/std. Backbones trained with another input normalisation (EfficientNet-Lite0
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -101,6 +102,11 @@ class ResNetBackbone(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        """``stem``, ``layer1`` ... ``layer4``: applied in order, they are ``forward``."""
+        stem = nn.Sequential(self.conv1, self.bn1, self.relu, self.maxpool)
+        return [("stem", stem)] + [(f"layer{i}", getattr(self, f"layer{i}")) for i in range(1, 5)]
+
     def load_reference_state_dict(self, state: Mapping[str, Tensor]) -> None:
         """Load a torchvision ResNet state_dict (its ``fc`` classifier is ignored)."""
         load_matching(self, state, what=f"torchvision resnet{self.depth}", ignore_prefixes=("fc.",))
@@ -177,9 +183,30 @@ class EfficientNetLite0Backbone(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.net.extract_features(self.renorm(x))
 
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        """``stem``, ``stage1`` ... ``stage7`` (the MBConv stages: 1, 2, 2, 3, 3, 4, 1 blocks)
+        and ``head`` (the 1x1 conv to 1280 channels): applied in order, they are ``forward``."""
+        net = self.net
+        blocks = list(net._blocks)
+        if len(blocks) != sum(LITE0_STAGE_BLOCKS):
+            raise RuntimeError(
+                f"efficientnet-lite0 has {len(blocks)} blocks, expected {sum(LITE0_STAGE_BLOCKS)}"
+            )
+        out = [("stem", nn.Sequential(self.renorm, net._conv_stem, net._bn0, net._swish))]
+        start = 0
+        for i, n in enumerate(LITE0_STAGE_BLOCKS, start=1):
+            out.append((f"stage{i}", nn.Sequential(*blocks[start : start + n])))
+            start += n
+        out.append(("head", nn.Sequential(net._conv_head, net._bn1, net._swish)))
+        return out
+
     def load_reference_state_dict(self, state: Mapping[str, Tensor]) -> None:
         """Load an efficientnet-lite-pytorch state_dict (its ``_fc`` classifier is ignored)."""
         load_matching(self.net, state, what="efficientnet-lite0", ignore_prefixes=("_fc.",))
+
+
+LITE0_STAGE_BLOCKS = (1, 2, 2, 3, 3, 4, 1)
+"""MBConv blocks per stage of EfficientNet-Lite0 (stage1 ... stage7)."""
 
 
 def _symmetric_same_padding_(net: nn.Module) -> None:
@@ -320,6 +347,14 @@ class TimmBackbone(nn.Module):
             return y.permute(0, 3, 1, 2)
         return y
 
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        """The stages of the timm CNN families whose layout is known (ResNet: ``layer1`` ...
+        ``layer4``; EfficientNet / MobileNet-style: ``blocks.0`` ... and ``head``; ConvNeXt:
+        ``stages.0`` ...), the first (``stem``) with the input re-normalisation; other
+        models raise a ValueError naming the families that can be cut."""
+        (_, stem), *rest = _timm_stages(self.net)
+        return [("stem", nn.Sequential(self.renorm, *stem)), *rest]
+
     def load_reference_state_dict(self, state: Mapping[str, Tensor]) -> None:
         """Load a timm state_dict of this model (its classifier is ignored)."""
         load_matching(
@@ -328,6 +363,32 @@ class TimmBackbone(nn.Module):
             what=f"timm model {self.name!r}",
             ignore_prefixes=self.classifier_prefixes,
         )
+
+
+def _timm_stages(net: nn.Module) -> list[tuple[str, Any]]:
+    """``[("stem", [modules]), (stage name, module), ...]`` of a timm model, in the order its
+    ``forward_features`` applies them (checked against it in the tests)."""
+    from timm.models.convnext import ConvNeXt
+    from timm.models.efficientnet import EfficientNet
+    from timm.models.resnet import ResNet
+
+    if isinstance(net, ResNet):
+        stem = [net.conv1, net.bn1, net.act1, net.maxpool]
+        return [("stem", stem)] + [(f"layer{i}", getattr(net, f"layer{i}")) for i in range(1, 5)]
+    if isinstance(net, EfficientNet):
+        blocks = [(f"blocks.{i}", b) for i, b in enumerate(net.blocks)]
+        head = nn.Sequential(net.conv_head, net.bn2)
+        return [("stem", [net.conv_stem, net.bn1]), *blocks, ("head", head)]
+    if isinstance(net, ConvNeXt):
+        stages = [(f"stages.{i}", s) for i, s in enumerate(net.stages)]
+        name, last = stages[-1]
+        stages[-1] = (name, nn.Sequential(last, net.norm_pre))
+        return [("stem", [net.stem]), *stages]
+    raise ValueError(
+        f"timm model {type(net).__name__} cannot be cut into stages (model.cut): its layout "
+        "is known for timm ResNet, EfficientNet/MobileNet-style (EfficientNet class) and "
+        "ConvNeXt models. Use model.cut=null (frozen features) or one of those backbones"
+    )
 
 
 def _classifier_prefixes(cfg: Mapping) -> tuple[str, ...]:

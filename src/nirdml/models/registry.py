@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from nirdml.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Backbone:
@@ -33,6 +35,10 @@ class Backbone:
     """Takes 3-channel input even from scratch (a per-RGB-channel input re-normalisation)."""
     any_channels: bool = False
     """Its pretrained weights adapt to any ``in_channels`` (timm adapts the first conv)."""
+    cuts: tuple[str, ...] | None = ()
+    """Stage names ``model.cut`` accepts (the first stage that trains; the ones before it
+    are frozen and cached), in network order; None: known only once the model is built
+    (timm: by its class); empty: the backbone cannot be cut."""
 
     @property
     def has_pretrained(self) -> bool:
@@ -56,6 +62,7 @@ _RESNET = Backbone(
     "nirdml.models.backbones:build_resnet",
     "nirdml.models.backbones:torchvision_identity",
     weight_versions=True,
+    cuts=("layer1", "layer2", "layer3", "layer4"),
 )
 BACKBONES: dict[str, Backbone] = {
     "resnet50": _RESNET,
@@ -64,14 +71,18 @@ BACKBONES: dict[str, Backbone] = {
         "nirdml.models.backbones:build_efficientnet_lite0",
         "nirdml.models.backbones:efficientnet_identity",
         rgb_only=True,
+        cuts=(*(f"stage{i}" for i in range(1, 8)), "head"),
     ),
-    "small_cnn": Backbone("nirdml.models.small_cnn:build_small_cnn"),
+    "small_cnn": Backbone(
+        "nirdml.models.small_cnn:build_small_cnn", cuts=("block2", "block3", "block4")
+    ),
 }
 FAMILIES: dict[str, Backbone] = {
     "timm:": Backbone(
         "nirdml.models.backbones:build_timm",
         "nirdml.models.backbones:timm_identity",
         any_channels=True,
+        cuts=None,
     ),
 }
 """Backbones named ``<prefix><name>`` (e.g. ``timm:resnet50.a1_in1k``)."""
@@ -89,3 +100,23 @@ def backbone(arch: str) -> Backbone:
     close = difflib.get_close_matches(str(arch), list(BACKBONES), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ValueError(f"Unknown arch {arch!r}: use one of {', '.join(ARCHS)}.{hint}")
+
+
+def check_cut(arch: str, cut: str | None, known: tuple[str, ...] | None = None) -> None:
+    """A ConfigError unless ``cut`` names a stage ``arch`` can be cut at (``known``: the
+    stage names of the built model, for families whose stages the table cannot list)."""
+    if cut is None:
+        return
+    names = backbone(arch).cuts if known is None else known
+    if names is None:  # a family (timm): checked when the model is built
+        return
+    if not names:
+        raise ConfigError(f"{arch} cannot be cut into stages: drop model.cut")
+    if cut not in names:
+        close = difflib.get_close_matches(str(cut), list(names), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"model.cut: {arch} has no stage {cut!r} to cut at: use one of "
+            f"{', '.join(names)} (the first stage that trains; every stage before it is "
+            f"frozen and cached).{hint}"
+        )

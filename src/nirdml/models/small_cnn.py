@@ -43,6 +43,10 @@ class SmallCNN(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.blocks(x)
 
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        """``block1``, ``block2``, ...: applied in order, they are ``forward``."""
+        return [(f"block{i}", b) for i, b in enumerate(self.blocks, start=1)]
+
     def load_reference_state_dict(self, state: Mapping[str, Tensor]) -> None:
         """Load a SmallCNN state_dict."""
         load_matching(self, state, what="small_cnn")

@@ -110,10 +110,22 @@ def build_model_from_config(cfg: RunConfig) -> nn.Module:
 
 
 def build_head_model(cfg: RunConfig, num_features: int, spec: Mapping[str, Any]) -> nn.Module:
-    """The head of a frozen-feature run, initialised from ``cfg.seed`` (local RNG)."""
+    """The trained model of a cached-feature run (``spec``: its backbone, see
+    ``features.backbone_spec``), the head initialised from ``cfg.seed`` (local RNG).
+
+    Without a cut: the head on ``num_features``-wide cached features. With a cut: the
+    backbone's stages from the cut on (starting from its weights) + pooling + the head.
+    """
     from nirdml.models import FeatureHead, HeadModel
+    from nirdml.models.head import backbone_for, split_backbone
 
     m = cfg.model
+    upper = pool = None
+    if spec.get("cut") is not None:
+        with seeded(cfg.seed):
+            net = backbone_for({"backbone": spec})
+        _, upper = split_backbone(net.backbone, spec["cut"], spec["arch"])
+        pool, num_features = net.pool, net.num_features
     with seeded(cfg.seed):
         head = FeatureHead(
             num_features,
@@ -124,7 +136,7 @@ def build_head_model(cfg: RunConfig, num_features: int, spec: Mapping[str, Any])
             m.head_dropout,
             seed=cfg.seed,
         )
-    return HeadModel(head, spec)
+    return HeadModel(head, spec, upper, pool)
 
 
 def place_model(
@@ -215,10 +227,10 @@ def load_run_data(cfg: RunConfig, *, progress: bool, echo: bool) -> RunData:
     ``model.frozen`` the cached backbone features and a head (nirdml.training.features).
     ``echo``: print the image check's findings (rank 0)."""
     if cfg.model.frozen:
-        from nirdml.training.features import load_feature_splits
+        from nirdml.training.features import backbone_spec, load_feature_splits
 
         splits = load_feature_splits(cfg, progress=progress)
-        model = build_head_model(cfg, splits.train.num_features, splits.cache.meta["backbone"])
+        model = build_head_model(cfg, splits.train.num_features, backbone_spec(cfg))
         return RunData(
             splits, {"checked": 0, "skipped": "frozen: checked by the cache build"}, model
         )

@@ -32,7 +32,7 @@ from nirdml.losses.registry import (
     SIGMA_MODES,
     unknown_params,
 )
-from nirdml.models.registry import backbone
+from nirdml.models.registry import backbone, check_cut
 
 
 @dataclass
@@ -89,7 +89,12 @@ class ModelConfig:
     freeze_bn_affine: bool = False
     in_channels: int = 3
     frozen: bool = False
-    """Train only a head on cached features of the frozen backbone (data.features)."""
+    """Train on a cache of the frozen backbone's outputs (data.features): a head on pooled
+    features, or with ``cut`` the backbone's last stages + head on cached activations."""
+    cut: str | None = None
+    """With frozen=true: the first backbone stage that trains (e.g. stage7 of
+    efficientnet_lite0, layer4 of a ResNet); the stages before it run once into the cache.
+    None: the whole backbone is frozen and only the head trains."""
     head: str = "linear"
     """The head on the pooled features: "linear" (the paper's) or "mlp"."""
     head_hidden: list[int] = field(default_factory=lambda: [512])
@@ -188,6 +193,9 @@ class EvalConfig:
     batch_size: int = 256
     num_clusters: str = "test_classes"
     """k for k-means (NMI/F1): "test_classes" (standard) or "train_classes" (authors')."""
+    reference: bool = True
+    """Evaluate the untrained backbone's pooled features (no head) before training, as the
+    "epoch 0" reference the kept epoch is compared with (summary.json, last console line)."""
 
 
 @dataclass
@@ -464,7 +472,6 @@ def validate(cfg: RunConfig) -> None:
         f"not {d.val_classes!r}",
     )
     _validate_image_size(d)
-    _validate_frozen(cfg)
     _check(m.embed_dim >= 2, f"model.embed_dim must be >= 2, got {m.embed_dim}")
     _check(
         not isinstance(m.pretrained, str) or m.pretrained.startswith("IMAGENET1K_V"),
@@ -477,6 +484,7 @@ def validate(cfg: RunConfig) -> None:
         backbone(m.arch)
     except ValueError as exc:
         raise ConfigError(f"model.arch: {exc}") from None
+    _validate_frozen(cfg)
     _check_transform_fits_model(cfg)
     _check(
         cfg.loss.name in LOSS_NAMES,
@@ -634,6 +642,14 @@ def _validate_frozen(cfg: RunConfig) -> None:
         d.feature_dtype in ("float16", "float32"),
         f"data.feature_dtype must be float16 or float32, not {d.feature_dtype!r}",
     )
+    if m.cut is not None:
+        _check(
+            m.frozen,
+            f"model.cut={m.cut} trains the backbone from that stage on over a cache of the "
+            "stages before it: it needs model.frozen=true (and data.features=DIR); for "
+            "end-to-end training drop model.cut",
+        )
+        check_cut(m.arch, m.cut)
     if not m.frozen:
         _check(
             m.head == "linear",
@@ -647,10 +663,11 @@ def _validate_frozen(cfg: RunConfig) -> None:
         "(the cache is built there on first use, or beforehand by `nirdml features`)",
     )
     _check(
-        cfg.optim.warmup_epochs == 0,
-        f"optim.warmup_epochs={cfg.optim.warmup_epochs} means nothing with model.frozen=true: "
-        "warmup trains the head with the backbone frozen for the first epochs, and here the "
-        "backbone is frozen for every epoch. Set optim.warmup_epochs=0",
+        cfg.optim.warmup_epochs == 0 or m.cut is not None,
+        f"optim.warmup_epochs={cfg.optim.warmup_epochs} means nothing with model.frozen=true "
+        "and no model.cut: warmup trains the head with the backbone frozen for the first "
+        "epochs, and here the backbone is frozen for every epoch. Set optim.warmup_epochs=0 "
+        "(or train the last stages with model.cut=STAGE)",
     )
     _check(
         d.cache is None,

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from nirdml.errors import InsufficientDiskError
 from nirdml.runtime import atomic_write_json
 from nirdml.training.config import ConfigError, RunConfig, load_config
 
@@ -49,7 +50,7 @@ FEATURE_FORMAT = 1
 META = "meta.json"
 PARTIAL = ".partial"
 #: Keys recorded in meta.json that do not have to match the config.
-_NOT_COMPARED = ("view_seed", "dataset.root", "num_features", "stats")
+_NOT_COMPARED = ("view_seed", "dataset.root", "num_features", "item_shape", "stats")
 
 
 class FeatureCacheMismatch(ConfigError):
@@ -82,7 +83,8 @@ def split_fingerprint(split: Any, root: str | None) -> dict[str, Any]:
 
 
 def backbone_spec(cfg: RunConfig) -> dict[str, Any]:
-    """The backbone a config extracts features with, and the identity of its weights."""
+    """The backbone of a cached-feature run: how it is built, the identity of its weights,
+    and where it is cut (``cut``: None caches pooled features)."""
     from nirdml.models import weights_identity
     from nirdml.models.factory import _resolve_pretrained
 
@@ -97,7 +99,17 @@ def backbone_spec(cfg: RunConfig) -> dict[str, Any]:
         "in_channels": m.in_channels,
         "seed": cfg.seed if not pretrained and weights is None else 0,
         "weights_identity": weights_identity(m.arch, pretrained, weights, cfg.seed),
+        "cut": m.cut,
+        "freeze_bn": m.freeze_bn,
+        "freeze_bn_affine": m.freeze_bn_affine,
     }
+
+
+def cache_identity(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """What of a backbone spec the cached arrays depend on: not the BatchNorm options of the
+    trained stages, and with a cut not the pooling (both act above the cache)."""
+    drop = {"freeze_bn", "freeze_bn_affine"} | ({"pooling"} if spec.get("cut") else set())
+    return {k: v for k, v in spec.items() if k not in drop}
 
 
 def _image_splits(cfg: RunConfig):
@@ -121,7 +133,7 @@ def expected_meta(cfg: RunConfig, splits: Any | None = None) -> dict[str, Any]:
     preset = d.transform or default_transform_preset(d.name)
     return {
         "format": FEATURE_FORMAT,
-        "backbone": backbone_spec(cfg),
+        "backbone": cache_identity(backbone_spec(cfg)),
         "transform": {
             "preset": preset,
             "image_size": d.image_size,
@@ -261,21 +273,16 @@ def build_feature_cache(
     """Extract (or resume, or reuse) the feature cache of ``config`` in ``out_dir``.
 
     ``out_dir`` defaults to ``config.data.features``. A finished cache that matches is
-    returned as is; one that does not match raises :class:`FeatureCacheMismatch`.
-    ``on_batch(done)`` is called after each batch is safely recorded (tests use it to
-    interrupt an extraction). ``batch_size`` 16: on a CPU, larger batches are slower
-    (EfficientNet-Lite0 at 128 px, one core: 70 images/s at 16, 43 at 32, 18 at 64), as
-    activations above glibc's 32 MB mmap threshold are mapped and page-faulted anew on
-    every call.
+    returned as is; one that does not match raises :class:`FeatureCacheMismatch`. The
+    cache's size is printed before anything is written and checked against the free disk
+    space (:class:`~nirdml.errors.InsufficientDiskError`). ``on_batch(done)`` is called after
+    each batch is safely recorded (tests use it to interrupt an extraction). ``batch_size``
+    16: on a CPU, larger batches are slower (EfficientNet-Lite0 at 128 px, one core: 70
+    images/s at 16, 43 at 32, 18 at 64), as activations above glibc's 32 MB mmap threshold
+    are mapped and page-faulted anew on every call.
     """
     cfg = config if isinstance(config, RunConfig) else load_config(config)
-    target = out_dir if out_dir is not None else cfg.data.features
-    if target is None:
-        raise ConfigError(
-            "no feature cache folder: pass --out DIR (library: out_dir=...) or set "
-            "data.features=DIR"
-        )
-    out = Path(target)
+    out = _cache_folder(cfg, out_dir)
     splits = _image_splits(cfg)
     if not (out / META).is_file():  # the images will be read: check them first
         from nirdml.training.datacheck import check_images
@@ -285,35 +292,137 @@ def build_feature_cache(
     if (out / META).is_file():
         return FeatureCache.open(out, wanted)
     partial = out / PARTIAL
-    if (partial / META).is_file():
-        diffs = meta_differences(json.loads((partial / META).read_text()), wanted)
-        if diffs:
-            raise _refuse(partial, diffs, partial=True)
-    else:
-        if partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True)
-        atomic_write_json(partial / META, {**wanted, "view_seed": view_seed})
-    view_seed = int(json.loads((partial / META).read_text()).get("view_seed", view_seed))
-    progress_file = partial / "progress.json"
-    done = json.loads(progress_file.read_text())["batches"] if progress_file.is_file() else 0
+    view_seed = _resumable_view_seed(partial, wanted, view_seed)
+    dev = torch.device(device)
+    extractor = _extractor(wanted["backbone"]).to(dev).eval()
+    jobs = _extraction_jobs(cfg, splits, wanted)
+    items = _ExtractionItems(jobs, view_seed)
+    with torch.inference_mode():
+        item_shape = tuple(extractor(items[0][0][None].to(dev)).shape[1:])
+    shapes = _array_shapes(jobs, item_shape)
+    dtype = np.dtype(cfg.data.feature_dtype)
+    _check_disk(out, partial, shapes, dtype, echo=progress)
+    # Nothing was written before this line.
+    done = _start_partial(partial, wanted, view_seed)
+    arrays = {
+        name: np.lib.format.open_memmap(
+            partial / f"{name}.npy",
+            mode="r+" if (partial / f"{name}.npy").is_file() and done > 0 else "w+",
+            dtype=dtype,
+            shape=shape,
+        )
+        for name, shape in shapes.items()
+    }
+    workers = cfg.data.num_workers if num_workers is None else num_workers
+    label = f"features {cfg.model.arch} {wanted['transform']['image_size'] or 224}px"
+    if cfg.model.cut is not None:
+        label += f" (before {cfg.model.cut})"
+    start = time.perf_counter()
+    extracted = _extract(
+        extractor,
+        items,
+        _fixed_batches(items, jobs, batch_size),
+        arrays,
+        partial,
+        done,
+        dev,
+        workers=workers,
+        label=label if progress else None,
+        on_batch=on_batch,
+    )
+    elapsed = time.perf_counter() - start
+    stats = {
+        "images": len(items),
+        "seconds_this_session": round(elapsed, 3),
+        "images_per_s_this_session": round(extracted / max(elapsed, 1e-9), 2),
+        "threads": torch.get_num_threads(),
+        "batch_size": batch_size,
+        "device": str(dev),
+    }
+    del arrays
+    _finish(
+        out,
+        partial,
+        shapes,
+        {
+            **wanted,
+            "view_seed": view_seed,
+            "item_shape": item_shape,
+            "num_features": int(item_shape[0]),
+            "stats": stats,
+        },
+    )
+    return FeatureCache.open(out)
 
+
+def _cache_folder(cfg: RunConfig, out_dir: str | Path | None) -> Path:
+    target = out_dir if out_dir is not None else cfg.data.features
+    if target is None:
+        raise ConfigError(
+            "no feature cache folder: pass --out DIR (library: out_dir=...) or set "
+            "data.features=DIR"
+        )
+    return Path(target)
+
+
+def _resumable_view_seed(partial: Path, wanted: Mapping[str, Any], view_seed: int) -> int:
+    """The view seed of an unfinished extraction of the same config (else ``view_seed``);
+    an unfinished extraction for another config is refused."""
+    if not (partial / META).is_file():
+        return view_seed
+    found = json.loads((partial / META).read_text())
+    diffs = meta_differences(found, wanted)
+    if diffs:
+        raise _refuse(partial, diffs, partial=True)
+    return int(found.get("view_seed", view_seed))
+
+
+def _extractor(spec: Mapping[str, Any]) -> torch.nn.Module:
+    """Images -> what the cache holds: the whole backbone + pooling (no cut) or the stages
+    before the cut (their activations), built under a forked RNG."""
+    from nirdml.models.head import PooledFeatures, backbone_for, split_backbone
+
+    with torch.random.fork_rng(devices=[]):
+        model = backbone_for({"backbone": spec})
+    if spec.get("cut") is None:
+        return PooledFeatures(model)
+    lower, _ = split_backbone(model.backbone, spec["cut"], spec["arch"])
+    return lower
+
+
+def _extraction_jobs(
+    cfg: RunConfig, splits: Any, wanted: Mapping[str, Any]
+) -> list[tuple[str, Any, int | None, int]]:
+    """``(array, dataset, view, count)`` in extraction order: the test split, every training
+    image under the test transform, then each augmented view of the training images."""
     from nirdml.data import build_transforms
 
-    tr = wanted["transform"]
-    train_views = splits.train.with_transform(
-        build_transforms(tr["preset"], True, cfg.data.image_size)
-    )
-    train_plain = splits.train.with_transform(  # every training image, test transform
-        build_transforms(tr["preset"], False, cfg.data.image_size)
-    )
-    views = cfg.data.feature_views
-    jobs: list[tuple[str, Any, int | None, int]] = [
+    preset = wanted["transform"]["preset"]
+    size = cfg.data.image_size
+    train_views = splits.train.with_transform(build_transforms(preset, True, size))
+    train_plain = splits.train.with_transform(build_transforms(preset, False, size))
+    return [
         ("test", splits.test, None, len(splits.test)),
         ("train_plain", train_plain, None, len(train_plain)),
-    ] + [("train_views", train_views, v, len(train_views)) for v in range(views)]
-    items = _ExtractionItems(jobs, view_seed)
-    # Fixed batches never cross a job boundary, so a resumed run repeats the same batches.
+    ] + [("train_views", train_views, v, len(train_views)) for v in range(cfg.data.feature_views)]
+
+
+def _array_shapes(
+    jobs: list[tuple[str, Any, int | None, int]], item_shape: tuple[int, ...]
+) -> dict[str, tuple[int, ...]]:
+    views = sum(1 for j in jobs if j[0] == "train_views")
+    count = {name: n for name, _, _, n in jobs}
+    return {
+        "test": (count["test"], *item_shape),
+        "train_plain": (count["train_plain"], *item_shape),
+        "train_views": (views, count["train_plain"], *item_shape),
+    }
+
+
+def _fixed_batches(
+    items: _ExtractionItems, jobs: list[tuple[str, Any, int | None, int]], batch_size: int
+) -> list[list[int]]:
+    """Fixed batches that never cross a job boundary, so a resumed run repeats them."""
     batches: list[list[int]] = []
     for j, job in enumerate(jobs):
         start = int(items.starts[j])
@@ -321,70 +430,98 @@ def build_feature_cache(
             list(range(start + b, start + min(b + batch_size, job[3])))
             for b in range(0, job[3], batch_size)
         ]
+    return batches
 
-    dev = torch.device(device)
-    from nirdml.models import build_model
 
-    m = cfg.model
-    with torch.random.fork_rng(devices=[]):
-        model = build_model(
-            m.arch,
-            2,
-            pooling=m.pooling,
-            pretrained=m.pretrained,
-            weights=m.weights,
-            in_channels=m.in_channels,
-            seed=wanted["backbone"]["seed"],
+def _human(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if nbytes < 1000 or unit == "TB":
+            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
+        nbytes /= 1000
+    raise AssertionError
+
+
+def _check_disk(
+    out: Path, partial: Path, shapes: Mapping[str, tuple[int, ...]], dtype: np.dtype, *, echo: bool
+) -> None:
+    """Print the cache's size and refuse it (before writing) if the disk cannot hold it."""
+    total = sum(int(np.prod(s)) * dtype.itemsize for s in shapes.values())
+    written = 0
+    if (partial / META).is_file():  # a resumed extraction already holds part of it
+        written = sum(f.stat().st_blocks * 512 for f in partial.glob("*.npy") if f.is_file())
+    folder = out
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    needed = max(total - written, 0)
+    item = "x".join(map(str, shapes["test"][1:]))
+    if echo:
+        print(
+            f"feature cache {out}: {_human(total)} ({shapes['test'][0]:,} test + "
+            f"{shapes['train_plain'][0]:,} train images x {1 + shapes['train_views'][0]} "
+            f"(plain + views), each {item} {dtype.name}); {_human(free)} free",
+            flush=True,
         )
-    model = model.to(dev).eval()
-    with torch.inference_mode():
-        probe = model.features(items[0][0][None].to(dev))
-    num_features = int(probe.shape[1])
-    dtype = np.dtype(cfg.data.feature_dtype)
-    shapes = {
-        "test": (len(splits.test), num_features),
-        "train_plain": (len(train_plain), num_features),
-        "train_views": (views, len(train_views), num_features),
-    }
-    arrays = {}
-    for name, shape in shapes.items():
-        file = partial / f"{name}.npy"
-        mode = "r+" if file.is_file() and done > 0 else "w+"
-        arrays[name] = np.lib.format.open_memmap(file, mode=mode, dtype=dtype, shape=shape)
+    margin = 64 * 2**20
+    if needed + margin > free:
+        raise InsufficientDiskError(
+            f"the feature cache needs {_human(needed)} more at {out} but only {_human(free)} "
+            f"is free there. Fix: cache into a folder on a larger disk (--out DIR / "
+            "data.features=DIR), fewer data.feature_views, data.feature_dtype=float16, a "
+            "smaller data.image_size, or a later model.cut (smaller activations)"
+        )
 
-    workers = cfg.data.num_workers if num_workers is None else num_workers
+
+def _start_partial(partial: Path, wanted: Mapping[str, Any], view_seed: int) -> int:
+    """Batches already extracted into ``partial`` (a fresh folder: 0)."""
+    if (partial / META).is_file():
+        progress_file = partial / "progress.json"
+        return json.loads(progress_file.read_text())["batches"] if progress_file.is_file() else 0
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    atomic_write_json(partial / META, {**wanted, "view_seed": view_seed})
+    return 0
+
+
+def _extract(
+    extractor: torch.nn.Module,
+    items: _ExtractionItems,
+    batches: list[list[int]],
+    arrays: dict[str, np.ndarray],
+    partial: Path,
+    done: int,
+    dev: torch.device,
+    *,
+    workers: int,
+    label: str | None,
+    on_batch: Callable[[int], None] | None,
+) -> int:
+    """Run the remaining batches into the arrays, recording progress after each; returns
+    the number of images extracted in this session."""
     loader = DataLoader(
         items,
         batch_sampler=batches[done:],
         num_workers=workers,
         generator=torch.Generator().manual_seed(0),
     )
-    total = len(items)
     bar = None
-    if progress:
+    if label is not None:
         from tqdm.auto import tqdm
 
-        bar = tqdm(
-            total=total,
-            initial=sum(len(b) for b in batches[:done]),
-            unit="img",
-            desc=f"features {cfg.model.arch} {tr['image_size'] or 224}px",
-            dynamic_ncols=True,
-        )
-    start = time.perf_counter()
+        initial = sum(len(b) for b in batches[:done])
+        bar = tqdm(total=len(items), initial=initial, unit="img", desc=label, dynamic_ncols=True)
     extracted = 0
     with torch.inference_mode():
         for b, (images, keys) in enumerate(loader, start=done):
-            feats = model.features(images.to(dev)).float().cpu().numpy().astype(dtype)
+            out = extractor(images.to(dev)).float().cpu().numpy()
             j, row = items.locate(int(keys[0]))
-            name, _, view, _ = jobs[j]
+            name, _, view, _ = items.jobs[j]
             rows = slice(row, row + len(keys))
-            if view is None:
-                arrays[name][rows] = feats
-            else:
-                arrays[name][view, rows] = feats
+            target = arrays[name] if view is None else arrays[name][view]
+            target[rows] = out.astype(arrays[name].dtype)
             arrays[name].flush()
-            atomic_write_json(progress_file, {"batches": b + 1})
+            atomic_write_json(partial / "progress.json", {"batches": b + 1})
             extracted += len(keys)
             if bar is not None:
                 bar.update(len(keys))
@@ -392,30 +529,19 @@ def build_feature_cache(
                 on_batch(b + 1)
     if bar is not None:
         bar.close()
-    elapsed = time.perf_counter() - start
-    for a in arrays.values():
-        a.flush()
-    del arrays
+    return extracted
+
+
+def _finish(
+    out: Path, partial: Path, shapes: Mapping[str, tuple[int, ...]], meta: Mapping[str, Any]
+) -> None:
+    """Move the finished arrays into ``out`` and write ``meta.json`` last (atomically)."""
     for name in shapes:
         with open(partial / f"{name}.npy", "rb") as f:
             os.fsync(f.fileno())
         os.replace(partial / f"{name}.npy", out / f"{name}.npy")
-    meta = {
-        **wanted,
-        "view_seed": view_seed,
-        "num_features": num_features,
-        "stats": {
-            "images": total,
-            "seconds_this_session": round(elapsed, 3),
-            "images_per_s_this_session": round(extracted / max(elapsed, 1e-9), 2),
-            "threads": torch.get_num_threads(),
-            "batch_size": batch_size,
-            "device": str(dev),
-        },
-    }
-    atomic_write_json(out / META, meta)
+    atomic_write_json(out / META, dict(meta))
     shutil.rmtree(partial, ignore_errors=True)
-    return FeatureCache.open(out)
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -424,7 +550,9 @@ def build_feature_cache(
 class FeatureDataset(Dataset):
     """Cached features of some images of a split: ``(float32 features, label)`` items.
 
-    ``views`` given (train): item ``i`` returns view ``draw[rows[i]]`` of its image, with
+    A cached item is a pooled feature vector, or with a cut (``model.cut``) the activation
+    map entering that stage. ``views`` (train: the array has a leading view axis): item
+    ``i`` returns view ``draw[rows[i]]`` of its image, with
     ``draw`` drawn for every cached image from ``(seed, epoch)`` (:meth:`set_epoch`; the
     epoch lives in shared memory, so DataLoader workers follow it).
     """
@@ -438,6 +566,7 @@ class FeatureDataset(Dataset):
         *,
         split: str,
         seed: int = 0,
+        views: bool = False,
     ) -> None:
         self.array = array
         self.rows = np.asarray(rows, dtype=np.int64)
@@ -446,7 +575,7 @@ class FeatureDataset(Dataset):
         self.num_classes = len(self.class_names)
         self.split = split
         self.seed = seed
-        self.has_views = array.ndim == 3
+        self.has_views = views
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._draw: tuple[int, np.ndarray] | None = None
 
@@ -460,8 +589,14 @@ class FeatureDataset(Dataset):
         return []
 
     @property
+    def item_shape(self) -> tuple[int, ...]:
+        """Shape of one cached item: (F,) pooled features or (C, H, W) activations."""
+        return tuple(int(n) for n in self.array.shape[2 if self.has_views else 1 :])
+
+    @property
     def num_features(self) -> int:
-        return int(self.array.shape[-1])
+        """Width of a cached item (its channels, with a cut)."""
+        return self.item_shape[0]
 
     @property
     def num_views(self) -> int:
@@ -473,7 +608,7 @@ class FeatureDataset(Dataset):
     def views_of_epoch(self, epoch: int) -> np.ndarray:
         """The view every cached image (row) uses in ``epoch``."""
         rng = np.random.default_rng([self.seed, epoch])
-        return rng.integers(0, self.num_views, size=self.array.shape[-2])
+        return rng.integers(0, self.num_views, size=self.array.shape[1])
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -534,10 +669,10 @@ def load_feature_splits(cfg: RunConfig, progress: bool = False) -> FeatureSplits
     def rows_of(part: Any) -> np.ndarray:
         return order[np.searchsorted(pool.index, part.index, sorter=order)]
 
-    def feats(array: np.ndarray, part: Any, split: str) -> FeatureDataset:
+    def feats(array: np.ndarray, part: Any, split: str, views: bool) -> FeatureDataset:
         rows = rows_of(part) if part is not pool else np.arange(len(pool))
         return FeatureDataset(
-            array, rows, part.labels, part.class_names, split=split, seed=cfg.seed
+            array, rows, part.labels, part.class_names, split=split, seed=cfg.seed, views=views
         )
 
     test_rows = np.arange(len(splits.test))
@@ -545,8 +680,8 @@ def load_feature_splits(cfg: RunConfig, progress: bool = False) -> FeatureSplits
         cache.test, test_rows, splits.test.labels, splits.test.class_names, split="test"
     )
     return FeatureSplits(
-        feats(cache.train_views, train, "train"),
+        feats(cache.train_views, train, "train", views=True),
         test,
-        None if val is None else feats(cache.train_plain, val, "val"),
+        None if val is None else feats(cache.train_plain, val, "val", views=False),
         cache,
     )

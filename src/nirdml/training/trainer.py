@@ -27,9 +27,15 @@ import torch
 from torch import Tensor, nn
 
 import nirdml
-from nirdml.errors import NIRInertWarning, NonFiniteLossError
+from nirdml.errors import (
+    NIRInertWarning,
+    NoImprovementWarning,
+    NonFiniteLossError,
+    SelectionWarning,
+)
 from nirdml.losses import ProxyCriterion
 from nirdml.runtime import atomic_write_json, atomic_write_text, resolve_device
+from nirdml.training import selection
 from nirdml.training.alarm import ALARM_KEYS, alarm_row, alarm_summary, inert_message
 from nirdml.training.build import (
     Criterion,
@@ -107,6 +113,8 @@ class LoopState:
     global_step: int = 0
     train_time: float = 0.0
     images_seen: int = 0
+    reference: dict[str, float] = field(default_factory=dict)
+    """Metrics of the untrained reference (epoch 0): pooled backbone features, no head."""
     skips: SkipWatch = field(default_factory=SkipWatch)
 
     @classmethod
@@ -119,6 +127,7 @@ class LoopState:
             global_step=int(state["global_step"]),
             train_time=float(state["train_time_s"]),
             images_seen=int(state["images_seen"]),
+            reference=dict(state.get("reference", {})),
         )
 
 
@@ -244,6 +253,7 @@ class _Run:
             "best": s.best,
             "train_time_s": s.train_time,
             "images_seen": s.images_seen,
+            "reference": s.reference,
             "num_classes": self.splits.train.num_classes,
             "class_names": {"train": list(self.splits.train.class_names)},
         }
@@ -405,14 +415,19 @@ class _Run:
             return self.splits.train.num_classes
         return None  # evaluate() uses the number of classes in the evaluated split
 
-    def _evaluate(self) -> dict[str, float]:
-        """Metrics of the test (and val) split, keyed ``test/...`` / ``val/...``."""
+    def _evaluate(self, reference: bool = False) -> dict[str, float]:
+        """Metrics of the test (and val) split, keyed ``test/...`` / ``val/...``; with
+        ``reference``, of the model's pooled backbone features (no head) instead."""
+        from nirdml.models.embedding import PooledEmbedding
+
         row: dict[str, float] = {}
         splits = [("test", self.splits.test)]
         if self.splits.val is not None:
             splits.append(("val", self.splits.val))
         model = _unwrap(self.model)
         self.dist.sync_buffers(model)  # every shard embedded with rank 0's BN statistics
+        if reference:
+            model = PooledEmbedding(model)
         for name, dataset in splits:
             metrics = evaluate_model(
                 model,
@@ -429,23 +444,28 @@ class _Run:
             row.update({f"{name}/{k}": float(v) for k, v in metrics.items()})
         return row
 
+    def _selection_split(self) -> str:
+        return "val" if self.splits.val is not None else "test"
+
     def _select(self, epoch: int, row: dict[str, Any]) -> bool:
-        """Keep ``row`` as the best epoch if its selection metric is the highest so far."""
-        split = "val" if self.splits.val is not None else "test"
-        key = f"{split}/{self.cfg.eval.select_metric}"
-        if key not in row:
+        """Keep ``row`` as the best epoch if it ranks at least as high as the best so far
+        (nirdml.training.selection: ties go to the tie-break metric, then the later epoch)."""
+        split, metric = self._selection_split(), self.cfg.eval.select_metric
+        if f"{split}/{metric}" not in row:
             raise ValueError(
-                f"eval.select_metric {self.cfg.eval.select_metric!r} is not among the "
+                f"eval.select_metric {metric!r} is not among the "
                 f"computed metrics {self.metrics}; add it to eval.metrics"
             )
-        value = row[key]
-        if self.state.best and not value > self.state.best["value"]:
+        best = self.state.best
+        if best and selection.rank(row, split, metric) < selection.rank(
+            best["metrics"], split, metric
+        ):
             return False
         self.state.best = {
             "epoch": epoch + 1,
             "selected_on": split,
-            "metric": self.cfg.eval.select_metric,
-            "value": value,
+            "metric": metric,
+            "value": row[f"{split}/{metric}"],
             "metrics": {k: v for k, v in row.items() if k.split("/")[0] in ("test", "val")},
         }
         return True
@@ -481,6 +501,9 @@ class _Run:
 
     def fit(self, stop_after_epoch: int | None = None) -> RunResult:
         """Run the remaining epochs; write and return the summary."""
+        if self.state.start_epoch == 0 and self.cfg.eval.reference:
+            self.state.reference = self.dist.broadcast_object(self._evaluate(reference=True))
+            self._print_reference()
         try:
             for epoch in range(self.state.start_epoch, self.cfg.epochs):
                 self._record(self._epoch(epoch))
@@ -492,7 +515,25 @@ class _Run:
         summary = self._summary()
         if self.dist.is_main:
             atomic_write_json(self.out_dir / "summary.json", summary)
+            for note in summary["selection"]["warnings"]:
+                warnings.warn(f"model selection: {note}", SelectionWarning, stacklevel=2)
+            found = summary["reference"]["verdict"]
+            if found is not None and not found["beats"]:
+                warnings.warn(found["message"], NoImprovementWarning, stacklevel=2)
         return RunResult(self.out_dir, summary, list(self.state.history))
+
+    def _print_reference(self) -> None:
+        if not self.progress:
+            return
+        from tqdm.auto import tqdm
+
+        metric = self.cfg.eval.select_metric
+        parts = [
+            f"{split} {metric} {self.state.reference[f'{split}/{metric}']:.4f}"
+            for split in ("val", "test")
+            if f"{split}/{metric}" in self.state.reference
+        ]
+        tqdm.write("epoch 0 (untrained features, no head) | " + " | ".join(parts))
 
     def _print_epoch(self, row: dict[str, Any]) -> None:
         if not self.progress:
@@ -518,6 +559,15 @@ class _Run:
             parts.append(f"SKIPPED {row['train/skipped_steps']} non-finite steps")
         parts.append(f"{row['train/images_per_s']:.0f} img/s")
         tqdm.write(" | ".join(parts))
+
+    def _selection_summary(self) -> dict[str, Any]:
+        split, metric = self._selection_split(), self.cfg.eval.select_metric
+        chosen = self.splits.val if split == "val" else self.splits.test
+        evaluated = [r for r in self.state.history if f"{split}/{metric}" in r]
+        return {
+            "rule": selection.rule(split, metric, evaluated[-1] if evaluated else None),
+            **selection.diagnose(self.state.history, split, metric, chosen.num_classes),
+        }
 
     def _summary(self) -> dict[str, Any]:
         evaluated = [r for r in self.state.history if any(k.startswith("test/") for k in r)]
@@ -558,6 +608,15 @@ class _Run:
                 if s is not None
             },
             "nir_alarm": alarm_summary(self.state.history, self.cfg),
+            "selection": self._selection_summary(),
+            "reference": {
+                "what": "the backbone's pooled features before training, L2-normalised, no "
+                "head (epoch 0), on the same splits and metrics",
+                "metrics": self.state.reference,
+                "verdict": selection.verdict(
+                    self.state.best, self.state.reference, self.cfg.eval.select_metric
+                ),
+            },
             "train_time_s": self.state.train_time,
             "images_per_s": self.state.images_seen / max(self.state.train_time, 1e-9),
             "out_dir": str(self.out_dir),
