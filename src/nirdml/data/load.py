@@ -47,6 +47,7 @@ def load_dataset(
     *,
     transform_preset: str | None = None,
     val_classes: float | int | str = 0,
+    val_carve: str = "random",
     seed: int = 0,
     download: bool = False,
     skip_corrupt: bool = False,
@@ -61,6 +62,8 @@ def load_dataset(
     val_classes: a fraction in (0, 1) or a count of TRAIN classes moved (chosen from
         ``seed``) into a class-disjoint validation split; 0 for none; ``"auto"``: see
         :func:`auto_val_classes` (the training configs' default).
+    val_carve: ``"random"`` (classes drawn from ``seed``) or ``"last"`` (the last training
+        classes in class order, a block like the test split; see ``carve_validation``).
     download: fetch and extract the public archives into ``root`` first (CUB, SOP,
         Omniglot); ``urls={archive file name: mirror url}`` overrides a source.
     image_size: crop size of the RGB ``resnet`` transform (train RandomResizedCrop, test
@@ -108,7 +111,7 @@ def load_dataset(
             raise ValueError(
                 f"{key} data already defines a validation split; drop val_classes or the 'val' rows"
             )
-        train, val = carve_validation(train, val_classes, seed)
+        train, val = carve_validation(train, val_classes, seed, val_carve)
 
     def tf(ds: RetrievalDataset | None, is_train: bool) -> RetrievalDataset | None:
         if ds is None:

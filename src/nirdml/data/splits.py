@@ -35,19 +35,31 @@ def num_val_classes(val_classes: float | int, num_train_classes: int) -> int:
     return n
 
 
+VAL_CARVES = ("random", "last")
+
+
 def carve_validation(
-    train: RetrievalDataset, val_classes: float | int, seed: int = 0
+    train: RetrievalDataset, val_classes: float | int, seed: int = 0, carve: str = "random"
 ) -> tuple[RetrievalDataset, RetrievalDataset | None]:
     """Move some training classes into a validation split (class-disjoint from the rest).
 
-    The classes are drawn from ``seed`` with a local generator; both parts keep their
+    ``carve="random"``: the classes are drawn from ``seed`` with a local generator.
+    ``"last"``: the last classes in the dataset's class order, the same for every seed: a
+    block held out as the zero-shot test classes are, so where the order groups related
+    classes (Stanford Cars by make, CUB by family) validation measures transfer to
+    unrelated classes instead of to siblings of the training classes. Both parts keep their
     classes in the original (official id) order and are re-labelled 0..C-1.
     """
+    if carve not in VAL_CARVES:
+        raise ValueError(f"val carve must be one of {', '.join(VAL_CARVES)}, not {carve!r}")
     n_val = num_val_classes(val_classes, train.num_classes)
     if n_val == 0:
         return train, None
-    rng = np.random.default_rng(seed)
-    val_set = np.sort(rng.choice(train.num_classes, size=n_val, replace=False))
+    if carve == "last":
+        val_set = np.arange(train.num_classes - n_val, train.num_classes)
+    else:
+        rng = np.random.default_rng(seed)
+        val_set = np.sort(rng.choice(train.num_classes, size=n_val, replace=False))
     is_val_class = np.zeros(train.num_classes, dtype=bool)
     is_val_class[val_set] = True
     keep_set = np.flatnonzero(~is_val_class)

@@ -50,6 +50,10 @@ class DataConfig:
     """Classes carved from the training classes for model selection (fraction or count);
     "auto": 10% (at least 2) for digits, folder, csv, omniglot, cars98 when at least 2 training
     classes remain, none for CUB/Cars/SOP (the paper's protocol) or data with a val split."""
+    val_carve: str = "random"
+    """Which training classes validation takes: "random" (drawn from the seed) or "last"
+    (the last ones in class order, the same for every seed: held out as a block like the
+    test classes, so validation measures transfer rather than similarity to siblings)."""
     batch_size: int = 90
     samples_per_class: int = 2
     sampler: str = "authors"
@@ -456,6 +460,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"data.name {d.name!r} is not a known dataset; use {dataset_choices(d.name)}"
         ) from None
+    _check(
+        d.val_carve in ("random", "last"),
+        f"data.val_carve must be random or last, not {d.val_carve!r}",
+    )
     _check(d.batch_size >= 2, f"data.batch_size must be >= 2, got {d.batch_size}")
     _check(d.samples_per_class >= 1, "data.samples_per_class must be >= 1")
     _check(

@@ -663,7 +663,7 @@ def load_feature_splits(cfg: RunConfig, progress: bool = False) -> FeatureSplits
     val_classes = cfg.data.val_classes
     if val_classes == "auto":  # as load_dataset resolves it for the images
         val_classes = auto_val_classes(cfg.data.name, pool.num_classes)
-    train, val = carve_validation(pool, val_classes, cfg.seed)
+    train, val = carve_validation(pool, val_classes, cfg.seed, cfg.data.val_carve)
     order = np.argsort(pool.index, kind="stable")
 
     def rows_of(part: Any) -> np.ndarray:

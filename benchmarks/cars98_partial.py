@@ -1,0 +1,128 @@
+"""cars98: frozen heads vs partial fine-tuning of EfficientNet-Lite0, chosen on validation.
+
+    python benchmarks/cars98_partial.py tune   --data-root DIR --features DIR [--shard I/N]
+    python benchmarks/cars98_partial.py report --data-root DIR --features DIR --out FILE.md
+
+``tune`` trains the validation sweep (``SWEEP``: image size, cut, learning rates, embedding
+size, epochs) on the tuning seed ``TUNE_SEED`` (not one of the study's seeds 0-4); the
+report lists validation numbers only, so nothing is chosen on the test classes. Every run
+starts from the frozen cars98 preset and overrides what the sweep varies; validation is the
+last 9 training classes (``data.val_carve=last``: held out as a block of makes, as the test
+classes are). Feature caches live under ``--features`` (one per image size and cut; built on
+first use). Runs live in ``--runs`` (default ``runs/cars98_partial``), one folder per config
+hash: finished runs are skipped, killed ones resumed. Run ONE process per core with
+``OMP_NUM_THREADS=1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from study import grid  # noqa: E402
+from study.collect import load_run  # noqa: E402
+from study.runner import is_done, run_dir, run_specs  # noqa: E402
+
+BASE = "cars98-frozen-proxyanchor-baseline"
+TUNE_SEED = 100
+PROXY_LR = 2e-2
+"""Absolute proxy lr of every sweep point (the paper's 1e-5 x 2000)."""
+COMMON = (
+    "data.val_classes=9",
+    "data.val_carve=last",
+    "eval.metrics=[recall@1,map@r]",
+    "epochs=30",
+)
+
+
+def point(size: int, cut: str | None, lr: float, *more: str) -> tuple[str, tuple[str, ...]]:
+    """A sweep point: its label and overrides (the feature folder is added per --features)."""
+    where = "frozen" if cut is None else cut
+    label = f"{size}px-{where}-lr{lr:g}" + "".join(f"-{m.split('.')[-1]}" for m in more)
+    sets = (
+        f"data.image_size={size}",
+        f"model.cut={'null' if cut is None else cut}",
+        f"optim.lr={lr}",
+        f"optim.proxy_lr_mult={PROXY_LR / lr:g}",
+        *more,
+    )
+    return label, sets
+
+
+SWEEP = [
+    point(128, None, 3e-4),
+    point(224, None, 1e-4),
+    point(224, None, 3e-4),
+    point(224, None, 1e-3),
+    point(224, "stage7", 3e-5),
+    point(224, "stage7", 1e-4),
+    point(224, "stage7", 3e-4),
+    point(224, "stage6", 3e-5),
+    point(224, "stage6", 1e-4),
+]
+
+
+def _specs(args: argparse.Namespace) -> list[grid.RunSpec]:
+    specs = []
+    for label, sets in SWEEP:
+        size = next(s.split("=")[1] for s in sets if s.startswith("data.image_size="))
+        cut = next(s.split("=")[1] for s in sets if s.startswith("model.cut="))
+        folder = Path(args.features) / f"cars98-lite0-{size}px-{cut.replace('null', 'pooled')}"
+        specs.append(
+            grid.RunSpec(f"tune-{label}", TUNE_SEED, BASE, (*COMMON, *sets, f"data.features={folder}"))
+        )
+    return specs
+
+
+def report(args: argparse.Namespace) -> str:
+    lines = [
+        "| point | epoch 0 val R@1 | epoch 0 val MAP@R | selected epoch | val R@1 | val MAP@R "
+        "| s / epoch |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for spec in _specs(args):
+        rec = load_run(run_dir(args.runs, spec, args.data_root))
+        if rec is None:
+            lines.append(f"| {spec.group} | not finished | | | | | |")
+            continue
+        ref = rec.summary["reference"]["metrics"]
+        val = rec.metrics("selected", "val")
+        times = [r["train/epoch_time_s"] for r in rec.history]
+        lines.append(
+            f"| {spec.group[5:]} | {ref.get('val/recall@1', math.nan):.4f} | "
+            f"{ref.get('val/map@r', math.nan):.4f} | {rec.epoch('selected')} | "
+            f"{val['recall@1']:.4f} | {val['map@r']:.4f} | {sum(times) / len(times):.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=("tune", "report"))
+    parser.add_argument("--data-root", required=True)
+    parser.add_argument("--features", required=True, help="folder of the feature caches")
+    parser.add_argument("--runs", type=Path, default=REPO / "runs" / "cars98_partial")
+    parser.add_argument("--shard", default="0/1", help="I/N: every N-th run from I")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.command == "tune":
+        index, count = (int(v) for v in args.shard.split("/"))
+        specs = grid.shard(_specs(args), args.data_root, index, count)
+        run_specs(specs, args.runs, args.data_root)
+        return 0
+    text = report(args)
+    if args.out is None:
+        print(text)
+    else:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
