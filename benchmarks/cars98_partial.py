@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from study import grid  # noqa: E402
 from study.collect import load_run  # noqa: E402
-from study.runner import is_done, run_dir, run_specs  # noqa: E402
+from study.runner import run_dir, run_specs  # noqa: E402
 
 BASE = "cars98-frozen-proxyanchor-baseline"
 TUNE_SEED = 100
@@ -75,7 +75,9 @@ def _specs(args: argparse.Namespace) -> list[grid.RunSpec]:
         cut = next(s.split("=")[1] for s in sets if s.startswith("model.cut="))
         folder = Path(args.features) / f"cars98-lite0-{size}px-{cut.replace('null', 'pooled')}"
         specs.append(
-            grid.RunSpec(f"tune-{label}", TUNE_SEED, BASE, (*COMMON, *sets, f"data.features={folder}"))
+            grid.RunSpec(
+                f"tune-{label}", TUNE_SEED, BASE, (*COMMON, *sets, f"data.features={folder}")
+            )
         )
     return specs
 
