@@ -111,11 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--features", required=True, help="folder of the feature caches")
     parser.add_argument("--runs", type=Path, default=REPO / "runs" / "cars98_partial")
     parser.add_argument("--shard", default="0/1", help="I/N: every N-th run from I")
+    parser.add_argument("--match", default="", help="only the points whose label has this")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.command == "tune":
         index, count = (int(v) for v in args.shard.split("/"))
-        specs = grid.shard(_specs(args), args.data_root, index, count)
+        specs = [s for s in _specs(args) if args.match in s.group]
+        specs = grid.shard(specs, args.data_root, index, count)
         run_specs(specs, args.runs, args.data_root)
         return 0
     text = report(args)

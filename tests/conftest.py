@@ -41,3 +41,19 @@ def omniglot_dir(shared_data: Path) -> Path:
     if not (d / "images_background.npz").is_file():
         pytest.skip(f"Omniglot npz files not found in {d}")
     return d
+
+
+@pytest.fixture(scope="session")
+def omniglot_small(omniglot_dir: Path, tmp_path_factory) -> Path:
+    """Omniglot with fewer training characters (the first 300 of the 964 background ones, all
+    20 drawings each; the whole evaluation set) in the npz layout: real data for end-to-end
+    tests at a third of the cost of an epoch (50 batches of 120)."""
+    import numpy as np
+
+    out = tmp_path_factory.mktemp("omniglot_small")
+    for name, classes in (("images_background", 300), ("images_evaluation", 659)):
+        with np.load(omniglot_dir / f"{name}.npz") as z:
+            np.savez(
+                out / f"{name}.npz", images=z["images"][:classes], labels=z["labels"][:classes]
+            )
+    return out

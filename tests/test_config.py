@@ -187,3 +187,21 @@ def test_dataset_aliases_are_accepted_by_config_and_load_dataset_alike() -> None
 def test_unknown_arch_is_a_config_error_with_the_closest_name() -> None:
     with pytest.raises(ConfigError, match="model.arch: Unknown arch 'resnet5'.*'resnet50'"):
         load_config("cub200-r128-avg-proxyanchor-nir", ["model.arch=resnet5"])
+
+
+def test_a_preset_moved_to_other_data_keeps_its_recipe_not_its_dataset_choices():
+    cfg = load_config(
+        "cars98-partial-proxyanchor-baseline", ["data.name=folder", "data.root=/data/my_photos"]
+    )
+    assert cfg.name == "my_photos-partial-proxyanchor-baseline"
+    assert cfg.data.val_classes == "auto"  # 9 was chosen for cars98's 49 training classes
+    assert cfg.data.features == "features/my_photos-efficientnet_lite0-224px-stage7"
+    assert (cfg.model.cut, cfg.data.val_carve) == ("stage7", "last")  # the recipe stays
+    kept = load_config(
+        "cars98-partial-proxyanchor-baseline",
+        ["data.name=folder", "data.root=/data/my_photos", "data.val_classes=3"],
+    )
+    assert kept.data.val_classes == 3
+    own = load_config("cars98-partial-proxyanchor-baseline")
+    assert own.data.val_classes == 9
+    assert own.data.features == "features/cars98-efficientnet_lite0-224px-stage7"

@@ -253,8 +253,9 @@ def test_mlp_head_with_nir_trains_and_resumes(image_root, cache_dir, tmp_path):
 def test_config_validation_explains_frozen_options(image_root, tmp_path):
     with pytest.raises(ConfigError, match="warmup.*backbone is frozen for every epoch"):
         _cfg(image_root, tmp_path, **{"optim.warmup_epochs": 1, "epochs": 3})
-    with pytest.raises(ConfigError, match="set data.features=DIR"):
-        _cfg(image_root, tmp_path, **{"data.features": None})
+    # Without data.features the cache folder is named after the data, backbone, size, cut.
+    derived = _cfg(image_root, tmp_path, **{"data.features": None}).data.features
+    assert derived == f"features/{image_root.name}-efficientnet_lite0-32px-pooled"
     with pytest.raises(ConfigError, match="model.head='mlp' needs model.frozen=true"):
         _cfg(image_root, tmp_path, **{"model.frozen": False, "model.head": "mlp"})
     with pytest.raises(ConfigError, match="model.head must be linear or mlp"):

@@ -69,9 +69,10 @@ def test_a_run_records_the_reference_and_says_when_validation_saturates(tmp_path
     evaluated = [r for r in result.history if "val/recall@1" in r]
     keys = [selection.rank(r, "val", "recall@1") + (r["epoch"],) for r in evaluated]
     assert summary["best"]["epoch"] == max(keys)[2]
-    assert summary["reference"]["verdict"]["reference"] == summary["reference"]["metrics"][
-        "val/recall@1"
-    ]
+    assert (
+        summary["reference"]["verdict"]["reference"]
+        == summary["reference"]["metrics"]["val/recall@1"]
+    )
 
 
 def test_last_carve_holds_out_the_last_classes_for_every_seed():

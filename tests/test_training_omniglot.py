@@ -28,9 +28,9 @@ def _raw_pixel_recall_at_1(root) -> float:
     return evaluate(normalized, labels, ["recall@1"])["recall@1"]
 
 
-def test_omniglot_run_beats_raw_pixels(omniglot_dir, tmp_path):
+def test_omniglot_run_beats_raw_pixels(omniglot_small, tmp_path):
     overrides = [
-        f"data.root={omniglot_dir}",
+        f"data.root={omniglot_small}",
         "epochs=2",
         "eval.every=2",  # evaluate once, at the end
         "eval.metrics=[recall@1]",
@@ -48,7 +48,9 @@ def test_omniglot_run_beats_raw_pixels(omniglot_dir, tmp_path):
         assert (result.out_dir / name).is_file(), name
     assert (result.out_dir / "checkpoints" / "best.pt").is_file()
 
-    raw = _raw_pixel_recall_at_1(omniglot_dir)
+    raw = _raw_pixel_recall_at_1(omniglot_small)
     trained = result.summary["best"]["metrics"]["test/recall@1"]
     assert 0.2 < raw < 0.45, f"raw-pixel R@1 {raw:.3f}: the test split is not the usual one"
     assert trained > raw + 0.03, f"trained R@1 {trained:.3f} vs raw pixels {raw:.3f}"
+    untrained = result.summary["reference"]["metrics"]["test/recall@1"]  # epoch 0
+    assert trained > untrained + 0.03, f"trained {trained:.3f} vs untrained {untrained:.3f}"

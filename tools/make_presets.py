@@ -102,7 +102,6 @@ def all_paper_presets() -> dict[str, dict]:
 FROZEN_IMAGE_SIZE = 128
 """cars98 images have a 160 px short side; 128 px crops (test: Resize(146) + CenterCrop(128))
 never upscale and extract ~1.9x faster than 160 px on a CPU core."""
-FROZEN_FEATURES = f"features/cars98-efficientnet_lite0-{FROZEN_IMAGE_SIZE}px"
 
 
 def frozen_preset(
@@ -136,7 +135,6 @@ def frozen_preset(
             "samples_per_class": 2,
             "sampler": "authors",
             "num_workers": 0,
-            "features": FROZEN_FEATURES,
             "feature_views": 5,
             "feature_dtype": "float16",
         },
@@ -178,7 +176,6 @@ def frozen_preset(
             val_classes=4,
             batch_size=32,
             samples_per_class=4,
-            features=f"features/orl-efficientnet_lite0-{FROZEN_IMAGE_SIZE}px",
         )
     if not nir:
         del config["loss"]["nir"]
@@ -238,7 +235,6 @@ def partial_preset(nir: bool, objective: str = "exp_nll", note: str = "") -> tup
     config["data"].update(
         image_size=PARTIAL_IMAGE_SIZE,
         val_carve="last",
-        features=f"features/cars98-efficientnet_lite0-{PARTIAL_IMAGE_SIZE}px-{PARTIAL_CUT}",
     )
     config["model"]["cut"] = PARTIAL_CUT
     config["optim"].update(lr=PARTIAL_LR, proxy_lr_mult=round(2e-2 / PARTIAL_LR, 6))

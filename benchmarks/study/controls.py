@@ -29,9 +29,10 @@ every arm, e.g. a frozen-feature switch or a data root layout option. Arms (issu
 Paired differences are taken against ``base`` (and, for the ``recipe-*`` arms, against
 ``recipe-nir-x0``, which isolates the NIR term within the recipe).
 
-Frozen backbones (``model.frozen=true`` in the base config): warmup means nothing there (the
-config refuses it), so the ``recipe-*`` arms leave ``optim.warmup_epochs`` at 0 and
-``base-warmup`` is refused.
+Frozen backbones (``model.frozen=true`` without ``model.cut``): warmup means nothing there
+(the config refuses it), so the ``recipe-*`` arms leave ``optim.warmup_epochs`` at 0 and
+``base-warmup`` is refused. With a cut (partial fine-tuning) the upper stages train, and the
+recipe's warmup applies to them as to a whole backbone.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def _recipe(
     cfg = load_config(base_preset, list(extra))
     decay = cfg.optim.weight_decay if cfg.optim.weight_decay > 0 else RECIPE_DECAY
     mult = 2.0 * cfg.optim.proxy_lr_mult if proxy_lr_mult is None else float(proxy_lr_mult)
-    return {"decay": decay, "proxy_lr_mult": mult, "frozen": bool(cfg.model.frozen)}
+    frozen = bool(cfg.model.frozen) and cfg.model.cut is None
+    return {"decay": decay, "proxy_lr_mult": mult, "frozen": frozen}
 
 
 def arm_spec(
@@ -97,7 +99,9 @@ def arm_spec(
         raise ValueError(f"unknown arm {arm!r}.{hint} Arms: {', '.join(ARMS)}")
     r = _recipe(base_preset, extra, recipe_proxy_lr_mult)
     if r["frozen"] and arm == "base-warmup":
-        raise ValueError("base-warmup does not apply to a frozen backbone (model.frozen=true)")
+        raise ValueError(
+            "base-warmup does not apply to a frozen backbone (model.frozen=true, no model.cut)"
+        )
     scaled = (
         "loss.nir.objective=exp_nll",
         "loss.nir.nir_scale=0",

@@ -86,10 +86,13 @@ def _cmd_features(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     stats = cache.meta.get("stats", {})
+    item = "x".join(str(n) for n in cache.test.shape[1:])
+    cut = cache.meta["backbone"].get("cut")
+    what = f"activations entering {cut}" if cut else "pooled features"
     print(
         f"feature cache {cache.path}: {cache.train_views.shape[0]} views x "
         f"{cache.train_views.shape[1]:,} train + {cache.test.shape[0]:,} test images, "
-        f"{cache.num_features} features ({cache.meta['dtype']}), {cache.nbytes / 2**20:.1f} MiB; "
+        f"{what} {item} ({cache.meta['dtype']}), {cache.nbytes / 2**20:.1f} MiB; "
         f"{stats.get('images_per_s_this_session', 0):.1f} images/s when built. Train on it: "
         f"nirdml train {args.config} --set data.features={cache.path} [--set seed=N ...]"
     )

@@ -1,11 +1,13 @@
-"""Heads on frozen backbone features, and their composition with the backbone again.
+"""Models trained on a feature cache, and their composition with the backbone again.
 
-Training on cached features (``model.frozen=true``) trains a :class:`HeadModel`: its input
-is a pooled feature vector, ``features`` is the identity, ``embed`` is the head + L2 norm,
-so the training loop treats it like any :class:`~nirdml.models.EmbeddingModel`. Its
-``spec`` records the backbone (arch, pooling, weights and their identity) and the head, so
-:func:`compose_frozen` rebuilds image -> backbone -> head -> embedding for ``embed``,
-``search``, ``analyze`` and ``evaluate`` on raw images.
+Training on cached features (``model.frozen=true``) trains a :class:`HeadModel`: without a
+cut its input is a pooled feature vector and it is the head alone; with a cut
+(``model.cut``) its input is the activation map entering that stage and it is the stages
+from the cut on (:func:`split_backbone`) + pooling + head. Either way the training loop
+treats it like any :class:`~nirdml.models.EmbeddingModel`. Its ``spec`` records the backbone
+(arch, pooling, cut, weights and their identity) and the head, so :func:`compose_frozen`
+rebuilds image -> frozen part -> trained part -> embedding for ``embed``, ``search``,
+``analyze``, ``evaluate`` and ``export`` on raw images.
 """
 
 from __future__ import annotations

@@ -63,7 +63,8 @@ class DataConfig:
     """Folder of a pre-resized uint8 image cache (built on first use)."""
     features: str | None = None
     """With model.frozen: folder of the frozen-backbone feature cache (``nirdml features``;
-    built there on first use, reused by every later run that matches it)."""
+    built there on first use, reused by every later run that matches it). None:
+    ``features/<data>-<arch>-<size>px-<cut or pooled>`` in the working directory."""
     feature_views: int = 5
     """Augmented views per training image in the feature cache (one drawn per epoch)."""
     feature_dtype: str = "float16"
@@ -418,6 +419,10 @@ def load_config(
         named = any("name" in o for o in parsed)
         for override in parsed:
             raw = _deep_update(raw, override)
+    moved = (raw.get("data") or {}).get("name", DataConfig.name) != preset_data
+    if moved and not _overridden(overrides, "data", "val_classes"):
+        # A preset moved to other data: its validation size was chosen for its own dataset.
+        raw["data"] = {**raw["data"], "val_classes": DataConfig.val_classes}
     config = _build_dataclass(RunConfig, raw, "")
     validate(config)
     if config.data.name != preset_data and not named:
@@ -425,14 +430,43 @@ def load_config(
     return config
 
 
-def _custom_data_name(name: str, preset_data: str, d: DataConfig) -> str:
-    """A preset run moved to other data is named after that data, not the preset's dataset:
-    ``digits-proxyanchor`` on ``folder`` ``/data/flowers`` -> ``flowers-proxyanchor``."""
+def _overridden(overrides: Sequence[str] | Mapping[str, Any], *key: str) -> bool:
+    """Whether the overrides set ``key`` (a path such as ``("data", "val_classes")``)."""
+    items = [overrides] if isinstance(overrides, Mapping) else map(parse_override, overrides)
+    for node in items:
+        for part in key:
+            if not isinstance(node, Mapping) or part not in node:
+                break
+            node = node[part]
+        else:
+            return True
+    return False
+
+
+def data_label(d: DataConfig) -> str:
+    """A short name of the data: the dataset, or a folder's / CSV file's own name."""
     label = d.name
     if d.root and d.name in ("folder", "csv"):
         path = Path(d.root).expanduser()
         stem = path.stem if d.name == "csv" else path.name
         label = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-.") or d.name
+    return label
+
+
+def default_features_dir(cfg: RunConfig) -> str:
+    """``features/<data>-<arch>-<size>px-<cut or pooled>``: where a cached-feature run keeps
+    its cache when ``data.features`` is not set (relative to the working directory; one
+    cache per data, backbone, image size and cut, shared by every run that matches it)."""
+    m = cfg.model
+    arch = re.sub(r"[^A-Za-z0-9_.-]+", "-", m.arch)
+    size = cfg.data.image_size or 224
+    return f"features/{data_label(cfg.data)}-{arch}-{size}px-{m.cut or 'pooled'}"
+
+
+def _custom_data_name(name: str, preset_data: str, d: DataConfig) -> str:
+    """A preset run moved to other data is named after that data, not the preset's dataset:
+    ``digits-proxyanchor`` on ``folder`` ``/data/flowers`` -> ``flowers-proxyanchor``."""
+    label = data_label(d)
     prefix = preset_data.split("_")[0]
     rest = name[len(prefix) :] if name.startswith(prefix) else f"-{name}"
     return label + rest
@@ -665,11 +699,8 @@ def _validate_frozen(cfg: RunConfig) -> None:
             "Linear head); set model.frozen=true or model.head=linear",
         )
         return
-    _check(
-        d.features is not None,
-        "model.frozen=true trains a head on cached backbone features: set data.features=DIR "
-        "(the cache is built there on first use, or beforehand by `nirdml features`)",
-    )
+    if d.features is None:
+        d.features = default_features_dir(cfg)
     _check(
         cfg.optim.warmup_epochs == 0 or m.cut is not None,
         f"optim.warmup_epochs={cfg.optim.warmup_epochs} means nothing with model.frozen=true "

@@ -1,26 +1,32 @@
-"""Frozen-backbone feature cache: extract once, train many heads on it.
+"""The feature cache: run the frozen part of a backbone once, train many models on it.
 
-:func:`build_feature_cache` runs the frozen backbone (eval mode) of a config over its
-dataset and stores the pooled features in memory-mapped ``.npy`` files:
+:func:`build_feature_cache` runs the frozen part of a config's backbone (eval mode) over its
+dataset and stores what it outputs in memory-mapped ``.npy`` files. Without ``model.cut``
+that is the whole backbone + pooling (pooled features: a head trains on them); with a cut
+(``model.cut=stage7``) it is the stages before the cut, and the cache holds their
+activation maps (C x H x W): the stages from the cut on train with the head over them
+(partial fine-tuning, :class:`~nirdml.models.HeadModel` with ``upper``).
 
 - ``test.npy`` (test split, test transform) and ``train_plain.npy`` (every training-class
   image, test transform: the validation split is carved from these at training time, so
   one cache serves every run seed);
-- ``train_views.npy`` (``views`` x images x F): each training image under ``views``
+- ``train_views.npy`` (``views`` x images x item): each training image under ``views``
   augmentations of the train transform, view ``v`` of image ``i`` drawn with the CPU RNG
   seeded from ``(view_seed, i, v)`` inside ``torch.random.fork_rng`` (the global RNG is
   left as it was), so the cache does not depend on batching, workers or resumes.
 
-Images are processed in fixed batches; after each batch the arrays are flushed and the
-batch count is written atomically to ``.partial/progress.json``, so a killed extraction
-resumes at its next batch and produces the same bytes as an uninterrupted one. The
-arrays live in ``DIR/.partial/`` until the end, then move into ``DIR`` and ``meta.json``
-is written last (atomically): a folder without ``meta.json`` is never read as a cache.
+Before anything is written the cache's size is printed and checked against the free disk
+space. Images are processed in fixed batches; after each batch the arrays are flushed and
+the batch count is written atomically to ``.partial/progress.json``, so a killed extraction
+resumes at its next batch and produces the same bytes as an uninterrupted one. The arrays
+live in ``DIR/.partial/`` until the end, then move into ``DIR`` and ``meta.json`` is written
+last (atomically): a folder without ``meta.json`` is never read as a cache.
 
-``meta.json`` records what the features depend on: backbone spec, weights identity (file
-size + sha256), transform and image size, dataset and split fingerprints (relative file
-paths + sizes + labels), dtype and views. A cache that does not match a config is refused
-with the list of what differs (:class:`FeatureCacheMismatch`).
+``meta.json`` records what the cache depends on: backbone spec and cut, weights identity
+(file size + sha256), transform and image size, dataset and split fingerprints (relative
+file paths + sizes + labels), dtype and views. A cache that does not match a config is
+refused with the list of what differs (:class:`FeatureCacheMismatch`), e.g.
+``backbone.cut: cache 'stage7', config 'head'``.
 
 :func:`load_feature_splits` gives the training / validation / test splits of a config as
 feature datasets (the trainer uses it under ``model.frozen=true``).
