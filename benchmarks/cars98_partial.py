@@ -2,6 +2,7 @@
 
     python benchmarks/cars98_partial.py tune   --data-root DIR --features DIR [--shard I/N]
     python benchmarks/cars98_partial.py report --data-root DIR --features DIR --out FILE.md
+    python benchmarks/cars98_partial.py losses --out DIR   # ProxyNCA / SoftTriple YAMLs
 
 ``tune`` trains the validation sweep (``SWEEP``: image size, cut, learning rates, embedding
 size, epochs) on the tuning seed ``TUNE_SEED`` (not one of the study's seeds 0-4); the
@@ -65,6 +66,15 @@ SWEEP = [
     point(224, "stage7", 3e-4),
     point(224, "stage6", 3e-5),
     point(224, "stage6", 1e-4),
+    # Round 2: longer runs and a wider embedding for the best of each kind.
+    point(224, None, 3e-5, "epochs=60"),
+    point(224, None, 1e-4, "epochs=60"),
+    point(224, None, 1e-4, "epochs=60", "model.embed_dim=512"),
+    point(224, "stage7", 1e-4, "epochs=60"),
+    point(224, "stage7", 1e-4, "epochs=60", "model.embed_dim=512"),
+    point(224, "stage7", 1e-3),
+    point(224, "stage7", 3e-4, "epochs=60"),
+    point(224, "head", 3e-4),
 ]
 
 
@@ -104,16 +114,47 @@ def report(args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_loss_variants(out: Path) -> list[Path]:
+    """``cars98-partial-{proxynca,softtriple}-{baseline,nir}.yaml`` in ``out``: the partial
+    ProxyAnchor presets with the loss replaced (its default options; the optimizer, data
+    and NIR settings unchanged, not tuned for these losses), for the NIR study."""
+    import yaml
+
+    from nirdml.losses.registry import LOSSES
+    from nirdml.training.config import preset_path
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in ("proxy_nca", "soft_triple"):
+        key = LOSSES[name].preset_key
+        for kind in ("baseline", "nir"):
+            raw = yaml.safe_load(preset_path(f"cars98-partial-proxyanchor-{kind}").read_text())
+            raw["name"] = f"cars98-partial-{key}-{kind}"
+            raw["description"] = raw["description"].replace("ProxyAnchor", LOSSES[name].title)
+            raw["loss"]["name"] = name
+            raw["loss"]["params"] = dict(LOSSES[name].paper_params)
+            path = out / f"{raw['name']}.yaml"
+            path.write_text(yaml.safe_dump(raw, sort_keys=False))
+            written.append(path)
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=("tune", "report"))
-    parser.add_argument("--data-root", required=True)
-    parser.add_argument("--features", required=True, help="folder of the feature caches")
+    parser.add_argument("command", choices=("tune", "report", "losses"))
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--features", default=None, help="folder of the feature caches")
     parser.add_argument("--runs", type=Path, default=REPO / "runs" / "cars98_partial")
     parser.add_argument("--shard", default="0/1", help="I/N: every N-th run from I")
     parser.add_argument("--match", default="", help="only the points whose label has this")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.command == "losses":
+        for path in write_loss_variants(args.out or Path("cars98_partial_losses")):
+            print(path)
+        return 0
+    if args.data_root is None or args.features is None:
+        parser.error(f"{args.command} needs --data-root and --features")
     if args.command == "tune":
         index, count = (int(v) for v in args.shard.split("/"))
         specs = [s for s in _specs(args) if args.match in s.group]

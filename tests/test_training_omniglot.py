@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from nirdml.data import load_dataset
@@ -28,9 +29,10 @@ def _raw_pixel_recall_at_1(root) -> float:
     return evaluate(normalized, labels, ["recall@1"])["recall@1"]
 
 
-def test_omniglot_run_beats_raw_pixels(omniglot_small, tmp_path):
+@pytest.mark.slow
+def test_omniglot_run_beats_raw_pixels(omniglot_dir, tmp_path):
     overrides = [
-        f"data.root={omniglot_small}",
+        f"data.root={omniglot_dir}",
         "epochs=2",
         "eval.every=2",  # evaluate once, at the end
         "eval.metrics=[recall@1]",
@@ -48,9 +50,10 @@ def test_omniglot_run_beats_raw_pixels(omniglot_small, tmp_path):
         assert (result.out_dir / name).is_file(), name
     assert (result.out_dir / "checkpoints" / "best.pt").is_file()
 
-    raw = _raw_pixel_recall_at_1(omniglot_small)
+    raw = _raw_pixel_recall_at_1(omniglot_dir)
     trained = result.summary["best"]["metrics"]["test/recall@1"]
     assert 0.2 < raw < 0.45, f"raw-pixel R@1 {raw:.3f}: the test split is not the usual one"
-    assert trained > raw + 0.03, f"trained R@1 {trained:.3f} vs raw pixels {raw:.3f}"
+    assert trained > raw + 0.05, f"trained R@1 {trained:.3f} vs raw pixels {raw:.3f}"
+    # and above its own untrained network (random conv features: 0.357, above raw pixels)
     untrained = result.summary["reference"]["metrics"]["test/recall@1"]  # epoch 0
-    assert trained > untrained + 0.03, f"trained {trained:.3f} vs untrained {untrained:.3f}"
+    assert trained > untrained + 0.015, f"trained {trained:.3f} vs untrained {untrained:.3f}"
