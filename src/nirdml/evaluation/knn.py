@@ -234,9 +234,7 @@ def _iter_knn_torch(
             block_excl = torch.arange(s, e, device=device)
         else:
             block_excl = None if excl is None else excl[s:e]
-        d, i = _topk_block(
-            q_all[s:e], q_sqn_all[s:e], g, g_sqn, k, block_excl, g_block, scratch
-        )
+        d, i = _topk_block(q_all[s:e], q_sqn_all[s:e], g, g_sqn, k, block_excl, g_block, scratch)
         yield s, e, d, i
 
 
