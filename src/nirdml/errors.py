@@ -57,3 +57,9 @@ class WeightsUnavailableError(NirdmlError, RuntimeError):
             f"machine with network, copy it here and pass --set model.weights=/path/to/{filename}"
             f"{where}, or train from random weights with --set model.pretrained=false."
         )
+
+
+class LossCallError(NirdmlError, ValueError):
+    """A proxy loss was called the way another library calls its losses: without labels, or
+    with a miner's ``indices_tuple`` / a reference set (``ref_emb``, ``ref_labels``), which
+    nirdml's proxy losses do not take; the message says how to call them."""
