@@ -63,3 +63,8 @@ class LossCallError(NirdmlError, ValueError):
     """A proxy loss was called the way another library calls its losses: without labels, or
     with a miner's ``indices_tuple`` / a reference set (``ref_emb``, ``ref_labels``), which
     nirdml's proxy losses do not take; the message says how to call them."""
+
+
+class ManualDownloadError(NirdmlError, FileNotFoundError):
+    """A dataset has no stable direct download (``download=True`` cannot fetch it); the
+    message says where to get it and which files to place under the root."""
