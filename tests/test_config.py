@@ -171,6 +171,25 @@ def test_paper_presets_match_the_generator_and_the_recipe():
     assert (base.optim.proxy_lr_mult, base.optim.warmup_epochs) == (2000.0, 0)
 
 
+def test_inshop_presets_take_sops_recipe_and_the_query_gallery_metrics():
+    gen = _generator()
+    presets = gen.all_inshop_presets()
+    assert sorted(presets) == [
+        f"inshop-r{d}-avg-proxyanchor-{v}" for d in (128, 512) for v in ("baseline", "nir")
+    ]
+    for name, config in presets.items():
+        text = (gen.PRESET_DIR / f"{name}.yaml").read_text()
+        assert yaml.safe_load(text) == config, f"{name} is stale: run tools/make_presets.py"
+    inshop = load_config("inshop-r512-avg-proxyanchor-nir", ["data.root=/data/inshop"])
+    sop = load_config("sop-r512-avg-proxyanchor-nir")
+    assert inshop.data.name == "inshop" and inshop.model.arch == "resnet50"
+    assert (inshop.optim, inshop.loss, inshop.epochs) == (sop.optim, sop.loss, sop.epochs)
+    assert inshop.data.batch_size == 90 and inshop.eval.select_metric == "recall@1"
+    from nirdml.training.build import eval_metrics
+
+    assert eval_metrics(inshop)[:5] == [f"recall@{k}" for k in (1, 10, 20, 30, 40)]
+
+
 def test_frozen_presets_and_image_size_on_every_rgb_preset():
     gen = _generator()
     for name, config in gen.all_frozen_presets().items():
