@@ -197,10 +197,21 @@ def test_cuda_equals_cpu():
         "rho_spectrum",
         "pi_ratio",
         "uniformity_g2",
+        "mrr",
+        "precision@4",
+        "r_precision@3",
+        "map@r@3",
+        "map@100_hits",
     ]
     cpu = evaluate(x, y, names, device="cpu")
     gpu = evaluate(torch.from_numpy(x).cuda(), y, names, device="cuda")
     for name in names:
+        assert gpu[name] == pytest.approx(cpu[name], abs=1e-6), name
+    roles = {"is_query": np.arange(600) % 3 == 0, "is_gallery": np.arange(600) % 2 == 0}
+    qg = names[:5] + names[-5:]
+    cpu = evaluate(x, y, qg, device="cpu", average="classes", **roles)
+    gpu = evaluate(x, y, qg, device="cuda", average="classes", **roles)
+    for name in qg:
         assert gpu[name] == pytest.approx(cpu[name], abs=1e-6), name
     a = evaluate(x, y, ["nmi"], backend="torch", device="cuda", seed=2)
     b = evaluate(x, y, ["nmi"], backend="torch", device="cuda", seed=2)
