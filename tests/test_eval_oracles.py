@@ -262,6 +262,15 @@ def test_new_metrics_equal_slow_reference_self_and_overlapping_sets():
     assert got == pytest.approx(ref, abs=1e-12)
     tiny = ours(x, y, NEW, is_query=is_query, is_gallery=is_gallery, memory_budget_mb=0.01)
     assert tiny == {k: got[k] for k in NEW}
+    # K = the gallery size: queries in the gallery have one item less (their lists end in
+    # padding, which is never a hit)
+    small_x, small_y = x[:40], y[:40]
+    is_gallery = np.arange(40) < 25
+    names = ["mrr", "precision@25", "map@25_hits", "map@25", "mrr@25"]
+    for backend in ("torch", "faiss"):
+        got = ours(small_x, small_y, names, is_gallery=is_gallery, backend=backend)
+        ref = reference(small_x, small_y, range(40), range(25), names)
+        assert got == pytest.approx(ref, abs=1e-12), backend
 
 
 # ------------------------------------------------------------- OML, computed by hand

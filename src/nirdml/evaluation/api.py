@@ -477,6 +477,8 @@ def _retrieval(
     n_q = len(q_labels)
     calls = [(name, metric, kk, metric.load()) for name, metric, kk in metrics]
     per_query = {name: torch.empty(n_q, dtype=torch.float64, device=device) for name, *_ in calls}
+    # Padding (index -1) only where a query that left itself out has fewer than k items.
+    may_pad = k > int(available.min())
     for s, e, _, idx in iter_knn(
         sets.queries,
         sets.gallery,
@@ -488,7 +490,10 @@ def _retrieval(
         exclude=sets.exclude,
     ):
         idx = idx.to(device)
-        hits = (g_ids_t[idx.clamp(min=0)] == q_ids_t[s:e].unsqueeze(1)) & (idx >= 0)
+        if may_pad:
+            hits = (g_ids_t[idx.clamp(min=0)] == q_ids_t[s:e].unsqueeze(1)) & (idx >= 0)
+        else:
+            hits = g_ids_t[idx] == q_ids_t[s:e].unsqueeze(1)
         rel = rel_t[s:e]
         for name, _, kk, fn in calls:
             per_query[name][s:e] = fn(hits, rel) if kk is None else fn(hits, rel, kk)
