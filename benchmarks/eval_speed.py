@@ -24,6 +24,18 @@ Rows:
 - ``ours_full``: the full SOP metric set (recall@1,10,100,1000, r_precision, map@r,
   map@1000, map@1000_authors, nmi, ami, f1, rho_spectrum, pi_ratio, uniformity_g2).
 
+``--new-metrics``: peak memory (and time) of the PML / OML metric set against the existing
+retrieval metrics at the same depth (1,000 neighbours), each in its own process, on the
+same data; the section between the ``new-metrics`` markers of eval_speed.md is rewritten:
+- ``ret_existing``: recall@1,10,100,1000, r_precision, map@r, map@1000, map@1000_authors.
+- ``ret_new``: mrr (full depth: queries whose first hit is beyond 1,000 are searched again,
+  deeper), mrr@1000, precision@1,10,100,1000, r_precision@10, map@r@10, map@1000_hits.
+- ``ret_new_classes``: the same with ``average="classes"`` and ``no_relevant="zero"``.
+- ``ret_new_per_class``: the same names through ``evaluate_per_class`` (11,316-row table).
+- ``ret_overlap``: ``ret_new`` plus recall@1,10,100,1000 and map@r with ``is_query`` /
+  ``is_gallery`` masks: every second item a query, 3/4 of the items gallery (overlapping
+  sets: queries in the gallery leave themselves out).
+
 Run (about 11 min on an idle 2-core machine with --reps 2, longer under load; writes
 benchmarks/results/eval_speed.md):
 
@@ -75,6 +87,19 @@ FULL = (
     "uniformity_g2",
 )
 NOISE = {128: 1.0, 512: 1.65}
+EXISTING_RETRIEVAL = FULL[:8]
+NEW_RETRIEVAL = (
+    "mrr",
+    "mrr@1000",
+    "precision@1",
+    "precision@10",
+    "precision@100",
+    "precision@1000",
+    "r_precision@10",
+    "map@r@10",
+    "map@1000_hits",
+)
+NEW_METHODS = ("ret_existing", "ret_new", "ret_new_classes", "ret_new_per_class", "ret_overlap")
 
 
 def sop_like(
@@ -125,11 +150,36 @@ def run_one(method: str, dim: int, quick: bool) -> dict:
 
     faiss.omp_set_num_threads(2)
     sys.path.insert(0, str(ROOT / "src"))
-    from nirdml.evaluation import evaluate
+    from nirdml.evaluation import evaluate, evaluate_per_class
 
     n, c = (6_050, 1_132) if quick else (60_502, 11_316)
     x, y = sop_like(dim, n, c)
-    if method == "pml":
+    if method in NEW_METHODS:
+        kwargs: dict = {"device": "cpu"}
+        names = NEW_RETRIEVAL
+        call = evaluate
+        if method == "ret_existing":
+            names = EXISTING_RETRIEVAL
+        elif method == "ret_new_classes":
+            kwargs |= {"average": "classes", "no_relevant": "zero"}
+        elif method == "ret_new_per_class":
+            call = evaluate_per_class
+        elif method == "ret_overlap":
+            names = (*EXISTING_RETRIEVAL[:6], *NEW_RETRIEVAL)
+            rng = np.random.default_rng(1)
+            kwargs |= {"is_query": np.arange(n) % 2 == 0, "is_gallery": rng.random(n) < 0.75}
+            kwargs["is_gallery"][::2] |= rng.random(len(kwargs["is_gallery"][::2])) < 0.5
+        before = _rss_mb()
+        c0, t0 = _cpu_seconds(), time.perf_counter()
+        out = call(x, y, names, **kwargs)
+        seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+        if method == "ret_new_per_class":
+            rows = list(out.values())
+            values = {"classes": float(len(rows))}
+            values |= {k: float(np.nanmean([r[k] for r in rows])) for k in names}
+        else:
+            values = dict(out)
+    elif method == "pml":
         from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
         calc = AccuracyCalculator(
@@ -174,6 +224,8 @@ def machine() -> str:
 
 
 METHODS = ("pml", "ours_shared", "ours_shared_torch", "ours_full")
+MARK_BEGIN = "<!-- new-metrics: begin (benchmarks/eval_speed.py --new-metrics) -->"
+MARK_END = "<!-- new-metrics: end -->"
 
 
 def _best(rows: list[dict], dim: int, method: str) -> dict:
@@ -260,20 +312,101 @@ def write_report(rows: list[dict], quick: bool, command: str, reps: int) -> Path
     return out
 
 
+def write_new_metrics_section(rows: list[dict], quick: bool, command: str, reps: int) -> Path:
+    """Rewrite the new-metrics section of the results file (the rest is left as it is)."""
+    name = "eval_speed_quick.md" if quick else "eval_speed.md"
+    out = RESULTS / name
+    what = {
+        "ret_existing": "existing retrieval set (8 metrics)",
+        "ret_new": "PML / OML set (9 metrics)",
+        "ret_new_classes": "PML / OML set, average=classes, no_relevant=zero",
+        "ret_new_per_class": "PML / OML set, evaluate_per_class table",
+        "ret_overlap": "14 metrics, is_query / is_gallery masks (overlapping sets)",
+    }
+    lines = [
+        MARK_BEGIN,
+        "## New metrics (PML / OML set): memory against the existing ones",
+        "",
+        f"Machine: {machine()}. Same data as above; each method in its own process, "
+        f"{reps} run(s), fastest wall time shown (all runs in brackets), highest peak RSS. "
+        "Every method searches the same 1,000 neighbours per query (exact torch kNN, default "
+        "512 MB budget); only per-query numbers are kept.",
+        "",
+        f"Command: `{command}`",
+        "",
+        "| dim | method | metrics | wall (s) | CPU (s) | peak RSS (MB) | increase (MB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for dim in sorted({r["dim"] for r in rows}):
+        for method in NEW_METHODS:
+            if not any(r["dim"] == dim and r["method"] == method for r in rows):
+                continue
+            r = _best(rows, dim, method)
+            runs = ", ".join(f"{t:.1f}" for t in r["all_seconds"])
+            lines.append(
+                f"| {dim} | {method} | {what[method]} | {r['seconds']:.1f} ({runs}) | "
+                f"{r['cpu_seconds']:.0f} | {r['peak_rss_mb']:.0f} | "
+                f"{r['peak_rss_mb'] - r['rss_before_mb']:.0f} |"
+            )
+    for dim in sorted({r["dim"] for r in rows}):
+        have = {r["method"] for r in rows if r["dim"] == dim}
+        if not {"ret_existing", "ret_new"} <= have:
+            continue
+        old, new = (_best(rows, dim, m)["peak_rss_mb"] for m in ("ret_existing", "ret_new"))
+        worst = max(_best(rows, dim, m)["peak_rss_mb"] for m in have - {"ret_overlap"})
+        lines += [
+            "",
+            f"D={dim}: peak RSS of the PML / OML set {new:.0f} MB vs {old:.0f} MB for the "
+            f"existing set ({new - old:+.0f} MB, {100 * (new - old) / old:+.1f}%; every "
+            f"variant but the overlapping sets within {worst - old:+.0f} MB). Per-query values "
+            "cost 8 bytes per query and metric (0.5 MB each here); the rest is the shared kNN "
+            "(chunk temporaries bounded by the budget). Overlapping sets add copies of the "
+            "query and gallery embeddings.",
+        ]
+    lines += ["", "Values (first run of each):", ""]
+    seen = set()
+    for r in rows:
+        if (r["dim"], r["method"]) in seen:
+            continue
+        seen.add((r["dim"], r["method"]))
+        vals = ", ".join(f"{k} {v:.6f}" for k, v in r["values"].items())
+        lines.append(f"- {r['dim']} / {r['method']}: {vals}")
+    lines += ["", MARK_END, ""]
+    old = out.read_text() if out.is_file() else ""
+    if MARK_BEGIN in old:
+        head, rest = old.split(MARK_BEGIN, 1)
+        tail = rest.split(MARK_END, 1)[1].lstrip("\n") if MARK_END in rest else ""
+    else:
+        head, tail = old, ""
+    text = head.rstrip("\n") + "\n\n" + "\n".join(lines) + tail
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=RESULTS, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, out)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dims", type=int, nargs="+", default=[128, 512])
     ap.add_argument("--quick", action="store_true", help="10x smaller data")
     ap.add_argument("--reps", type=int, default=2, help="interleaved repetitions")
+    ap.add_argument(
+        "--new-metrics",
+        action="store_true",
+        help="memory of the PML / OML metric set vs the existing retrieval metrics",
+    )
     ap.add_argument("--child", nargs=2, metavar=("METHOD", "DIM"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(run_one(args.child[0], int(args.child[1]), args.quick)))
         return
     rows = []
+    methods = NEW_METHODS if args.new_metrics else METHODS
     for dim in args.dims:
         for _ in range(args.reps):
-            for method in METHODS:
+            for method in methods:
                 cmd = [sys.executable, __file__, "--child", method, str(dim)]
                 cmd += ["--quick"] if args.quick else []
                 res = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -283,7 +416,10 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     command = "python benchmarks/eval_speed.py " + " ".join(sys.argv[1:])
-    print(write_report(rows, args.quick, command.strip(), args.reps))
+    if args.new_metrics:
+        print(write_new_metrics_section(rows, args.quick, command.strip(), args.reps))
+    else:
+        print(write_report(rows, args.quick, command.strip(), args.reps))
 
 
 if __name__ == "__main__":

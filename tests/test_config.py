@@ -53,6 +53,49 @@ def test_impossible_values_are_clear_errors(override, message):
         load_config("digits", [override])
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["eval.metrics=[recall@1, mapr]"],
+            r"unknown metric in eval.metrics 'mapr'. Did you "
+            r"mean 'map@r'\? Valid names: recall@K",
+        ),
+        (
+            ["eval.select_metric=recal@1"],
+            r"unknown eval.select_metric 'recal@1'. Did you mean "
+            r"'recall@1'",
+        ),
+        (
+            ["eval.metrics=[map@r, nmi]"],
+            r"eval.select_metric 'recall@1' is not among the "
+            r"computed metrics \(map@r, nmi\)",
+        ),
+        (["eval.select_metric=mrr"], r"'mrr' is not among the computed metrics \(recall@1, "),
+        (["eval.no_relevant=drop"], "eval.no_relevant must be skip or zero"),
+        (["eval.average=class"], "eval.average must be queries or classes"),
+    ],
+)
+def test_eval_metric_names_are_checked_against_the_metric_table(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("digits", overrides)
+
+
+def test_eval_metric_names_are_normalised_and_new_names_accepted():
+    cfg = load_config(
+        "digits",
+        [
+            "eval.metrics=[' Recall@1', mrr, precision@5, map@r@100, map@10_hits]",
+            "eval.select_metric=MRR",
+            "eval.no_relevant=zero",
+            "eval.average=classes",
+        ],
+    )
+    assert cfg.eval.metrics == ["recall@1", "mrr", "precision@5", "map@r@100", "map@10_hits"]
+    assert cfg.eval.select_metric == "mrr"
+    assert (cfg.eval.no_relevant, cfg.eval.average) == ("zero", "classes")
+
+
 def test_overrides_parse_yaml_values_and_nest():
     assert parse_override("optim.lr=0.5") == {"optim": {"lr": 0.5}}
     assert parse_override("optim.milestones=[140, 230]") == {"optim": {"milestones": [140, 230]}}
@@ -126,6 +169,25 @@ def test_paper_presets_match_the_generator_and_the_recipe():
     base = load_config("cub200-r128-avg-proxyanchor-baseline")
     assert not base.loss.nir.enabled
     assert (base.optim.proxy_lr_mult, base.optim.warmup_epochs) == (2000.0, 0)
+
+
+def test_inshop_presets_take_sops_recipe_and_the_query_gallery_metrics():
+    gen = _generator()
+    presets = gen.all_inshop_presets()
+    assert sorted(presets) == [
+        f"inshop-r{d}-avg-proxyanchor-{v}" for d in (128, 512) for v in ("baseline", "nir")
+    ]
+    for name, config in presets.items():
+        text = (gen.PRESET_DIR / f"{name}.yaml").read_text()
+        assert yaml.safe_load(text) == config, f"{name} is stale: run tools/make_presets.py"
+    inshop = load_config("inshop-r512-avg-proxyanchor-nir", ["data.root=/data/inshop"])
+    sop = load_config("sop-r512-avg-proxyanchor-nir")
+    assert inshop.data.name == "inshop" and inshop.model.arch == "resnet50"
+    assert (inshop.optim, inshop.loss, inshop.epochs) == (sop.optim, sop.loss, sop.epochs)
+    assert inshop.data.batch_size == 90 and inshop.eval.select_metric == "recall@1"
+    from nirdml.training.build import eval_metrics
+
+    assert eval_metrics(inshop)[:5] == [f"recall@{k}" for k in (1, 10, 20, 30, 40)]
 
 
 def test_frozen_presets_and_image_size_on_every_rgb_preset():

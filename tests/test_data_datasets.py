@@ -342,6 +342,44 @@ def test_csv_with_and_without_split(tmp_path: Path) -> None:
         load_dataset("csv", tmp_path / "bad.csv")
 
 
+def test_csv_is_query_is_gallery_columns(tmp_path: Path) -> None:
+    """Optional role columns make the test split a query/gallery split (In-Shop's
+    protocol); other splits ignore them, and evaluation reads the flags."""
+    from nirdml.evaluation import evaluate
+
+    lines = ["path,label,split,is_query,is_gallery"]
+    for cid in (1, 2, 10, 11):
+        for k in range(3):
+            rel = f"img/{cid}_{k}.jpg"
+            write_image(tmp_path / rel, cid)
+            split = "train" if cid < 10 else "test"
+            role = {0: "1,0", 1: "0,1", 2: "yes,True"}[k]  # query / gallery / both
+            lines.append(f"{rel},{cid},{split},{role}")
+    (tmp_path / "roles.csv").write_text("\n".join(lines) + "\n")
+    s = load_dataset("csv", tmp_path / "roles.csv", transform_preset="none")
+    assert s.train.is_query is None
+    assert s.test.is_query.tolist() == [True, False, True] * 2
+    assert s.test.is_gallery.tolist() == [False, True, True] * 2
+    # items 10 (label 0) and 11 (label 1) on a line; queries: #0, #2 (both), #3, #5 (both)
+    #   #0 at 0   -> gallery #2 (label 0): hit      #2 at 2  -> #1 (itself left out): hit
+    #   #3 at 0.5 -> gallery #2 (label 0): miss     #5 at 11 -> #4 (itself left out): hit
+    x = np.array([[0.0], [5.0], [2.0], [0.5], [10.0], [11.0]])
+    roles = {"is_query": s.test.is_query, "is_gallery": s.test.is_gallery}
+    assert evaluate(x, s.test.labels, ["recall@1"], **roles) == {"recall@1": 0.75}
+    # ignoring the roles (every item queries all others): #0, #2, #3 miss
+    assert evaluate(x, s.test.labels, ["recall@1"]) == {"recall@1": 0.5}
+    bad = "\n".join(lines[:-1] + [lines[-1].replace("yes,True", "0,no")]) + "\n"
+    (tmp_path / "bad.csv").write_text(bad)
+    with pytest.raises(DatasetLayoutError, match="is_query=0 and is_gallery=0"):
+        load_dataset("csv", tmp_path / "bad.csv")
+    (tmp_path / "half.csv").write_text("path,label,is_query\nimg/1_0.jpg,1,1\n")
+    with pytest.raises(DatasetLayoutError, match="both is_query and is_gallery"):
+        load_dataset("csv", tmp_path / "half.csv")
+    (tmp_path / "typo.csv").write_text("path,label,is_qeury\nimg/1_0.jpg,1,1\n")
+    with pytest.raises(DatasetLayoutError, match="unknown: \\['is_qeury'\\]"):
+        load_dataset("csv", tmp_path / "typo.csv")
+
+
 # ---------------------------------------------------------------------------- validation carve
 def test_validation_carve_is_class_disjoint_and_deterministic(tmp_path: Path) -> None:
     make_cub(tmp_path, ids=tuple(range(1, 11)) + (150,), per_class=2)

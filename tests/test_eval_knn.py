@@ -162,3 +162,65 @@ def test_multi_tile_gallery_small_k_equals_brute_force():
         ref = np.lexsort((idx, dd), axis=1)[:, :6]
         np.testing.assert_array_equal(i[s : s + 1000].numpy(), ref)
     assert i[10, 0].item() == 4500 and i[4500, 0].item() == 10
+
+
+def brute_force_excluding(q: np.ndarray, g: np.ndarray, exclude: np.ndarray, k: int):
+    """float64 (distance, index) order over the gallery minus each row's excluded index;
+    rows with fewer than k items end in (inf, -1)."""
+    d = ((q[:, None, :] - g[None, :, :]) ** 2).sum(-1)
+    rows = np.flatnonzero(exclude >= 0)
+    d[rows, exclude[rows]] = np.inf
+    idx = np.tile(np.arange(g.shape[0]), (q.shape[0], 1))
+    order = np.lexsort((idx, d), axis=1)[:, :k]
+    out_d = np.take_along_axis(d, order, 1)
+    return out_d, np.where(np.isinf(out_d), -1, order)
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+@pytest.mark.parametrize("budget", [0.02, 512.0])
+@pytest.mark.parametrize("k", [1, 9, 300])
+def test_exclude_by_index_equals_brute_force(backend, budget, k):
+    """Queries that are gallery items (some duplicated elsewhere) leave out their own index
+    only; the others rank the whole gallery."""
+    if backend == "faiss" and not faiss_available():
+        pytest.skip("faiss not installed")
+    rng = np.random.default_rng(4)
+    g = rng.integers(-3, 4, size=(310, 6)).astype(np.float32)  # many exact ties
+    q = np.concatenate([g[::3], rng.integers(-3, 4, size=(40, 6)).astype(np.float32)])
+    exclude = np.concatenate([np.arange(0, 310, 3), -np.ones(40, dtype=np.int64)])
+    d, i = knn_search(
+        q, g, k, exclude=exclude, backend=backend, memory_budget_mb=budget, device="cpu"
+    )
+    ref_d, ref_i = brute_force_excluding(q.astype(np.float64), g.astype(np.float64), exclude, k)
+    np.testing.assert_array_equal(i.numpy(), ref_i)
+    np.testing.assert_allclose(d.numpy(), ref_d, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_exclude_pads_rows_that_have_one_item_less(backend):
+    """k = gallery size: a row that left itself out has one item less and ends in padding
+    (index -1, distance inf); self-retrieval through exclude equals gallery=None."""
+    if backend == "faiss" and not faiss_available():
+        pytest.skip("faiss not installed")
+    rng = np.random.default_rng(5)
+    g = rng.standard_normal((30, 4))
+    q = g[[0, 7]] + 0.0
+    q = np.concatenate([q, rng.standard_normal((1, 4))])
+    d, i = knn_search(q, g, 30, exclude=np.array([0, 7, -1]), backend=backend, device="cpu")
+    assert i[0, -1].item() == -1 and i[1, -1].item() == -1 and i[2, -1].item() != -1
+    assert torch.isinf(d[:2, -1]).all() and torch.isfinite(d[2]).all()
+    assert sorted(i[0, :-1].tolist()) == [j for j in range(30) if j != 0]
+    assert sorted(i[2].tolist()) == list(range(30))
+    same = knn_search(g, g, 29, exclude=np.arange(30), backend=backend, device="cpu")
+    ref = knn_search(g, None, 29, backend=backend, device="cpu")
+    np.testing.assert_array_equal(same[1].numpy(), ref[1].numpy())
+
+
+def test_exclude_errors_name_the_fix():
+    x = np.zeros((5, 2))
+    with pytest.raises(ValueError, match="one integer gallery index"):
+        knn_search(x, x, 1, exclude=np.zeros(4, dtype=np.int64))
+    with pytest.raises(ValueError, match=r"outside \[-1, 5\)"):
+        knn_search(x, x, 1, exclude=np.array([0, 1, 2, 3, 5]))
+    with pytest.raises(ValueError, match="self-retrieval"):
+        knn_search(x, None, 1, exclude=np.arange(5))

@@ -198,8 +198,8 @@ def test_input_validation_names_problem_and_fix() -> None:
         loss(x, torch.tensor([0.0, 1.0, 2.0, 3.0]))
     with pytest.raises(ValueError, match=r"shape \(4,\)"):
         loss(x, torch.tensor([0, 1]))
-    with pytest.raises(ValueError, match="float64"):
-        loss(x.double(), torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="floating point"):
+        loss(torch.ones(4, 8, dtype=torch.long), torch.tensor([0, 1, 2, 3]))
     with pytest.raises(ValueError, match="positive_mean"):
         ProxyAnchorLoss(5, 8, positive_mean="batch")
     assert loss(x, [0, 1, 2, 3]).item() > 0  # lists / numpy labels are accepted
@@ -254,3 +254,77 @@ def test_every_criterion_implements_the_protocol() -> None:
         assert groups[0]["name"] == "proxies" and groups[0]["lr"] == 10.0
         criterion(x, labels)
         assert "proxy_loss" in criterion.last_stats
+
+
+@pytest.mark.parametrize(
+    ("ours_cls", "theirs_cls", "to_theirs"),
+    [
+        (ProxyAnchorLoss, pml.ProxyAnchorLoss, lambda p: p),
+        (ProxyNCALoss, pml.ProxyNCALoss, lambda p: p),
+        (SoftTripleLoss, pml.SoftTripleLoss, lambda p: p.t()),
+    ],
+)
+def test_float64_embeddings_are_cast_to_the_proxies_dtype_as_pml(ours_cls, theirs_cls, to_theirs):
+    """PML casts where nirdml used to raise: float64 embeddings with float32 proxies give
+    the float32 value, and the gradient reaches the float64 input."""
+    options = {"tau": 0.0} if ours_cls is SoftTripleLoss else {}
+    ours = ours_cls(10, 16, generator=torch.Generator().manual_seed(20), **options)
+    extra = {"softmax_scale": 9.0} if ours_cls is ProxyNCALoss else {}
+    theirs = theirs_cls(10, 16, **extra)
+    param = theirs.fc if ours_cls is SoftTripleLoss else theirs.proxies
+    param.data.copy_(to_theirs(ours.proxies.data))
+    x, labels = _batch(12, 16, 10, seed=21)
+    x64 = x.double().requires_grad_()
+    value = ours(x64, labels)
+    assert value.dtype == torch.float32 and ours.proxies.dtype == torch.float32
+    assert torch.equal(value, ours(x, labels))
+    torch.testing.assert_close(value.double(), theirs(x.double(), labels), rtol=1e-5, atol=1e-6)
+    value.backward()
+    assert x64.grad is not None and x64.grad.dtype == torch.float64
+
+
+def test_get_logits_equals_pml():
+    x, labels = _batch(12, 16, 10, seed=22)
+    pa = ProxyAnchorLoss(10, 16, generator=torch.Generator().manual_seed(23))
+    pa_pml = pml.ProxyAnchorLoss(10, 16)
+    pa_pml.proxies.data.copy_(pa.proxies.data)
+    torch.testing.assert_close(pa.get_logits(x), pa_pml.get_logits(x))
+    st = SoftTripleLoss(10, 16, centers_per_class=3, generator=torch.Generator().manual_seed(24))
+    st_pml = pml.SoftTripleLoss(10, 16, centers_per_class=3)
+    st_pml.fc.data.copy_(st.proxies.data.t())
+    torch.testing.assert_close(st.get_logits(x), st_pml.get_logits(x))
+    # ProxyNCA: ours are the softmax's logits, PML's the squared distances (theirs = -ours/s)
+    nca = ProxyNCALoss(10, 16, scale=9.0, generator=torch.Generator().manual_seed(25))
+    nca_pml = pml.ProxyNCALoss(10, 16, softmax_scale=9.0)
+    nca_pml.proxies.data.copy_(nca.proxies.data)
+    torch.testing.assert_close(-nca.get_logits(x) / 9.0, nca_pml.get_logits(x), atol=1e-5, rtol=0)
+    assert torch.equal(nca.get_logits(x).argmax(1), nca_pml.get_logits(x).argmin(1))
+    # the adapter and NIR expose the base loss's scores; float64 / autocast inputs are cast
+    adapter = PMLProxyLoss(pa_pml)
+    torch.testing.assert_close(adapter.get_logits(x), pa_pml.get_logits(x))
+    flow = ConditionalFlow(16, num_blocks=1, hidden_width=8, hidden_layers=2)
+    torch.testing.assert_close(NIRLoss(pa, flow=flow).get_logits(x), pa.get_logits(x))
+    assert pa.get_logits(x.double()).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert pa.get_logits(x.bfloat16()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", ["anchor", "nir"])
+def test_pml_call_forms_give_a_clear_value_error(kind):
+    """loss(emb) without labels, a miner's indices_tuple or a reference set: PML call forms
+    nirdml's proxy losses do not take; a ValueError (LossCallError) says how to call them."""
+    from nirdml.errors import LossCallError, NirdmlError
+
+    loss = ProxyAnchorLoss(5, 8)
+    if kind == "nir":
+        loss = NIRLoss(loss, flow=ConditionalFlow(8, num_blocks=1, hidden_width=8))
+    x, labels = _batch(6, 8, 5, seed=26)
+    with pytest.raises(ValueError, match="without labels; nirdml's proxy losses need labels"):
+        loss(x)
+    pairs = (labels[:2], labels[2:4], labels[:2], labels[4:6])
+    with pytest.raises(LossCallError, match="got indices_tuple, .*have no miners"):
+        loss(x, labels, pairs)
+    with pytest.raises(LossCallError, match="got ref_emb, ref_labels"):
+        loss(x, labels, ref_emb=x, ref_labels=labels)
+    assert issubclass(LossCallError, NirdmlError) and issubclass(LossCallError, ValueError)
+    assert loss(x, labels).ndim == 0

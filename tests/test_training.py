@@ -193,6 +193,12 @@ def test_cli_presets_and_evaluate_and_embed(tmp_path):
             "--metrics",
             "recall@1",
             "map@r",
+            "mrr",
+            "precision@3",
+            "--no-relevant",
+            "zero",  # digits has no singleton class: the same numbers as "skip"
+            "--average",
+            "queries",
             "--json",
             str(tmp_path / "m.json"),
         ),
@@ -204,7 +210,8 @@ def test_cli_presets_and_evaluate_and_embed(tmp_path):
     metrics = json.loads((tmp_path / "m.json").read_text())
     summary = json.loads((run / "summary.json").read_text())
     assert metrics["recall@1"] == pytest.approx(summary["final"]["test/recall@1"], abs=1e-12)
-    assert "recall@1" in res.stdout
+    assert "recall@1" in res.stdout and list(metrics) == ["recall@1", "map@r", "mrr", "precision@3"]
+    assert metrics["recall@1"] <= metrics["mrr"] <= 1.0
 
     # A folder of class sub-folders, exported with paths and labels.
     from PIL import Image

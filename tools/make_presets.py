@@ -1,9 +1,11 @@
 """Generate the paper-run presets in src/nirdml/configs/presets/ (method.md section 5).
 
 One flat YAML file per run of the paper: {cub200, cars196, sop} x {128, 512} x
-{avg, avg+max} x {ProxyAnchor, ProxyNCA, SoftTriple} x {baseline, +NIR}, plus the cars98
-frozen-feature presets (EfficientNet-Lite0 at 128 px, ProxyAnchor baseline and + NIR). Run
-``python tools/make_presets.py`` after changing the recipe; a test checks the files match.
+{avg, avg+max} x {ProxyAnchor, ProxyNCA, SoftTriple} x {baseline, +NIR}, plus In-Shop
+Clothes Retrieval with SOP's recipe (ProxyAnchor, {128, 512}, avg, baseline and + NIR; not
+a run of the paper), and the cars98 frozen-feature presets (EfficientNet-Lite0 at 128 px,
+ProxyAnchor baseline and + NIR). Run ``python tools/make_presets.py`` after changing the
+recipe; a test checks the files match.
 """
 
 from __future__ import annotations
@@ -28,8 +30,22 @@ LOSSES = {entry.preset_key: name for name, entry in REGISTRY.items()}
 POOLINGS = {"avg": "avg", "avgmax": "avg+max"}
 
 
-def paper_preset(dataset: str, dim: int, pool: str, loss: str, nir: bool) -> tuple[str, dict]:
-    title, epochs, milestones, gamma, proxy_weight, flow_mult, warmup = DATASETS[dataset]
+INSHOP_RECIPE = ("In-Shop Clothes Retrieval", *DATASETS["sop"][1:])
+"""In-Shop is not in the NIR paper; ProxyAnchor (Kim et al. 2020) trains it exactly as SOP
+(same lr schedule), so its presets take SOP's recipe, NIR's knobs included."""
+INSHOP_NOTE = "SOP's recipe (In-Shop is not in the NIR paper; ProxyAnchor trains it as SOP)"
+
+
+def paper_preset(
+    dataset: str,
+    dim: int,
+    pool: str,
+    loss: str,
+    nir: bool,
+    recipe: tuple | None = None,
+    note: str = "the paper's recipe",
+) -> tuple[str, dict]:
+    title, epochs, milestones, gamma, proxy_weight, flow_mult, warmup = recipe or DATASETS[dataset]
     loss_name = LOSSES[loss]
     entry = REGISTRY[loss_name]
     name = f"{dataset}-r{dim}-{pool}-{loss}-{'nir' if nir else 'baseline'}"
@@ -38,7 +54,7 @@ def paper_preset(dataset: str, dim: int, pool: str, loss: str, nir: bool) -> tup
         "name": name,
         "description": (
             f"{title}, ResNet50 (frozen BN), {dim}-d, {POOLINGS[pool]} pooling, "
-            f"{entry.title}{variant}; the paper's recipe"
+            f"{entry.title}{variant}; {note}"
         ),
         "seed": 0,
         "epochs": epochs,
@@ -96,6 +112,18 @@ def all_paper_presets() -> dict[str, dict]:
                     for nir in (False, True):
                         name, config = paper_preset(dataset, dim, pool, loss, nir)
                         out[name] = config
+    return out
+
+
+def all_inshop_presets() -> dict[str, dict]:
+    """In-Shop (query/gallery evaluation, R@1/10/20/30/40): ProxyAnchor, avg pooling."""
+    out = {}
+    for dim in (128, 512):
+        for nir in (False, True):
+            name, config = paper_preset(
+                "inshop", dim, "avg", "proxyanchor", nir, INSHOP_RECIPE, INSHOP_NOTE
+            )
+            out[name] = config
     return out
 
 
@@ -254,7 +282,7 @@ def render(config: dict) -> str:
 
 def main() -> int:
     PRESET_DIR.mkdir(parents=True, exist_ok=True)
-    presets = {**all_paper_presets(), **all_frozen_presets()}
+    presets = {**all_paper_presets(), **all_inshop_presets(), **all_frozen_presets()}
     for name, config in presets.items():
         (PRESET_DIR / f"{name}.yaml").write_text(render(config))
     print(f"wrote {len(presets)} presets to {PRESET_DIR}")

@@ -111,6 +111,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         metrics=args.metrics,
         device=args.device,
         info=info,
+        no_relevant=args.no_relevant,
+        average=args.average,
     )
     print(
         f"checkpoint {info['checkpoint']} (epoch {info['epoch']}); {info['dataset']} split "
@@ -277,7 +279,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="evaluate on this dataset instead of the run's")
     p.add_argument("--root", help="dataset root folder")
     p.add_argument("--split", default="test", choices=["test", "val", "train"])
-    p.add_argument("--metrics", nargs="+", help="metric names, e.g. recall@1 map@r nmi")
+    p.add_argument(
+        "--metrics",
+        nargs="+",
+        help="metric names, e.g. recall@1 map@r nmi mrr precision@5 map@100_hits "
+        "r_precision@100 (docs/guide/evaluation.md lists them all)",
+    )
+    p.add_argument(
+        "--no-relevant",
+        choices=["skip", "zero"],
+        help="queries without a same-class gallery item: left out (skip, PML) or counted 0 "
+        "(zero, OML); default: the run's eval.no_relevant",
+    )
+    p.add_argument(
+        "--average",
+        choices=["queries", "classes"],
+        help="average retrieval metrics over queries, or per class first (classes, PML's "
+        "avg_of_avgs); default: the run's eval.average",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.set_defaults(func=_cmd_evaluate)

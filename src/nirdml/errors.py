@@ -71,3 +71,14 @@ class NoImprovementWarning(UserWarning):
 class SelectionWarning(UserWarning):
     """The selection split could not rank the epochs (too few classes, a saturated metric,
     tied values); the message says which and how the tie was broken."""
+
+
+class LossCallError(NirdmlError, ValueError):
+    """A proxy loss was called the way another library calls its losses: without labels, or
+    with a miner's ``indices_tuple`` / a reference set (``ref_emb``, ``ref_labels``), which
+    nirdml's proxy losses do not take; the message says how to call them."""
+
+
+class ManualDownloadError(NirdmlError, FileNotFoundError):
+    """A dataset has no stable direct download (``download=True`` cannot fetch it); the
+    message says where to get it and which files to place under the root."""

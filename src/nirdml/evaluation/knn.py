@@ -9,7 +9,9 @@ the k returned distances only. Block sizes follow from ``memory_budget_mb``: for
 block sees whole gallery rows. Neighbours are ordered by (distance, gallery index): among
 equal distances the lower gallery index ranks first, on every backend and for every
 chunking. In self-retrieval each query's own row is excluded *by index*, so an exact
-duplicate of the query (distance 0) is still returned as a neighbour.
+duplicate of the query (distance 0) is still returned as a neighbour; with a separate
+gallery, ``exclude`` names per query one gallery index to leave out (the query itself, when
+query and gallery sets overlap), by index too.
 
 Selection per block: for small k, ``topk(k + 1)``; where the (k+1)-th value equals the
 k-th (a tie at the boundary) the row falls back to taking every entry ``<=`` the k-th
@@ -84,6 +86,7 @@ def knn_search(
     backend: str = "auto",
     device: str | torch.device | None = None,
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+    exclude: ArrayLike | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` nearest gallery items of every query, exactly.
 
@@ -92,6 +95,11 @@ def knn_search(
     both ``(num_queries, k)`` CPU tensors (float32 squared Euclidean distances, int64
     gallery indices), rows ordered by (distance, index). ``distance="cosine"`` L2-normalises
     both sides first (the returned distances are then ``2 - 2 cos``).
+
+    ``exclude`` (with a gallery): per query, the gallery index it must not retrieve (the
+    query itself where the sets overlap), -1 for none. A query that excludes an item has one
+    gallery item less to rank; where k exceeds that, its last entry is padding (index -1,
+    distance inf).
     """
     q = as_embeddings(queries, "queries")
     g = None if gallery is None else as_embeddings(gallery, "gallery")
@@ -104,6 +112,7 @@ def knn_search(
         backend=backend,
         device=device,
         memory_budget_mb=memory_budget_mb,
+        exclude=exclude,
     ):
         dists.append(d.cpu())
         idx.append(i.cpu())
@@ -119,12 +128,14 @@ def iter_knn(
     backend: str = "auto",
     device: str | torch.device | None = None,
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+    exclude: ArrayLike | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
     """Stream the exact kNN result query block by query block.
 
     Yields ``(start, end, distances, indices)`` for queries ``start:end`` (tensors on the
     compute device), so a caller can reduce each block to per-query numbers and never hold
     the full ``num_queries x k`` result. Inputs must already be checked 2-D float tensors.
+    ``exclude``: see :func:`knn_search` (only with a gallery).
     """
     _check_distance(distance)
     backend = resolve_knn_backend(backend)
@@ -135,7 +146,16 @@ def iter_knn(
             f"queries have dim {queries.shape[1]} but the gallery has dim {g.shape[1]}; "
             "embed both with the same model."
         )
-    available = g.shape[0] - int(exclude_self)
+    excl = None
+    if exclude is not None:
+        if exclude_self:
+            raise ValueError(
+                "exclude applies to a separate gallery; in self-retrieval (gallery=None) "
+                "each query's own index is excluded already."
+            )
+        excl = _as_exclude(exclude, queries.shape[0], g.shape[0])
+    every_row_excludes = exclude_self or (excl is not None and bool((excl >= 0).all()))
+    available = g.shape[0] - int(every_row_excludes)
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}.")
     if k > available:
@@ -146,11 +166,32 @@ def iter_knn(
     if g.shape[0] >= 2**31:
         raise ValueError("galleries of 2**31 items or more are not supported; shard them.")
     k = int(k)
+    if excl is not None and not bool((excl >= 0).any()):
+        excl = None  # nothing to leave out
     if backend == "faiss":
-        yield from _iter_knn_faiss(queries, g, k, exclude_self, distance, memory_budget_mb)
+        yield from _iter_knn_faiss(queries, g, k, exclude_self, excl, distance, memory_budget_mb)
     else:
         dev = resolve_device(device)
-        yield from _iter_knn_torch(queries, g, k, exclude_self, distance, dev, memory_budget_mb)
+        yield from _iter_knn_torch(
+            queries, g, k, exclude_self, excl, distance, dev, memory_budget_mb
+        )
+
+
+def _as_exclude(exclude: ArrayLike, num_queries: int, num_gallery: int) -> torch.Tensor:
+    """``exclude`` as a checked int64 CPU tensor of one gallery index (or -1) per query."""
+    e = torch.as_tensor(np.asarray(exclude.cpu() if hasattr(exclude, "cpu") else exclude))
+    if e.shape != (num_queries,) or e.dtype.is_floating_point or e.dtype == torch.bool:
+        raise ValueError(
+            f"exclude must hold one integer gallery index (or -1) per query, shape "
+            f"({num_queries},); got {e.dtype} {tuple(e.shape)}."
+        )
+    e = e.to(torch.int64)
+    if bool(((e < -1) | (e >= num_gallery)).any()):
+        raise ValueError(
+            f"exclude holds indices outside [-1, {num_gallery}): use -1 for 'nothing to "
+            "exclude' and gallery positions otherwise."
+        )
+    return e
 
 
 def _prepare(x: torch.Tensor, distance: str, device: torch.device) -> torch.Tensor:
@@ -165,11 +206,13 @@ def _iter_knn_torch(
     gallery: torch.Tensor,
     k: int,
     exclude_self: bool,
+    exclude: torch.Tensor | None,
     distance: str,
     device: torch.device,
     memory_budget_mb: float,
 ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
     g = _prepare(gallery, distance, device)
+    excl = None if exclude is None else exclude.to(device)
     q_all = g if exclude_self else _prepare(queries, distance, device)
     g_sqn = (g * g).sum(1)
     q_sqn_all = g_sqn if exclude_self else (q_all * q_all).sum(1)
@@ -187,16 +230,11 @@ def _iter_knn_torch(
     scratch = _Scratch(q_block * g_block, g.dtype, device)
     for s in range(0, q_all.shape[0], q_block):
         e = min(s + q_block, q_all.shape[0])
-        d, i = _topk_block(
-            q_all[s:e],
-            q_sqn_all[s:e],
-            g,
-            g_sqn,
-            k,
-            s if exclude_self else None,
-            g_block,
-            scratch,
-        )
+        if exclude_self:
+            block_excl = torch.arange(s, e, device=device)
+        else:
+            block_excl = None if excl is None else excl[s:e]
+        d, i = _topk_block(q_all[s:e], q_sqn_all[s:e], g, g_sqn, k, block_excl, g_block, scratch)
         yield s, e, d, i
 
 
@@ -220,7 +258,7 @@ def _topk_block(
     g: torch.Tensor,
     g_sqn: torch.Tensor,
     k: int,
-    self_offset: int | None,
+    exclude: torch.Tensor | None,
     g_block: int,
     scratch: _Scratch,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,7 +266,9 @@ def _topk_block(
 
     Rows are ranked by ``||g||^2 - 2 q.g`` (the squared distance minus the row constant
     ``||q||^2``, which saves a pass over the block); ``||q||^2`` is added back, and the
-    result clamped at 0, for the k returned entries only."""
+    result clamped at 0, for the k returned entries only. ``exclude``: the gallery index
+    each row leaves out (-1: none); rows with fewer than k candidates end in padding
+    (index -1, distance inf)."""
     n_q = q.shape[0]
     rows = torch.arange(n_q, device=q.device)
     best_d: torch.Tensor | None = None
@@ -238,12 +278,13 @@ def _topk_block(
         d = scratch.dist_view(n_q, c1 - c0)
         torch.addmm(g_sqn[c0:c1].unsqueeze(0), q, g[c0:c1].T, beta=1.0, alpha=-2.0, out=d)
         self_col = None
-        if self_offset is not None:
-            self_col = rows + (self_offset - c0)
+        if exclude is not None:
+            self_col = exclude - c0
             inside = (self_col >= 0) & (self_col < c1 - c0)
             d[rows[inside], self_col[inside]] = math.inf
         cand_d, cand_i = _block_candidates(d, k, self_col, scratch)
-        cand_i += c0
+        # Padding (column c1 - c0) becomes -1, so it never reads as a gallery index.
+        cand_i = torch.where(cand_i >= c1 - c0, -1, cand_i + c0)
         if best_d is None:
             best_d, best_i = cand_d, cand_i
         else:
@@ -339,6 +380,7 @@ def _iter_knn_faiss(
     gallery: torch.Tensor,
     k: int,
     exclude_self: bool,
+    exclude: torch.Tensor | None,
     distance: str,
     memory_budget_mb: float,
 ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
@@ -348,21 +390,30 @@ def _iter_knn_faiss(
     q_all = g if exclude_self else _prepare(queries, distance, torch.device("cpu")).float()
     index = faiss.IndexFlatL2(g.shape[1])
     index.add(np.ascontiguousarray(g.numpy()))
-    k_search = min(k + int(exclude_self), g.shape[0])
+    excludes = exclude_self or exclude is not None
+    k_search = min(k + int(excludes), g.shape[0])
     q_block = min(q_all.shape[0], rows_for_budget(24 * k_search + 4096, memory_budget_mb))
     for s in range(0, q_all.shape[0], q_block):
         e = min(s + q_block, q_all.shape[0])
         dist, idx = index.search(np.ascontiguousarray(q_all[s:e].numpy()), k_search)
         dist_t = torch.from_numpy(dist).clamp_(min=0)
         idx_t = torch.from_numpy(idx)
-        if exclude_self:
-            own = idx_t == torch.arange(s, e).unsqueeze(1)
+        if excludes:
+            left_out = torch.arange(s, e) if exclude_self else exclude[s:e]
+            own = (idx_t == left_out.unsqueeze(1)) & (left_out >= 0).unsqueeze(1)
             # Rows whose own index was not returned drop their last (farthest) entry.
             missing = ~own.any(1)
             own[missing, -1] = True
             keep = ~own
-            dist_t = dist_t[keep].view(e - s, k)
-            idx_t = idx_t[keep].view(e - s, k)
+            dist_t = dist_t[keep].view(e - s, k_search - 1)
+            idx_t = idx_t[keep].view(e - s, k_search - 1)
+            if k_search - 1 < k:  # k = gallery size: rows that left one out end in padding
+                pad = k - (k_search - 1)
+                dist_t = torch.nn.functional.pad(dist_t, (0, pad), value=math.inf)
+                idx_t = torch.nn.functional.pad(idx_t, (0, pad), value=-1)
+                # a row that left nothing out keeps its farthest item instead of padding
+                idx_t[missing, -1] = torch.from_numpy(idx)[missing, -1]
+                dist_t[missing, -1] = torch.from_numpy(dist)[missing, -1].clamp(min=0)
         # Re-sort by (distance, index): faiss does not order ties by index.
         idx_t, o1 = torch.sort(idx_t, dim=1)
         dist_t = torch.gather(dist_t, 1, o1)

@@ -135,3 +135,22 @@ def uniformity_g2(
         g[r, r + s] = 0.0
         total += g.sum(dtype=torch.float64)
     return float(total / (n * (n - 1)))
+
+
+# The metric table's calls (nirdml.evaluation.registry): every structure metric is called as
+# ``fn(embeddings, labels, seed=, device=, memory_budget_mb=)`` and takes what it needs.
+
+
+def rho_spectrum_metric(x: ArrayLike, labels: ArrayLike, **options: object) -> float:
+    """:func:`rho_spectrum` as the metric ``rho_spectrum`` (labels unused)."""
+    return rho_spectrum(x, device=options.get("device"))  # type: ignore[arg-type]
+
+
+def pi_ratio_metric(x: ArrayLike, labels: ArrayLike, **options: object) -> float:
+    """:func:`pi_ratio` as the metric ``pi_ratio``."""
+    return pi_ratio(x, labels, device=options.get("device"))  # type: ignore[arg-type]
+
+
+def uniformity_g2_metric(x: ArrayLike, labels: ArrayLike, **options: object) -> float:
+    """:func:`uniformity_g2` as the metric ``uniformity_g2`` (labels unused)."""
+    return uniformity_g2(x, **options)  # type: ignore[arg-type]

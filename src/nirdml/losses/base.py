@@ -4,15 +4,14 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nirdml.errors import LossCallError
 from nirdml.runtime import no_autocast
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def init_proxies(num_rows: int, dim: int, generator: torch.Generator | None) -> nn.Parameter:
@@ -47,6 +46,11 @@ class ProxyCriterion(Protocol):
         """The scalar loss of a batch."""
         ...
 
+    def get_logits(self, embeddings: Tensor) -> Tensor:
+        """(B, C) class scores of the embeddings (higher: closer to the class's proxies), as
+        pytorch-metric-learning's ``get_logits``."""
+        ...
+
     def class_condition(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """(B, D) L2-normalised proxy of each sample's own class, NOT detached (SoftTriple:
         the class's similarity-weighted center)."""
@@ -64,9 +68,10 @@ class ProxyLoss(nn.Module, ABC):
     """A proxy-based metric-learning loss: ``loss(embeddings, labels) -> scalar``.
 
     Subclasses hold ``proxies`` (``(num_classes, dim)``, or ``(num_classes * K, dim)`` for
-    K centers per class) and implement :meth:`compute`. ``forward`` validates the inputs,
-    computes in the proxies' dtype (fp16/bf16 embeddings are upcast, autocast is off
-    inside) and records ``last_stats["proxy_loss"]`` (detached, no host sync). Implements
+    K centers per class) and implement :meth:`compute` and :meth:`logits`. ``forward``
+    validates the inputs, computes in the proxies' dtype (embeddings of any float dtype are
+    cast to it, as pytorch-metric-learning does; autocast is off inside) and records
+    ``last_stats["proxy_loss"]`` (detached, no host sync). Implements
     :class:`ProxyCriterion`; a criterion built on top of a proxy loss (NIRLoss) uses
     :meth:`loss_and_inputs` and :meth:`batch_conditions`.
     """
@@ -90,11 +95,32 @@ class ProxyLoss(nn.Module, ABC):
     def compute(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """The loss on inputs already checked by :meth:`check_inputs` (scalar tensor)."""
 
+    @abstractmethod
+    def logits(self, embeddings: Tensor) -> Tensor:
+        """(B, C) class scores of embeddings already checked by :meth:`check_embeddings`."""
+
+    def get_logits(self, embeddings: Tensor) -> Tensor:
+        """(B, C) class scores: higher = closer to the class (see each loss's
+        :meth:`logits`); checked and cast like :meth:`forward`'s input, autocast off."""
+        embeddings = self.check_embeddings(embeddings)
+        with no_autocast(embeddings.device):
+            return self.logits(embeddings)
+
     def proxy_parameters(self) -> list[nn.Parameter]:
         """The learned tensors of the loss (the proxies), for the optimizer."""
         return [self.proxies]
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor | None = None,
+        indices_tuple: Any = None,
+        ref_emb: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+    ) -> Tensor:
+        """The scalar loss of a batch. The extra arguments exist only to answer a
+        pytorch-metric-learning style call with a clear error (:func:`check_call`)."""
+        check_call(type(self).__name__, labels, indices_tuple, ref_emb, ref_labels)
         loss, _, _ = self.loss_and_inputs(embeddings, labels)
         self.last_stats = {"proxy_loss": loss.detach()}
         return loss
@@ -107,8 +133,9 @@ class ProxyLoss(nn.Module, ABC):
             loss = self.compute(embeddings, labels)
         return loss, embeddings, labels
 
-    def check_inputs(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Validated ``(embeddings in the proxies' dtype, int64 labels on their device)``."""
+    def check_embeddings(self, embeddings: Tensor) -> Tensor:
+        """Validated embeddings in the proxies' dtype (any float dtype is cast, as
+        pytorch-metric-learning does; the gradient flows back in the input's dtype)."""
         if not isinstance(embeddings, Tensor):
             raise TypeError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_dim:
@@ -118,14 +145,17 @@ class ProxyLoss(nn.Module, ABC):
             )
         if embeddings.shape[0] == 0:
             raise ValueError("empty batch: pass at least one embedding")
+        if not embeddings.is_floating_point():
+            raise ValueError(
+                f"embeddings must be floating point, got {embeddings.dtype}: pass the model's "
+                "output (e.g. x.float())"
+            )
         dtype = self.proxy_parameters()[0].dtype
-        if embeddings.dtype != dtype:
-            if embeddings.dtype not in _LOW_PRECISION:
-                raise ValueError(
-                    f"embeddings are {embeddings.dtype} but the loss's proxies are {dtype}: "
-                    f"call loss.to({embeddings.dtype}) or pass {dtype} embeddings"
-                )
-            embeddings = embeddings.to(dtype)
+        return embeddings if embeddings.dtype == dtype else embeddings.to(dtype)
+
+    def check_inputs(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Validated ``(embeddings in the proxies' dtype, int64 labels on their device)``."""
+        embeddings = self.check_embeddings(embeddings)
         labels = torch.as_tensor(labels)
         if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
             raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
@@ -206,3 +236,37 @@ def log1p_sum_exp(values: Tensor, mask: Tensor, dim: int = 0) -> Tensor:
     shape = list(values.shape)
     shape[dim] = 1
     return torch.logsumexp(torch.cat([values, values.new_zeros(shape)], dim=dim), dim=dim)
+
+
+def check_call(
+    loss_name: str,
+    labels: Any,
+    indices_tuple: Any = None,
+    ref_emb: Any = None,
+    ref_labels: Any = None,
+) -> None:
+    """Refuse the pytorch-metric-learning call forms nirdml's proxy losses do not take:
+    ``loss(embeddings)`` without labels, a miner's ``indices_tuple``, ``ref_emb`` /
+    ``ref_labels`` (a LossCallError, also a ValueError, that says how to call them)."""
+    how = (
+        f"nirdml's proxy losses need labels and have no miners: call "
+        f"{loss_name}(embeddings, labels) with one class index in [0, num_classes) per "
+        "embedding"
+    )
+    if labels is None:
+        raise LossCallError(f"{loss_name} was called without labels; {how}.")
+    given = [
+        name
+        for name, value in (
+            ("indices_tuple", indices_tuple),
+            ("ref_emb", ref_emb),
+            ("ref_labels", ref_labels),
+        )
+        if value is not None
+    ]
+    if given:
+        raise LossCallError(
+            f"{loss_name} got {', '.join(given)}, pytorch-metric-learning argument(s) it does "
+            f"not take; {how} (every proxy is compared with every embedding, so there is "
+            "nothing to mine and no reference set)."
+        )

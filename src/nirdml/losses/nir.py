@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from nirdml.errors import NonFiniteLossError
 from nirdml.flow import ConditionalFlow
-from nirdml.losses.base import ProxyLoss
+from nirdml.losses.base import ProxyLoss, check_call
 from nirdml.losses.pml import PMLProxyLoss
 from nirdml.losses.registry import NIR_OBJECTIVES
 from nirdml.runtime import no_autocast
@@ -373,7 +373,19 @@ class NIRLoss(nn.Module):
         exact = torch.exp(torch.where(over, cap, nll))  # never evaluates exp above the cap
         return torch.where(over, math.exp(cap) * (nll - cap + 1.0), exact)
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+    def get_logits(self, embeddings: Tensor) -> Tensor:
+        """The base loss's (B, C) class scores (see :meth:`ProxyLoss.get_logits`)."""
+        return self.base_loss.get_logits(embeddings)
+
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor | None = None,
+        indices_tuple: object = None,
+        ref_emb: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+    ) -> Tensor:
+        check_call(type(self).__name__, labels, indices_tuple, ref_emb, ref_labels)
         given = labels if isinstance(labels, Tensor) else torch.as_tensor(labels)
         proxy_loss, embeddings, labels = self.base_loss.loss_and_inputs(embeddings, labels)
         diagnose, self.diagnose_next = self.diagnose_next, False

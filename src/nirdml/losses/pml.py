@@ -68,6 +68,16 @@ class PMLProxyLoss(ProxyLoss):
     def compute(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         return self.pml_loss(embeddings, labels)
 
+    def logits(self, embeddings: Tensor) -> Tensor:
+        """The PML loss's own ``get_logits``."""
+        get_logits = getattr(self.pml_loss, "get_logits", None)
+        if get_logits is None:
+            raise NotImplementedError(
+                f"{type(self.pml_loss).__name__} has no get_logits; compute scores from "
+                "loss.proxies instead"
+            )
+        return get_logits(embeddings)
+
     def class_condition(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         if self.centers_per_class == 1:
             return super().class_condition(embeddings, labels)

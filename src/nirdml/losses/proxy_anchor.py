@@ -73,6 +73,12 @@ class ProxyAnchorLoss(ProxyLoss):
         inv_count = 1.0 / same.sum(0).to(pos_cols.dtype)
         return (pos_cols * inv_count).sum() / inv_count.sum() + neg
 
+    def logits(self, embeddings: Tensor) -> Tensor:
+        """(B, C) cosine similarities to the proxies (pytorch-metric-learning's
+        ``ProxyAnchorLoss.get_logits``)."""
+        x = F.normalize(embeddings, dim=-1)
+        return (x @ self.proxies.t()) * inverse_norms(self.proxies)
+
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, dim={self.embedding_dim}, alpha={self.alpha}, "

@@ -49,10 +49,16 @@ class ProxyNCALoss(ProxyLoss):
         self.exclude_positive = bool(exclude_positive)
         self.proxies = init_proxies(num_classes, dim, generator)
 
-    def compute(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+    def logits(self, embeddings: Tensor) -> Tensor:
+        """(B, C) logits of the softmax, ``-scale * ||x - p||^2`` on the sphere.
+        pytorch-metric-learning's ``ProxyNCALoss.get_logits`` returns the squared distances
+        themselves (lower = closer): theirs = ``-logits / scale``."""
         x = F.normalize(embeddings, dim=-1)
         cos = (x @ self.proxies.t()) * inverse_norms(self.proxies)
-        logits = -self.scale * (2.0 - 2.0 * cos).clamp_min(0.0)
+        return -self.scale * (2.0 - 2.0 * cos).clamp_min(0.0)
+
+    def compute(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        logits = self.logits(embeddings)
         if not self.exclude_positive:
             return F.cross_entropy(logits, labels)
         own = logits.gather(1, labels.unsqueeze(1)).squeeze(1)

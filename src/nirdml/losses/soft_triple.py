@@ -66,13 +66,21 @@ class SoftTripleLoss(ProxyLoss):
         self.margin = float(margin)
         self.proxies = init_proxies(num_classes * centers_per_class, dim, generator)
 
+    def logits(self, embeddings: Tensor) -> Tensor:
+        """(B, C) class similarities ``S_c(x)`` (pytorch-metric-learning's
+        ``SoftTripleLoss.get_logits``)."""
+        return self._class_similarities(embeddings, F.normalize(self.proxies, dim=-1))
+
+    def _class_similarities(self, embeddings: Tensor, w: Tensor) -> Tensor:
+        x = F.normalize(embeddings, dim=-1)
+        sims = (x @ w.t()).view(x.shape[0], self.num_classes, self.centers_per_class)
+        prob = torch.softmax(sims * (1.0 / self.gamma), dim=2)
+        return (prob * sims).sum(2)
+
     def compute(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         K = self.centers_per_class
-        x = F.normalize(embeddings, dim=-1)
         w = F.normalize(self.proxies, dim=-1)
-        sims = (x @ w.t()).view(x.shape[0], self.num_classes, K)
-        prob = torch.softmax(sims * (1.0 / self.gamma), dim=2)
-        sim_class = (prob * sims).sum(2)
+        sim_class = self._class_similarities(embeddings, w)
         margins = F.one_hot(labels, self.num_classes).to(sim_class.dtype) * self.margin
         loss = F.cross_entropy(self.la * (sim_class - margins), labels)
         if self.tau > 0 and K > 1:

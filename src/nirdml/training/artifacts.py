@@ -54,9 +54,13 @@ def evaluate_checkpoint(
     batch_size: int | None = None,
     num_workers: int | None = None,
     info: dict[str, Any] | None = None,
+    no_relevant: str | None = None,
+    average: str | None = None,
 ) -> dict[str, float]:
     """Metrics of a checkpoint on a split of its dataset (or of another dataset).
 
+    A query/gallery split (In-Shop's test split) is evaluated as such. ``no_relevant`` and
+    ``average`` (see ``nirdml.evaluation.evaluate``) default to the run's ``eval`` settings.
     ``info``, when given, is filled with what was evaluated: ``checkpoint`` (the file),
     ``epoch``, ``dataset``, ``split``, ``items`` and ``classes``.
     """
@@ -83,6 +87,8 @@ def evaluate_checkpoint(
         num_workers=cfg.data.num_workers if num_workers is None else num_workers,
         device=dev,
         seed=cfg.seed,
+        no_relevant=no_relevant or cfg.eval.no_relevant,
+        average=average or cfg.eval.average,
     )
 
 

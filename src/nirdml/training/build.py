@@ -287,8 +287,13 @@ def evaluate_model(
     seed: int,
     amp_dtype: torch.dtype | None = None,
     dist: DistContext | None = None,
+    no_relevant: str = "skip",
+    average: str = "queries",
 ) -> dict[str, float]:
-    """Embed ``dataset`` with ``model`` and compute ``metrics`` (every test item a query)."""
+    """Embed ``dataset`` with ``model`` and compute ``metrics``: every item queries all the
+    others, or, for a query/gallery split (``dataset.is_query`` / ``dataset.is_gallery``,
+    e.g. In-Shop's test split), its queries search its gallery (an item in both never
+    retrieves itself). ``no_relevant`` / ``average``: see ``nirdml.evaluation.evaluate``."""
     from nirdml.evaluation import compute_embeddings, evaluate
 
     sharded = dist is not None and dist.enabled
@@ -303,6 +308,40 @@ def evaluate_model(
     )
     if sharded and not dist.is_main:
         return {}
+    is_query, is_gallery = query_gallery_roles(dataset)
     return evaluate(
-        embeddings, labels, metrics=metrics, num_clusters=num_clusters, seed=seed, device=device
+        embeddings,
+        labels,
+        metrics=metrics_for_roles(metrics, is_query, is_gallery),
+        is_query=is_query,
+        is_gallery=is_gallery,
+        no_relevant=no_relevant,
+        average=average,
+        num_clusters=num_clusters,
+        seed=seed,
+        device=device,
     )
+
+
+def query_gallery_roles(dataset: Any) -> tuple[Any, Any]:
+    """``(is_query, is_gallery)`` of a query/gallery split, ``(None, None)`` otherwise (every
+    item queries all others; also image-free feature splits, which carry no roles)."""
+    return getattr(dataset, "is_query", None), getattr(dataset, "is_gallery", None)
+
+
+def metrics_for_roles(metrics: list[str], is_query: Any, is_gallery: Any) -> list[str]:
+    """``metrics`` without the ones defined only when every query is a gallery item
+    (map@K_authors) when some queries are not (a warning names them): a dataset's default
+    set stays usable on its query/gallery split."""
+    from nirdml.evaluation.registry import normalise_metric_name, parse_metric
+
+    if is_query is None or is_gallery is None or bool(is_gallery[is_query].all()):
+        return metrics
+    dropped = [m for m in metrics if parse_metric(normalise_metric_name(m))[0].self_only]
+    if dropped:
+        warnings.warn(
+            f"{', '.join(dropped)} left out: defined only when every query is also a gallery "
+            "item, which this query/gallery split does not have (use map@K or map@K_hits)",
+            stacklevel=3,
+        )
+    return [m for m in metrics if m not in dropped]

@@ -193,7 +193,7 @@ class EvalConfig:
 
     every: int = 1
     metrics: list[str] | None = None
-    """None: the dataset's standard set."""
+    """None: the dataset's standard set (names: nirdml.evaluation.registry.METRICS)."""
     select_metric: str = "recall@1"
     batch_size: int = 256
     num_clusters: str = "test_classes"
@@ -201,6 +201,12 @@ class EvalConfig:
     reference: bool = True
     """Evaluate the untrained backbone's pooled features (no head) before training, as the
     "epoch 0" reference the kept epoch is compared with (summary.json, last console line)."""
+    no_relevant: str = "skip"
+    """Queries with no same-class gallery item: left out ("skip", PML) or counted 0 ("zero",
+    OML)."""
+    average: str = "queries"
+    """Retrieval metrics averaged over queries, or per class first ("classes", PML's
+    avg_of_avgs)."""
 
 
 @dataclass
@@ -590,6 +596,34 @@ def validate(cfg: RunConfig) -> None:
     _check(
         e.num_clusters in ("test_classes", "train_classes"),
         "eval.num_clusters must be test_classes or train_classes",
+    )
+    from nirdml.evaluation import registry as metric_table  # torch-free
+
+    if e.metrics is not None:
+        e.metrics = [metric_table.normalise_metric_name(x) for x in e.metrics]
+        for name in e.metrics:
+            _check(
+                metric_table.is_metric(name),
+                metric_table.unknown_metric_message(name, "metric in eval.metrics"),
+            )
+    e.select_metric = metric_table.normalise_metric_name(e.select_metric)
+    _check(
+        metric_table.is_metric(e.select_metric),
+        metric_table.unknown_metric_message(e.select_metric, "eval.select_metric"),
+    )
+    computed = e.metrics or list(DATASETS[d.name].metrics)
+    _check(
+        e.select_metric in computed,
+        f"eval.select_metric {e.select_metric!r} is not among the computed metrics "
+        f"({', '.join(computed)}); add it to eval.metrics or select one of them",
+    )
+    _check(
+        e.no_relevant in metric_table.NO_RELEVANT_POLICIES,
+        f"eval.no_relevant must be skip or zero, not {e.no_relevant!r}",
+    )
+    _check(
+        e.average in metric_table.AVERAGES,
+        f"eval.average must be queries or classes, not {e.average!r}",
     )
     _check(
         cfg.log.wandb_mode in ("offline", "online", "disabled"),

@@ -590,6 +590,9 @@ class FeatureDataset(Dataset):
     # trainer's summary reads (RetrievalDataset's corrupt_count / missing / corrupt_paths).
     corrupt_count = 0
     missing: tuple[str, ...] = ()
+    is_query: np.ndarray | None = None
+    """Query/gallery roles of a query/gallery split (In-Shop's test split), as its images'."""
+    is_gallery: np.ndarray | None = None
 
     def corrupt_paths(self) -> list[str]:
         return []
@@ -685,6 +688,7 @@ def load_feature_splits(cfg: RunConfig, progress: bool = False) -> FeatureSplits
     test = FeatureDataset(
         cache.test, test_rows, splits.test.labels, splits.test.class_names, split="test"
     )
+    test.is_query, test.is_gallery = splits.test.is_query, splits.test.is_gallery
     return FeatureSplits(
         feats(cache.train_views, train, "train", views=True),
         test,

@@ -440,6 +440,8 @@ class _Run:
                 seed=self.cfg.seed,
                 amp_dtype=self.amp_dtype,
                 dist=self.dist,
+                no_relevant=self.cfg.eval.no_relevant,
+                average=self.cfg.eval.average,
             )
             row.update({f"{name}/{k}": float(v) for k, v in metrics.items()})
         return row
