@@ -3,6 +3,13 @@
     python benchmarks/cars98_partial.py tune   --data-root DIR --features DIR [--shard I/N]
     python benchmarks/cars98_partial.py report --data-root DIR --features DIR --out FILE.md
     python benchmarks/cars98_partial.py losses --out DIR   # ProxyNCA / SoftTriple YAMLs
+    python benchmarks/cars98_partial.py ablate --data-root DIR --features DIR [--shard I/N]
+    python benchmarks/cars98_partial.py ablation-report --data-root DIR --features DIR
+
+``ablate`` answers why the old frozen preset ended below the raw features: from that preset
+(128 px, a random validation carve, head lr 3e-4) one change at a time towards the new one
+(224 px, the last-classes carve, lr 1e-4), 5 seeds each, TEST metrics at the validation-
+selected epoch against the raw pooled features of the same resolution (each run's epoch 0).
 
 ``tune`` trains the validation sweep (``SWEEP``: image size, cut, learning rates, embedding
 size, epochs) on the tuning seed ``TUNE_SEED`` (not one of the study's seeds 0-4); the
@@ -78,6 +85,81 @@ SWEEP = [
 ]
 
 
+ABLATION_SEEDS = (0, 1, 2, 3, 4)
+ABLATION = [
+    ("old preset: 128 px, random carve, lr 3e-4", 128, "random", 3e-4),
+    ("128 px, last carve, lr 3e-4", 128, "last", 3e-4),
+    ("224 px, random carve, lr 3e-4", 224, "random", 3e-4),
+    ("224 px, last carve, lr 3e-4", 224, "last", 3e-4),
+    ("new preset: 224 px, last carve, lr 1e-4", 224, "last", 1e-4),
+]
+"""(label, image size, validation carve, head lr): the frozen head, 60 epochs, proxies at an
+absolute lr of 3e-2 as the old preset (x100 at 3e-4) except the new preset's 2e-2."""
+
+
+def _ablation_specs(args: argparse.Namespace) -> list[tuple[str, grid.RunSpec]]:
+    out = []
+    for label, size, carve, lr in ABLATION:
+        proxy_lr = PROXY_LR if lr == 1e-4 else 3e-2
+        folder = Path(args.features) / f"cars98-lite0-{size}px-pooled"
+        sets = (
+            "data.val_classes=9",
+            f"data.val_carve={carve}",
+            "eval.metrics=[recall@1,map@r]",
+            "epochs=60",
+            f"data.image_size={size}",
+            "model.cut=null",
+            f"optim.lr={lr}",
+            f"optim.proxy_lr_mult={proxy_lr / lr:g}",
+            f"data.features={folder}",
+        )
+        group = f"ablate-{size}px-{carve}-lr{lr:g}"
+        out += [(label, grid.RunSpec(group, seed, BASE, sets)) for seed in ABLATION_SEEDS]
+    return out
+
+
+def ablation_report(args: argparse.Namespace) -> str:
+    """Per change: test R@1 / MAP@R at the validation-selected epoch (mean ± std over the
+    seeds), the raw features of that resolution, seeds above them, paired Δ to the row above."""
+    from study.stats import mean_std, paired_test
+
+    rows, previous = [], None
+    for label, *_ in ABLATION:
+        recs = {}
+        for lab, spec in _ablation_specs(args):
+            if lab == label:
+                rec = load_run(_folder(args, spec))
+                if rec is not None:
+                    recs[spec.seed] = rec
+        if not recs:
+            rows.append(f"| {label} | not finished | | | | | |")
+            continue
+        cells = []
+        for metric in ("recall@1", "map@r"):
+            test = [r.metrics("selected")[metric] for r in recs.values()]
+            raw = [r.summary["reference"]["metrics"][f"test/{metric}"] for r in recs.values()]
+            above = sum(t > w for t, w in zip(test, raw, strict=True))
+            m, sd = mean_std(test)
+            cells.append(f"{m:.4f} ± {sd:.4f} | {raw[0]:.4f} | {above}/{len(test)}")
+        delta = ""
+        if previous is not None:
+            seeds = sorted(set(recs) & set(previous))
+            if len(seeds) >= 2:
+                p = paired_test(
+                    [recs[s].metrics("selected")["recall@1"] for s in seeds],
+                    [previous[s].metrics("selected")["recall@1"] for s in seeds],
+                )
+                delta = f"{p.mean:+.4f} ({p.wins}/{p.n})"
+        rows.append(f"| {label} | " + " | ".join(cells) + f" | {delta} |")
+        previous = recs
+    head = [
+        "| frozen head (60 epochs) | test R@1 | raw R@1 | above raw | test MAP@R | raw MAP@R "
+        "| above raw | Δ R@1 vs row above (wins) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    return "\n".join(head + rows) + "\n"
+
+
 def _specs(args: argparse.Namespace) -> list[grid.RunSpec]:
     specs = []
     for label, sets in SWEEP:
@@ -92,6 +174,16 @@ def _specs(args: argparse.Namespace) -> list[grid.RunSpec]:
     return specs
 
 
+def _folder(args: argparse.Namespace, spec: grid.RunSpec) -> Path:
+    """The spec's run folder; a run of the same point made before the config gained fields
+    (whose defaults keep the old behaviour) has another hash: found by its label."""
+    folder = run_dir(args.runs, spec, args.data_root)
+    if folder.exists():
+        return folder
+    older = sorted((args.runs / "runs").glob(f"{spec.group}-s{spec.seed}-*"))
+    return older[0] if len(older) == 1 else folder
+
+
 def report(args: argparse.Namespace) -> str:
     lines = [
         "| point | epoch 0 val R@1 | epoch 0 val MAP@R | selected epoch | val R@1 | val MAP@R "
@@ -99,7 +191,7 @@ def report(args: argparse.Namespace) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for spec in _specs(args):
-        rec = load_run(run_dir(args.runs, spec, args.data_root))
+        rec = load_run(_folder(args, spec))
         if rec is None:
             lines.append(f"| {spec.group} | not finished | | | | | |")
             continue
@@ -141,7 +233,9 @@ def write_loss_variants(out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=("tune", "report", "losses"))
+    parser.add_argument(
+        "command", choices=("tune", "report", "losses", "ablate", "ablation-report")
+    )
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--features", default=None, help="folder of the feature caches")
     parser.add_argument("--runs", type=Path, default=REPO / "runs" / "cars98_partial")
@@ -155,6 +249,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.data_root is None or args.features is None:
         parser.error(f"{args.command} needs --data-root and --features")
+    if args.command == "ablate":
+        index, count = (int(v) for v in args.shard.split("/"))
+        specs = grid.shard([s for _, s in _ablation_specs(args)], args.data_root, index, count)
+        run_specs(specs, args.runs, args.data_root)
+        return 0
+    if args.command == "ablation-report":
+        print(ablation_report(args))
+        return 0
     if args.command == "tune":
         index, count = (int(v) for v in args.shard.split("/"))
         specs = [s for s in _specs(args) if args.match in s.group]
