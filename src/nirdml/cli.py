@@ -40,7 +40,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(compare_table(results))
         print()
         for r in results:
-            print(f"{r.summary['name']}: {r.out_dir}")
+            found = (r.summary.get("reference") or {}).get("verdict")
+            verdict = "" if found is None else f" ({found['message'].split('. ')[0]})"
+            print(f"{r.summary['name']}: {r.out_dir}{verdict}")
         return 0
     else:
         result = train(cfg, args.out, progress=progress)
