@@ -91,16 +91,19 @@ ABLATION = [
     ("128 px, last carve, lr 3e-4", 128, "last", 3e-4),
     ("224 px, random carve, lr 3e-4", 224, "random", 3e-4),
     ("224 px, last carve, lr 3e-4", 224, "last", 3e-4),
-    ("new preset: 224 px, last carve, lr 1e-4", 224, "last", 1e-4),
+    ("224 px, last carve, lr 1e-4", 224, "last", 1e-4),
+    ("new preset: 224 px, last carve, lr 1e-4, 512-d", 224, "last", 1e-4, 512),
 ]
-"""(label, image size, validation carve, head lr): the frozen head, 60 epochs, proxies at an
-absolute lr of 3e-2 as the old preset (x100 at 3e-4) except the new preset's 2e-2."""
+"""(label, image size, validation carve, head lr[, embedding size]): the frozen head, 60
+epochs, 128-d unless given, proxies at an absolute lr of 3e-2 as the old preset (x100 at
+3e-4), 2e-2 at lr 1e-4 (the tuned points)."""
 
 
 def _ablation_specs(args: argparse.Namespace) -> list[tuple[str, grid.RunSpec]]:
     out = []
-    for label, size, carve, lr in ABLATION:
+    for label, size, carve, lr, *dim in ABLATION:
         proxy_lr = PROXY_LR if lr == 1e-4 else 3e-2
+        embed = dim[0] if dim else 128
         folder = Path(args.features) / f"cars98-lite0-{size}px-pooled"
         sets = (
             "data.val_classes=9",
@@ -112,8 +115,9 @@ def _ablation_specs(args: argparse.Namespace) -> list[tuple[str, grid.RunSpec]]:
             f"optim.lr={lr}",
             f"optim.proxy_lr_mult={proxy_lr / lr:g}",
             f"data.features={folder}",
+            *((f"model.embed_dim={embed}",) if dim else ()),
         )
-        group = f"ablate-{size}px-{carve}-lr{lr:g}"
+        group = f"ablate-{size}px-{carve}-lr{lr:g}" + (f"-{embed}d" if dim else "")
         out += [(label, grid.RunSpec(group, seed, BASE, sets)) for seed in ABLATION_SEEDS]
     return out
 
@@ -153,7 +157,7 @@ def ablation_report(args: argparse.Namespace) -> str:
         rows.append(f"| {label} | " + " | ".join(cells) + f" | {delta} |")
         previous = recs
     head = [
-        "| frozen head (60 epochs) | test R@1 | raw R@1 | above raw | test MAP@R | raw MAP@R "
+        "| frozen head (60 epochs, 128-d unless said) | test R@1 | raw R@1 | above raw | test MAP@R | raw MAP@R "
         "| above raw | Δ R@1 vs row above (wins) |",
         "|---|---|---|---|---|---|---|---|",
     ]
