@@ -157,8 +157,8 @@ def ablation_report(args: argparse.Namespace) -> str:
         rows.append(f"| {label} | " + " | ".join(cells) + f" | {delta} |")
         previous = recs
     head = [
-        "| frozen head (60 epochs, 128-d unless said) | test R@1 | raw R@1 | above raw | test MAP@R | raw MAP@R "
-        "| above raw | Δ R@1 vs row above (wins) |",
+        "| frozen head (60 epochs, 128-d unless said) | test R@1 | raw R@1 | above raw "
+        "| test MAP@R | raw MAP@R | above raw | Δ R@1 vs row above (wins) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     return "\n".join(head + rows) + "\n"
