@@ -82,6 +82,7 @@ SWEEP = [
     point(224, "stage7", 1e-3),
     point(224, "stage7", 3e-4, "epochs=60"),
     point(224, "head", 3e-4),
+    point(224, "stage7", 3e-4, "epochs=60", "model.embed_dim=512"),
 ]
 
 
