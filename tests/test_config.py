@@ -192,7 +192,7 @@ def test_inshop_presets_take_sops_recipe_and_the_query_gallery_metrics():
 
 def test_frozen_presets_and_image_size_on_every_rgb_preset():
     gen = _generator()
-    for name, config in gen.all_frozen_presets().items():
+    for name, config in gen.all_cached_presets().items():
         text = (gen.PRESET_DIR / f"{name}.yaml").read_text()
         assert yaml.safe_load(text) == config, f"{name} is stale: run tools/make_presets.py"
     for name in list_presets():
@@ -203,7 +203,7 @@ def test_frozen_presets_and_image_size_on_every_rgb_preset():
         )
         assert (cfg.data.image_size is not None) == rgb, name
     frozen = load_config("cars98-frozen-proxyanchor-nir")
-    assert frozen.model.frozen and frozen.data.image_size == 128 and frozen.data.val_classes == 9
+    assert frozen.model.frozen and frozen.data.image_size == 224 and frozen.data.val_classes == 9
     assert frozen.optim.warmup_epochs == 0 and frozen.loss.nir.enabled
     with pytest.raises(ConfigError, match="image_size.*'omniglot' transform has a fixed size"):
         load_config("omniglot", ["data.image_size=64"])
