@@ -387,8 +387,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WeightsUnavailableError as exc:
         print(f"nirdml {args.command}: error: {exc.cli_message()}", file=sys.stderr)
         return 2
-    except (NirdmlError, FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"nirdml {args.command}: error: {exc}", file=sys.stderr)
+    except (NirdmlError, OSError) as exc:  # deliberate errors, and the file system's
+        message = " ".join(str(exc).split())  # one line
+        print(f"nirdml {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from nirdml.errors import InputError, MissingDependencyError
+
 FORMATS = ("torchscript", "onnx")
 #: Output side of each transform preset's test transform (digits images are 8x8 as stored).
 PRESET_SIZES = {"resnet": 224, "omniglot": 28, "digits": 8}
@@ -61,7 +63,7 @@ def _input_shape(run, image_size: int | None) -> tuple[int, int, int]:
         preset = cfg.data.transform or default_transform_preset(cfg.data.name)
         image_size = PRESET_SIZES[preset]
     if int(image_size) < 1:
-        raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
+        raise InputError(f"image_size must be a positive number of pixels, got {image_size}")
     return channels, int(image_size), int(image_size)
 
 
@@ -81,7 +83,7 @@ def _save_onnx(module: nn.Module, example: Tensor, out: Path, opset: int | None)
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError as exc:
-        raise ImportError(
+        raise MissingDependencyError(
             f"ONNX export needs the onnx and onnxscript packages ({exc}); install them with "
             "pip install 'nirdml[export]' (or export --format torchscript)"
         ) from exc
@@ -135,7 +137,7 @@ def export_model(
     from nirdml.training.artifacts import load_trained
 
     if format not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
+        raise InputError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
     out = Path(out)
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir() and (checkpoint / "checkpoints" / "best.pt").is_file():
@@ -162,7 +164,7 @@ def export_model(
     diff = float("nan") if got is None else float((got - expected).abs().max())
     if got is not None and not diff <= PARITY_TOLERANCE:
         out.unlink(missing_ok=True)
-        raise ValueError(
+        raise InputError(
             f"the exported {format} model differs from the eager model by {diff:.2e} "
             f"(> {PARITY_TOLERANCE}); nothing was written. Try the other format or report it."
         )

@@ -21,6 +21,7 @@ import numpy as np
 from nirdml.analysis import html as H
 from nirdml.analysis import plots
 from nirdml.analysis._json import json_safe
+from nirdml.errors import InputError, MissingFileError
 from nirdml.runtime import atomic_write, atomic_write_json, atomic_write_text
 
 IGNORED_KEYS = (
@@ -96,7 +97,7 @@ def read_run(path: str | Path) -> RunRecord:
     p = Path(path)
     cfg_file, hist_file = p / "config.yaml", p / "metrics.jsonl"
     if not p.is_dir() or not cfg_file.is_file() or not hist_file.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{p} is not a run folder (it needs config.yaml and metrics.jsonl, as `nirdml "
             "train` writes them); pass the folders given by --out"
         )
@@ -182,15 +183,15 @@ def compare_runs(
     ``compare.html`` (the PNG embedded) there.
     """
     if not run_dirs:
-        raise ValueError("pass at least one run folder")
+        raise InputError("pass at least one run folder")
     if split not in ("test", "val"):
-        raise ValueError(f"split must be test or val, got {split!r}")
+        raise InputError(f"split must be test or val, got {split!r}")
     runs = [read_run(p) for p in run_dirs]
     seen: dict[Path, Path] = {}
     for r in runs:
         rp = r.path.resolve()
         if rp in seen:
-            raise ValueError(f"{r.path} is given twice; pass each run folder once")
+            raise InputError(f"{r.path} is given twice; pass each run folder once")
         seen[rp] = r.path
     metric = metric or runs[0].select_metric
     groups = group_runs(runs)

@@ -35,6 +35,7 @@ from nirdml.analysis.retrieval_grid import (
     retrieval_rows,
 )
 from nirdml.analysis.spread import ClassSpread, class_spread
+from nirdml.errors import InputError, OutputExistsError
 from nirdml.runtime import atomic_write, atomic_write_json, atomic_write_text, resolve_device
 
 
@@ -149,7 +150,7 @@ def analyze(source: str | Path, out_dir: str | Path, **options: Any) -> Analysis
     :func:`compute_analysis` with the keyword ``options``, then :func:`write_report`."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder; choose another -o folder")
+        raise OutputExistsError(f"{out} exists and is not a folder; choose another -o folder")
     return write_report(compute_analysis(source, **options), out)
 
 
@@ -188,11 +189,11 @@ def compute_analysis(
 
     watch = _Stopwatch()
     if k < 1 or num_queries < 1:
-        raise ValueError(f"k and num_queries must be >= 1, got k={k}, num_queries={num_queries}")
+        raise InputError(f"k and num_queries must be >= 1, got k={k}, num_queries={num_queries}")
     dev = resolve_device(device)
     inp = load_input(source, dataset=dataset, root=root, split=split, device=str(dev))
     if flow_classes and (inp.run is None or not is_nir(inp.run.loss)):
-        raise ValueError(
+        raise InputError(
             "flow classes were given but the input is not a NIR checkpoint (no flow to sample)"
         )
     watch.lap("load_and_embed")
@@ -201,7 +202,7 @@ def compute_analysis(
     n = emb.shape[0]
     counts = np.bincount(np.unique(labels, return_inverse=True)[1])
     if len(counts) < 2 or counts.max() < 2:
-        raise ValueError(
+        raise InputError(
             f"{inp.source}: {n} items in {len(counts)} class(es); the analysis needs at least 2 "
             "classes and a class with 2 or more items"
         )

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from nirdml.analysis.images import path_images
+from nirdml.errors import InputError, MissingFileError
 from nirdml.runtime import atomic_write, resolve_device
 
 CACHE_FORMAT = 1
@@ -41,12 +42,12 @@ def checkpoint_file(checkpoint: str | Path) -> Path:
         for c in (p / "checkpoints" / "last.pt", p / "last.pt"):
             if c.is_file():
                 return c.resolve()
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{p} is a folder without checkpoints/last.pt; pass a run folder written by "
             "`nirdml train` or the path of a .pt checkpoint"
         )
     if not p.is_file():
-        raise FileNotFoundError(f"checkpoint {p} does not exist")
+        raise MissingFileError(f"checkpoint {p} does not exist")
     return p.resolve()
 
 
@@ -184,7 +185,7 @@ def embed_images(run: Any, paths: list[str | Path], device: str = "auto") -> tor
     xs = []
     for p in paths:
         if not Path(p).is_file():
-            raise FileNotFoundError(f"query image {p} does not exist")
+            raise MissingFileError(f"query image {p} does not exist")
         xs.append(transform(open_image(str(p), reader)))
     model = run.model.to(dev).eval()
     with torch.inference_mode():
@@ -215,12 +216,12 @@ def search(
 
     qs = [queries] if isinstance(queries, (str, Path)) else list(queries)
     if not qs:
-        raise ValueError("pass at least one query image")
+        raise InputError("pass at least one query image")
     for q in qs:
         if not Path(q).is_file():
-            raise FileNotFoundError(f"query image {q} does not exist")
+            raise MissingFileError(f"query image {q} does not exist")
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise InputError(f"k must be >= 1, got {k}")
     dev = resolve_device(device)
     run = load_trained(checkpoint, dev)
     index = embed_gallery(
@@ -230,7 +231,7 @@ def search(
     position = {p: i for i, p in enumerate(index.paths)}
     q_pos = [position.get(str(Path(q).resolve())) for q in qs]
     if k > n - (1 if any(p is not None for p in q_pos) else 0):
-        raise ValueError(f"k={k} but the gallery has only {n} images; use k <= {n - 1}")
+        raise InputError(f"k={k} but the gallery has only {n} images; use k <= {n - 1}")
     q_emb = embed_images(run, qs, device)
     _, idx = knn_search(q_emb, index.embeddings, min(k + 1, n), device=dev)
     unit_g = torch.nn.functional.normalize(index.embeddings, dim=1)

@@ -11,6 +11,7 @@ from nirdml.data.download import fetch_dataset
 from nirdml.data.registry import DATASETS, dataset_name
 from nirdml.data.splits import carve_validation
 from nirdml.data.transforms import PRESETS, build_transforms, check_image_size
+from nirdml.errors import InputError, InputTypeError
 
 #: Download options load_dataset accepts (only with download=True).
 _DOWNLOAD_OPTIONS = frozenset({"urls", "opener"})
@@ -83,22 +84,22 @@ def load_dataset(
     }
     unknown = set(layout_options) - allowed
     if unknown:
-        raise TypeError(
+        raise InputTypeError(
             f"{key} does not take option(s) {sorted(unknown)}; it accepts "
             f"{sorted(allowed) or 'none'} (download options {sorted(_DOWNLOAD_OPTIONS)} need "
             "download=True)"
         )
     if download_opts and not download:
-        raise TypeError(f"{sorted(download_opts)} only apply with download=True")
+        raise InputTypeError(f"{sorted(download_opts)} only apply with download=True")
     if download:
         if root is None:
-            raise ValueError(f"download=True needs root=... (the folder to download {key} into)")
+            raise InputError(f"download=True needs root=... (the folder to download {key} into)")
         fetch_dataset(key, root, **download_opts)
     splits = entry.load_reader()(root, skip_corrupt=skip_corrupt, **layout_options)
 
     preset = entry.transform if transform_preset is None else transform_preset
     if preset != "none" and preset not in PRESETS:
-        raise ValueError(
+        raise InputError(
             f"unknown transform_preset {preset!r}; choose one of {', '.join(PRESETS)}, "
             "'none' or None"
         )
@@ -109,7 +110,7 @@ def load_dataset(
         val_classes = 0 if val is not None else auto_val_classes(key, train.num_classes)
     if val_classes:
         if val is not None:
-            raise ValueError(
+            raise InputError(
                 f"{key} data already defines a validation split; drop val_classes or the 'val' rows"
             )
         train, val = carve_validation(train, val_classes, seed, val_carve)

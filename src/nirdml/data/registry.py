@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from nirdml.errors import InputError
+
 _COMMON_METRICS = ("map@r", "r_precision", "map@1000", "map@1000_authors", "nmi", "f1")
 SMALL_METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", *_COMMON_METRICS)
 """The paper's CUB/Cars metrics (the default of datasets with few items per class)."""
@@ -132,5 +134,5 @@ def dataset_name(name: str) -> str:
     lists the datasets when it is unknown."""
     key = ALIASES.get(name.lower(), name.lower())
     if key not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose {dataset_choices(name)}")
+        raise InputError(f"unknown dataset {name!r}; choose {dataset_choices(name)}")
     return key

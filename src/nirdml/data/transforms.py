@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from nirdml.errors import InputError, InputTypeError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Mean/std of sklearn digits scaled to [0, 1] (all 1,797 images, pixel values / 16).
@@ -45,10 +47,10 @@ class ToRGB(torch.nn.Module):
                 return img.expand(*img.shape[:-3], 3, *img.shape[-2:]).clone()
             if c == 4:
                 return img[..., :3, :, :]
-            raise ValueError(
+            raise InputError(
                 f"cannot convert a {c}-channel image tensor to RGB (expected 1, 3 or 4)"
             )
-        raise TypeError(f"expected a PIL image or a tensor, got {type(img).__name__}")
+        raise InputTypeError(f"expected a PIL image or a tensor, got {type(img).__name__}")
 
 
 class ToGray(torch.nn.Module):
@@ -63,8 +65,8 @@ class ToGray(torch.nn.Module):
                 return img
             if c in (3, 4):
                 return v2.functional.rgb_to_grayscale(img[..., :3, :, :])
-            raise ValueError(f"cannot convert a {c}-channel image tensor to grayscale")
-        raise TypeError(f"expected a PIL image or a tensor, got {type(img).__name__}")
+            raise InputError(f"cannot convert a {c}-channel image tensor to grayscale")
+        raise InputTypeError(f"expected a PIL image or a tensor, got {type(img).__name__}")
 
 
 DEFAULT_IMAGE_SIZE = 224
@@ -76,12 +78,12 @@ def check_image_size(preset: str, image_size: int | None) -> None:
     if image_size is None:
         return
     if preset != "resnet":
-        raise ValueError(
+        raise InputError(
             f"data.image_size={image_size} applies to the RGB 'resnet' transform only; the "
             f"{preset!r} transform has a fixed size (omniglot 28, digits 8): drop data.image_size"
         )
     if isinstance(image_size, bool) or not isinstance(image_size, int) or not 16 <= image_size:
-        raise ValueError(
+        raise InputError(
             f"data.image_size must be an integer >= 16 (pixels of the square crop), got "
             f"{image_size!r}; e.g. 224 (the paper), 160 or 128"
         )
@@ -133,4 +135,4 @@ def build_transforms(preset: str, train: bool, image_size: int | None = None) ->
                 v2.Normalize(DIGITS_MEAN, DIGITS_STD),
             ]
         )
-    raise ValueError(f"unknown transform preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    raise InputError(f"unknown transform preset {preset!r}; choose one of {', '.join(PRESETS)}")

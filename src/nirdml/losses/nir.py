@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nirdml.errors import NonFiniteLossError
+from nirdml.errors import InputError, InputTypeError, NonFiniteLossError
 from nirdml.flow import ConditionalFlow
 from nirdml.losses.base import ProxyLoss, check_call
 from nirdml.losses.pml import PMLProxyLoss
@@ -280,7 +280,7 @@ class NIRLoss(nn.Module):
             if type(base_loss).__module__.startswith("pytorch_metric_learning"):
                 base_loss = PMLProxyLoss(base_loss)
             else:
-                raise TypeError(
+                raise InputTypeError(
                     f"base_loss must be a nirdml ProxyLoss (ProxyAnchorLoss, ProxyNCALoss, "
                     f"SoftTripleLoss, PMLProxyLoss) or a pytorch-metric-learning proxy loss, "
                     f"got {type(base_loss).__name__}"
@@ -288,7 +288,7 @@ class NIRLoss(nn.Module):
         if objective not in OBJECTIVES:
             close = difflib.get_close_matches(str(objective), OBJECTIVES, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}.{hint}")
+            raise InputError(f"objective must be one of {OBJECTIVES}, got {objective!r}.{hint}")
         dim = base_loss.embedding_dim
         flow_dim, cond_dim = flow_dims(objective, dim)
         if flow is None:
@@ -298,7 +298,7 @@ class NIRLoss(nn.Module):
             or flow.dim != flow_dim
             or flow.cond_dim != cond_dim
         ):
-            raise ValueError(
+            raise InputError(
                 f"objective {objective!r} needs a ConditionalFlow of dim {flow_dim} with a "
                 f"condition of dim {cond_dim} (build it as ConditionalFlow(*flow_dims("
                 f"{objective!r}, {dim}))), got {flow!r}"
@@ -307,15 +307,15 @@ class NIRLoss(nn.Module):
         if not bounded:
             for name, value in (("sigma", sigma), ("ascend", ascend)):
                 if value is not None:
-                    raise ValueError(
+                    raise InputError(
                         f"{name} only applies to the bounded objectives {tuple(BOUNDED)}, "
                         f"not {objective!r}: drop it or pick one of them"
                     )
         if sigma_mode not in ("relative", "absolute"):
-            raise ValueError(f"sigma_mode must be 'relative' or 'absolute', got {sigma_mode!r}")
+            raise InputError(f"sigma_mode must be 'relative' or 'absolute', got {sigma_mode!r}")
         sigma = DEFAULT_SIGMA if sigma is None else float(sigma)
         if not (math.isfinite(sigma) and sigma > 0):
-            raise ValueError(f"sigma must be a finite number > 0, got {sigma}")
+            raise InputError(f"sigma must be a finite number > 0, got {sigma}")
         proxy_weight = 0.01 if proxy_weight is None else float(proxy_weight)
         if nir_weight is None:
             nir_weight = DEFAULT_BOUNDED_WEIGHT if bounded else 1.0 / dim
@@ -327,9 +327,9 @@ class NIRLoss(nn.Module):
             ("nir_scale", nir_scale),
         ):
             if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+                raise InputError(f"{name} must be a finite number >= 0, got {value}")
         if not (math.isfinite(nll_cap) and nll_cap > 0):
-            raise ValueError(f"nll_cap must be a finite number > 0, got {nll_cap}")
+            raise InputError(f"nll_cap must be a finite number > 0, got {nll_cap}")
         self.base_loss = base_loss
         self.flow = flow
         self.objective = objective
@@ -564,13 +564,13 @@ class NIRLoss(nn.Module):
         into ``flow`` (see :meth:`ConditionalFlow.load_freia_state_dict`).
         """
         if "proxies" not in state_dict:
-            raise ValueError(
+            raise InputError(
                 "no 'proxies' entry: pass the state_dict of the authors' NIR criterion"
             )
         proxies = state_dict["proxies"]
         target = self.base_loss.proxies
         if tuple(proxies.shape) != tuple(target.shape):
-            raise ValueError(
+            raise InputError(
                 f"the checkpoint's proxies have shape {tuple(proxies.shape)}, this loss's "
                 f"{tuple(target.shape)}: build the base loss with matching num_classes and dim"
             )
@@ -606,7 +606,7 @@ def nir_diagnostics(criterion: NIRLoss, embeddings: Tensor, labels: Tensor) -> d
     this batch (the generator advances as in a training step).
     """
     if not isinstance(criterion, NIRLoss):
-        raise TypeError(f"criterion must be an NIRLoss, got {type(criterion).__name__}")
+        raise InputTypeError(f"criterion must be an NIRLoss, got {type(criterion).__name__}")
     if not embeddings.requires_grad:
         embeddings = embeddings.detach().requires_grad_(True)
     with torch.enable_grad():

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nirdml.errors import InputError
 from nirdml.losses.base import ProxyLoss, init_proxies, inverse_norms, log1p_sum_exp
 
 POSITIVE_MEANS = ("proxies", "samples")
@@ -42,7 +43,7 @@ class ProxyAnchorLoss(ProxyLoss):
     ) -> None:
         super().__init__(num_classes, dim)
         if positive_mean not in POSITIVE_MEANS:
-            raise ValueError(
+            raise InputError(
                 f"positive_mean must be one of {POSITIVE_MEANS}, got {positive_mean!r}"
             )
         self.alpha = float(alpha)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nirdml.errors import InputError
 from nirdml.losses.base import ProxyLoss, init_proxies, inverse_norms
 
 
@@ -42,9 +43,9 @@ class ProxyNCALoss(ProxyLoss):
     ) -> None:
         super().__init__(num_classes, dim)
         if not scale > 0:
-            raise ValueError(f"scale must be > 0, got {scale}")
+            raise InputError(f"scale must be > 0, got {scale}")
         if exclude_positive and num_classes < 2:
-            raise ValueError("exclude_positive=True needs num_classes >= 2 (negative proxies)")
+            raise InputError("exclude_positive=True needs num_classes >= 2 (negative proxies)")
         self.scale = float(scale)
         self.exclude_positive = bool(exclude_positive)
         self.proxies = init_proxies(num_classes, dim, generator)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nirdml.errors import InputError
 from nirdml.losses.base import ProxyLoss, init_proxies
 
 
@@ -56,9 +57,9 @@ class SoftTripleLoss(ProxyLoss):
     ) -> None:
         super().__init__(num_classes, dim)
         if centers_per_class < 1:
-            raise ValueError(f"centers_per_class must be >= 1, got {centers_per_class}")
+            raise InputError(f"centers_per_class must be >= 1, got {centers_per_class}")
         if not (la > 0 and gamma > 0 and tau >= 0):
-            raise ValueError(f"need la > 0, gamma > 0, tau >= 0; got {la}, {gamma}, {tau}")
+            raise InputError(f"need la > 0, gamma > 0, tau >= 0; got {la}, {gamma}, {tau}")
         self.centers_per_class = int(centers_per_class)
         self.la = float(la)
         self.gamma = float(gamma)

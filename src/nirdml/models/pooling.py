@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from nirdml.errors import InputError
+
 __all__ = ["POOLINGS", "GlobalAvgPool", "GlobalMaxPool", "GlobalAvgMaxPool", "build_pooling"]
 
 
@@ -44,7 +46,7 @@ def build_pooling(name: str) -> nn.Module:
     try:
         return POOLINGS[name]()
     except KeyError:
-        raise ValueError(
+        raise InputError(
             f"Unknown pooling {name!r}: use one of {', '.join(repr(k) for k in POOLINGS)} "
             "('avg+max' is the authors' 'double' pooling)."
         ) from None

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from nirdml.errors import ConfigError
+from nirdml.errors import ConfigError, InputError
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def backbone(arch: str) -> Backbone:
                 return entry
     close = difflib.get_close_matches(str(arch), list(BACKBONES), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"Unknown arch {arch!r}: use one of {', '.join(ARCHS)}.{hint}")
+    raise InputError(f"Unknown arch {arch!r}: use one of {', '.join(ARCHS)}.{hint}")
 
 
 def check_cut(arch: str, cut: str | None, known: tuple[str, ...] | None = None) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from nirdml.errors import InputError
 from nirdml.losses import ProxyCriterion
 from nirdml.runtime import atomic_write, resolve_device
 from nirdml.training.build import eval_metrics, evaluate_model, load_splits, run_loss
@@ -124,7 +125,7 @@ def checkpoint_data(
     splits = load_splits(cfg)
     data = {"test": splits.test, "val": splits.val, "train": splits.train}.get(split)
     if data is None:
-        raise ValueError(
+        raise InputError(
             f"split {split!r} is not available (choose test or train; val exists only when the "
             "run used data.val_classes > 0)"
         )
@@ -179,5 +180,5 @@ def embed_folder(
     elif out_file.suffix == ".npz":
         atomic_write(out_file, lambda f: np.savez(f, **payload))
     else:
-        raise ValueError(f"output {out_file} must end in .npz or .pt")
+        raise InputError(f"output {out_file} must end in .npz or .pt")
     return out_file

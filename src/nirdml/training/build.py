@@ -80,7 +80,7 @@ def build_loss(cfg: LossConfig, num_classes: int, embed_dim: int, seed: int = 0)
     try:
         base = LOSSES[cfg.name].load()(num_classes, embed_dim, **cfg.params)
     except TypeError as exc:
-        raise ValueError(f"loss.params for {cfg.name}: {exc}") from exc
+        raise ConfigError(f"loss.params for {cfg.name}: {exc}") from exc
     if not cfg.nir.enabled:
         return base
     flow_dim, cond_dim = flow_dims(cfg.nir.objective, embed_dim)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from nirdml.errors import CheckpointError, InputTypeError, MissingFileError
 from nirdml.runtime import atomic_write
 
 CHECKPOINT_FORMAT = 1
@@ -29,7 +30,7 @@ def _plain(obj: Any) -> Any:
         return [_plain(v) for v in obj]
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
-    raise TypeError(
+    raise InputTypeError(
         f"cannot store {type(obj).__name__} in a weights_only checkpoint; "
         "convert it to tensors / numbers / strings first"
     )
@@ -48,22 +49,22 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         candidates = [path / "checkpoints" / "last.pt", path / "last.pt"]
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{path} is a folder without checkpoints/last.pt; pass a run folder written by "
                 "`nirdml train` or the path of a .pt checkpoint"
             )
         path = found
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise MissingFileError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # corrupt / truncated / not ours
-        raise ValueError(
+        raise CheckpointError(
             f"could not read checkpoint {path} ({type(exc).__name__}: {exc}); the file is "
             "corrupt or not an nirdml checkpoint. Use checkpoints/best.pt or retrain."
         ) from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not an nirdml checkpoint (format {CHECKPOINT_FORMAT})")
+        raise CheckpointError(f"{path} is not an nirdml checkpoint (format {CHECKPOINT_FORMAT})")
     return state
 
 

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from nirdml.errors import InsufficientDiskError
+from nirdml.errors import InputError, InsufficientDiskError, MissingFileError
 from nirdml.runtime import atomic_write_json
 from nirdml.training.config import ConfigError, RunConfig, load_config
 
@@ -81,7 +81,7 @@ def split_fingerprint(split: Any, root: str | None) -> dict[str, Any]:
     else:
         array = getattr(split.storage, "array", None)
         if array is None:
-            raise ValueError(f"cannot fingerprint {split.describe()}: no file paths or arrays")
+            raise InputError(f"cannot fingerprint {split.describe()}: no file paths or arrays")
         h.update(np.ascontiguousarray(array[split.index]).tobytes())
     h.update(np.asarray(split.labels, dtype=np.int64).tobytes())
     h.update("\n".join(split.class_names).encode())
@@ -223,7 +223,7 @@ class FeatureCache:
         path = Path(path)
         meta_file = path / META
         if not meta_file.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{path} is not a finished feature cache (no {META}); build it with "
                 "`nirdml features CONFIG --out DIR` or build_feature_cache(cfg, DIR)"
             )
@@ -440,11 +440,11 @@ def _fixed_batches(
 
 
 def _human(nbytes: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if nbytes < 1000 or unit == "TB":
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1000:
             return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
         nbytes /= 1000
-    raise AssertionError
+    return f"{nbytes:.1f} TB"
 
 
 def _check_disk(

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from nirdml.errors import InputError
 from nirdml.training.config import OptimConfig
 
 
@@ -41,7 +42,7 @@ def param_groups(model: nn.Module, loss: nn.Module, cfg: OptimConfig) -> list[di
         group["params"] = list(group["params"])
         for p in group["params"]:
             if id(p) in seen:
-                raise ValueError(f"parameter appears in two optimizer groups ({group['name']})")
+                raise InputError(f"parameter appears in two optimizer groups ({group['name']})")
             seen.add(id(p))
     return groups
 

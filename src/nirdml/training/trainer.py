@@ -28,9 +28,12 @@ from torch import Tensor, nn
 
 import nirdml
 from nirdml.errors import (
+    ConfigError,
+    InputError,
     NIRInertWarning,
     NoImprovementWarning,
     NonFiniteLossError,
+    OutputExistsError,
     SelectionWarning,
 )
 from nirdml.losses import ProxyCriterion
@@ -157,7 +160,7 @@ def train(
     dist = DistContext.from_env()
     if resume:
         if out_dir is None:
-            raise ValueError("resume=True needs the run folder to resume (out_dir)")
+            raise InputError("resume=True needs the run folder to resume (out_dir)")
         out_dir = Path(out_dir)
         state = load_checkpoint(out_dir)
         cfg = load_config(state["config"])
@@ -166,7 +169,7 @@ def train(
         state = None
         out_dir = Path(out_dir) if out_dir is not None else default_out_dir(cfg)
         if (out_dir / "checkpoints" / "last.pt").exists():
-            raise FileExistsError(
+            raise OutputExistsError(
                 f"{out_dir} already holds a run; resume it with `nirdml train --resume {out_dir}` "
                 "or choose another --out folder"
             )
@@ -454,7 +457,7 @@ class _Run:
         (nirdml.training.selection: ties go to the tie-break metric, then the later epoch)."""
         split, metric = self._selection_split(), self.cfg.eval.select_metric
         if f"{split}/{metric}" not in row:
-            raise ValueError(
+            raise ConfigError(
                 f"eval.select_metric {metric!r} is not among the "
                 f"computed metrics {self.metrics}; add it to eval.metrics"
             )
