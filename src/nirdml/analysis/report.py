@@ -135,14 +135,12 @@ def _metric_names(inp: AnalysisInput, dataset_overridden: bool) -> list[str]:
 
 
 def _num_clusters(inp: AnalysisInput, dataset_overridden: bool) -> int | None:
-    run = inp.run
-    if (
-        run is not None
-        and not dataset_overridden
-        and run.config.eval.num_clusters == "train_classes"
-    ):
-        return int(run.state["num_classes"])
-    return None
+    """The run's k-means k (``eval.num_clusters``) on its own data; None otherwise."""
+    from nirdml.training.build import eval_num_clusters
+
+    if inp.run is None or dataset_overridden:
+        return None
+    return eval_num_clusters(inp.run.config, int(inp.run.state["num_classes"]))
 
 
 def analyze(source: str | Path, out_dir: str | Path, **options: Any) -> AnalysisReport:

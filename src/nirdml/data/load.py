@@ -8,13 +8,16 @@ from typing import Any
 
 from nirdml.data.base import DatasetSplits, RetrievalDataset
 from nirdml.data.download import fetch_dataset
-from nirdml.data.registry import DATASETS, dataset_name
+from nirdml.data.registry import (
+    DATASETS,
+    DOWNLOAD_OPTIONS,
+    TRANSFORMS,
+    dataset_name,
+    option_problem,
+)
 from nirdml.data.splits import carve_validation
-from nirdml.data.transforms import PRESETS, build_transforms, check_image_size
+from nirdml.data.transforms import build_transforms, check_image_size
 from nirdml.errors import InputError, InputTypeError
-
-#: Download options load_dataset accepts (only with download=True).
-_DOWNLOAD_OPTIONS = frozenset({"urls", "opener"})
 
 
 def file_reader(name: str) -> Callable[[Any], Any] | None:
@@ -24,11 +27,6 @@ def file_reader(name: str) -> Callable[[Any], Any] | None:
     convention of the whole Omniglot pipeline. Use it to embed new files like the training data.
     """
     return DATASETS[dataset_name(name)].load_file_reader()
-
-
-def default_transform_preset(name: str) -> str:
-    """The transform preset a dataset uses unless told otherwise ("resnet" for photos)."""
-    return DATASETS[dataset_name(name)].transform
 
 
 def auto_val_classes(name: str, num_train_classes: int) -> int:
@@ -78,19 +76,12 @@ def load_dataset(
     """
     key = dataset_name(name)
     entry = DATASETS[key]
-    allowed = entry.options
+    problem = option_problem(key, layout_options, download)
+    if problem is not None:
+        raise InputTypeError(problem)
     download_opts = {
-        k: layout_options.pop(k) for k in list(layout_options) if k in _DOWNLOAD_OPTIONS
+        k: layout_options.pop(k) for k in list(layout_options) if k in DOWNLOAD_OPTIONS
     }
-    unknown = set(layout_options) - allowed
-    if unknown:
-        raise InputTypeError(
-            f"{key} does not take option(s) {sorted(unknown)}; it accepts "
-            f"{sorted(allowed) or 'none'} (download options {sorted(_DOWNLOAD_OPTIONS)} need "
-            "download=True)"
-        )
-    if download_opts and not download:
-        raise InputTypeError(f"{sorted(download_opts)} only apply with download=True")
     if download:
         if root is None:
             raise InputError(f"download=True needs root=... (the folder to download {key} into)")
@@ -98,9 +89,9 @@ def load_dataset(
     splits = entry.load_reader()(root, skip_corrupt=skip_corrupt, **layout_options)
 
     preset = entry.transform if transform_preset is None else transform_preset
-    if preset != "none" and preset not in PRESETS:
+    if preset != "none" and preset not in TRANSFORMS:
         raise InputError(
-            f"unknown transform_preset {preset!r}; choose one of {', '.join(PRESETS)}, "
+            f"unknown transform_preset {preset!r}; choose one of {', '.join(TRANSFORMS)}, "
             "'none' or None"
         )
     if preset != "none":

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from nirdml.data.base import RetrievalDataset
+from nirdml.data.registry import VAL_CARVES
 from nirdml.errors import InputError
 
 
@@ -34,9 +35,6 @@ def num_val_classes(val_classes: float | int, num_train_classes: int) -> int:
             f"classes; use between 1 and {num_train_classes - 1} classes (or a fraction in (0, 1))"
         )
     return n
-
-
-VAL_CARVES = ("random", "last")
 
 
 def carve_validation(

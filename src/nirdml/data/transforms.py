@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from nirdml.data.registry import DEFAULT_IMAGE_SIZE, TRANSFORMS, image_size_problem
 from nirdml.errors import InputError, InputTypeError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -21,7 +22,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DIGITS_MEAN = (0.3053,)
 DIGITS_STD = (0.3760,)
 
-PRESETS = ("resnet", "omniglot", "digits")
+PRESETS = tuple(TRANSFORMS)
+"""The transform presets (the keys of :data:`nirdml.data.registry.TRANSFORMS`)."""
 
 
 class ToRGB(torch.nn.Module):
@@ -69,24 +71,11 @@ class ToGray(torch.nn.Module):
         raise InputTypeError(f"expected a PIL image or a tensor, got {type(img).__name__}")
 
 
-DEFAULT_IMAGE_SIZE = 224
-"""The paper's crop size for the ``resnet`` preset."""
-
-
 def check_image_size(preset: str, image_size: int | None) -> None:
-    """Raise ValueError unless ``image_size`` suits ``preset`` (only RGB presets take one)."""
-    if image_size is None:
-        return
-    if preset != "resnet":
-        raise InputError(
-            f"data.image_size={image_size} applies to the RGB 'resnet' transform only; the "
-            f"{preset!r} transform has a fixed size (omniglot 28, digits 8): drop data.image_size"
-        )
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or not 16 <= image_size:
-        raise InputError(
-            f"data.image_size must be an integer >= 16 (pixels of the square crop), got "
-            f"{image_size!r}; e.g. 224 (the paper), 160 or 128"
-        )
+    """Raise InputError unless ``image_size`` suits ``preset`` (only RGB presets take one)."""
+    problem = image_size_problem(preset, image_size)
+    if problem is not None:
+        raise InputError(problem)
 
 
 def resize_size(image_size: int) -> int:

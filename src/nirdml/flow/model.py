@@ -30,11 +30,8 @@ from torch import Tensor, nn
 from nirdml.errors import InputError
 from nirdml.flow.coupling import CouplingChain, chain_forward, chain_inverse
 from nirdml.flow.freia import freia_layout, initial_layout, load_layout
-from nirdml.losses.registry import FLOW_CONDITION_BLOCKS, FLOW_CONDITIONS
+from nirdml.flow.registry import CONDITION_BLOCKS, CONDITION_MODES
 from nirdml.runtime import no_autocast
-
-CONDITION_MODES = FLOW_CONDITIONS
-CONDITION_BLOCKS = FLOW_CONDITION_BLOCKS
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _WEIGHT_NAMES = (

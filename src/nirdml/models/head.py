@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nirdml.errors import InputError
+from nirdml.models.registry import HEAD_NORMS, HEADS
 
 from .registry import backbone, check_cut
 from .weights import file_identity, load_matching
@@ -36,9 +37,6 @@ __all__ = [
     "split_backbone",
     "weights_identity",
 ]
-
-HEADS = ("linear", "mlp")
-HEAD_NORMS = ("none", "layer", "batch")
 
 
 class SeededDropout(nn.Module):

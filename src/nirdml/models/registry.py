@@ -87,6 +87,13 @@ FAMILIES: dict[str, Backbone] = {
 }
 """Backbones named ``<prefix><name>`` (e.g. ``timm:resnet50.a1_in1k``)."""
 ARCHS = (*BACKBONES, *(f"{prefix}<name>" for prefix in FAMILIES))
+POOLINGS = ("avg", "max", "avg+max")
+"""Global poolings of the feature map: mean, max, or their sum ("avg+max", the authors'
+"double" pooling)."""
+HEADS = ("linear", "mlp")
+"""Heads on the pooled features: Linear(F, D) (the paper's) or an MLP (cached features)."""
+HEAD_NORMS = ("none", "layer", "batch")
+"""Normalisation after each hidden layer of an ``mlp`` head."""
 
 
 def backbone(arch: str) -> Backbone:

@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from nirdml.errors import InputError, InsufficientDiskError, MissingFileError
 from nirdml.runtime import atomic_write_json
-from nirdml.training.config import ConfigError, RunConfig, load_config
+from nirdml.training.config import ConfigError, RunConfig, load_config, transform_preset
 
 FEATURE_FORMAT = 1
 META = "meta.json"
@@ -132,11 +132,11 @@ def _image_splits(cfg: RunConfig):
 
 def expected_meta(cfg: RunConfig, splits: Any | None = None) -> dict[str, Any]:
     """What ``meta.json`` of a cache for ``cfg`` must say (minus the build statistics)."""
-    from nirdml.data import build_transforms, default_transform_preset
+    from nirdml.data import build_transforms
 
     d = cfg.data
     splits = _image_splits(cfg) if splits is None else splits
-    preset = d.transform or default_transform_preset(d.name)
+    preset = transform_preset(d)
     return {
         "format": FEATURE_FORMAT,
         "backbone": cache_identity(backbone_spec(cfg)),

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from nirdml.errors import InputError
-from nirdml.training.config import OptimConfig
+from nirdml.training.config import OPTIMIZERS, OptimConfig
 
 
 def _trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
@@ -49,7 +49,7 @@ def param_groups(model: nn.Module, loss: nn.Module, cfg: OptimConfig) -> list[di
 
 def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
     """Adam (L2 decay, as the authors) or AdamW (decoupled), fused where the build allows."""
-    cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+    cls = getattr(torch.optim, OPTIMIZERS[cfg.name])
     try:
         return cls(groups, lr=cfg.lr, fused=True)
     except (RuntimeError, TypeError, ValueError):  # older torch / unsupported device
