@@ -108,7 +108,7 @@ def test_cli_turns_a_library_error_into_one_line_and_exit_2(tmp_path, capsys):
     missing = tmp_path / "nowhere"
     for argv in (
         ["evaluate", str(missing)],
-        ["export", str(missing), "--format", "onnx", "--out", str(tmp_path / "m.onnx")],
+        ["export", str(missing), "--format", "onnx", "-o", str(tmp_path / "m.onnx")],
         ["embed", str(tmp_path), str(tmp_path), "-o", str(tmp_path / "e.npz")],
         ["compare", str(missing)],
         ["train", "--resume", str(tmp_path)],

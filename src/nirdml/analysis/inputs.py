@@ -197,7 +197,7 @@ def _from_checkpoint(
         train_error = f"the run's training data could not be loaded ({exc})"
     epoch = run.state.get("epoch")
     desc = (
-        f"checkpoint {path} (epoch {int(epoch) + 1 if epoch is not None else '?'}), "
+        f"checkpoint {run.path} (epoch {int(epoch) + 1 if epoch is not None else '?'}), "
         f"{data.describe()}"
     )
     return AnalysisInput(
