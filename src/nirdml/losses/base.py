@@ -31,8 +31,8 @@ class ProxyCriterion(Protocol):
 
     num_classes: int
     """The number of training classes C."""
-    embedding_dim: int
-    """The embedding dimension D."""
+    embed_dim: int
+    """The embedding size D."""
     last_stats: dict[str, Tensor]
     """Detached 0-dim tensors of the last forward (at least ``"proxy_loss"``; ``{}``
     before the first), read without a host sync."""
@@ -67,7 +67,8 @@ class ProxyCriterion(Protocol):
 class ProxyLoss(nn.Module, ABC):
     """A proxy-based metric-learning loss: ``loss(embeddings, labels) -> scalar``.
 
-    Subclasses hold ``proxies`` (``(num_classes, dim)``, or ``(num_classes * K, dim)`` for
+    Subclasses hold ``proxies`` (``(num_classes, embed_dim)``, or ``(num_classes * K,
+    embed_dim)`` for
     K centers per class) and implement :meth:`compute` and :meth:`logits`. ``forward``
     validates the inputs, computes in the proxies' dtype (embeddings of any float dtype are
     cast to it, as pytorch-metric-learning does; autocast is off inside) and records
@@ -77,18 +78,18 @@ class ProxyLoss(nn.Module, ABC):
     """
 
     num_classes: int
-    embedding_dim: int
+    embed_dim: int
     condition_per_class: bool = True
     """True when :meth:`class_condition` depends on the label only (not on the embedding)."""
 
-    def __init__(self, num_classes: int, embedding_dim: int) -> None:
+    def __init__(self, num_classes: int, embed_dim: int) -> None:
         super().__init__()
-        if int(num_classes) < 1 or int(embedding_dim) < 1:
+        if int(num_classes) < 1 or int(embed_dim) < 1:
             raise InputError(
-                f"num_classes and dim must be >= 1, got {num_classes} and {embedding_dim}"
+                f"num_classes and embed_dim must be >= 1, got {num_classes} and {embed_dim}"
             )
         self.num_classes = int(num_classes)
-        self.embedding_dim = int(embedding_dim)
+        self.embed_dim = int(embed_dim)
         self.last_stats: dict[str, Tensor] = {}
 
     @abstractmethod
@@ -140,10 +141,10 @@ class ProxyLoss(nn.Module, ABC):
             raise InputTypeError(
                 f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}"
             )
-        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_dim:
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embed_dim:
             raise InputError(
-                f"embeddings must have shape (batch, {self.embedding_dim}), got "
-                f"{tuple(embeddings.shape)}: the loss was built for dim={self.embedding_dim}"
+                f"embeddings must have shape (batch, {self.embed_dim}), got "
+                f"{tuple(embeddings.shape)}: the loss was built for embed_dim={self.embed_dim}"
             )
         if embeddings.shape[0] == 0:
             raise InputError("empty batch: pass at least one embedding")

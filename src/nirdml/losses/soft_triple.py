@@ -34,7 +34,7 @@ class SoftTripleLoss(ProxyLoss):
     Cosine similarities throughout.
 
     Defaults are the paper's: ``centers_per_class=10, la=20, gamma=0.1, tau=0.2,
-    margin=0.01``. ``proxies`` is ``(num_classes * centers_per_class, dim)``. With ``tau=0``
+    margin=0.01``. ``proxies`` is ``(num_classes * centers_per_class, embed_dim)``. With ``tau=0``
     it equals pytorch-metric-learning's ``SoftTripleLoss``; with ``tau`` it equals PML's
     with ``weight_regularizer=SparseCentersRegularizer`` and ``weight_reg_weight=tau`` (up to
     PML's epsilon, 1e-38 instead of 1e-5). For NIR the condition of a sample is its class's
@@ -46,7 +46,7 @@ class SoftTripleLoss(ProxyLoss):
     def __init__(
         self,
         num_classes: int,
-        dim: int,
+        embed_dim: int,
         centers_per_class: int = 10,
         la: float = 20.0,
         gamma: float = 0.1,
@@ -55,7 +55,7 @@ class SoftTripleLoss(ProxyLoss):
         *,
         generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__(num_classes, dim)
+        super().__init__(num_classes, embed_dim)
         if centers_per_class < 1:
             raise InputError(f"centers_per_class must be >= 1, got {centers_per_class}")
         if not (la > 0 and gamma > 0 and tau >= 0):
@@ -65,7 +65,7 @@ class SoftTripleLoss(ProxyLoss):
         self.gamma = float(gamma)
         self.tau = float(tau)
         self.margin = float(margin)
-        self.proxies = init_proxies(num_classes * centers_per_class, dim, generator)
+        self.proxies = init_proxies(num_classes * centers_per_class, embed_dim, generator)
 
     def logits(self, embeddings: Tensor) -> Tensor:
         """(B, C) class similarities ``S_c(x)`` (pytorch-metric-learning's
@@ -100,7 +100,7 @@ class SoftTripleLoss(ProxyLoss):
 
     def extra_repr(self) -> str:
         return (
-            f"num_classes={self.num_classes}, dim={self.embedding_dim}, "
+            f"num_classes={self.num_classes}, embed_dim={self.embed_dim}, "
             f"centers_per_class={self.centers_per_class}, la={self.la}, gamma={self.gamma}, "
             f"tau={self.tau}, margin={self.margin}"
         )
