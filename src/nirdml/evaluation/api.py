@@ -288,7 +288,6 @@ def evaluate(
     knn_backend = resolve_knn_backend(backend)
     km_backend = resolve_kmeans_backend(backend)
     dev = resolve_device(device)
-
     results: dict[str, float] = {}
     retrieval_metrics = plan.of_kind("retrieval")
     if retrieval_metrics:
@@ -298,25 +297,38 @@ def evaluate(
         groups = sets.q_labels
         for name, values in per_query.items():
             results[name] = _average(values, groups if average == "classes" else None)
-    clustering_metrics = plan.of_kind("clustering")
-    if clustering_metrics:
-        k = int(np.unique(sets.q_labels).size) if num_clusters is None else num_clusters
-        assign = kmeans(
-            sets.queries,
-            k,
-            niter=DEFAULT_NITER,
-            seed=seed,
-            backend=km_backend,
-            device=dev,
-            memory_budget_mb=memory_budget_mb,
-        )
-        for name, metric, _ in clustering_metrics:
-            results[name] = metric.load()(sets.q_labels, assign)
+    results.update(_clustering(plan, sets, num_clusters, seed, km_backend, dev, memory_budget_mb))
     for name, metric, _ in plan.of_kind("structure"):
         results[name] = metric.load()(
             sets.queries, sets.q_labels, seed=seed, device=dev, memory_budget_mb=memory_budget_mb
         )
     return {name: results[name] for name in plan.names}
+
+
+def _clustering(
+    plan: _Plan,
+    sets: _Sets,
+    num_clusters: int | None,
+    seed: int,
+    backend: str,
+    device: torch.device,
+    memory_budget_mb: float,
+) -> dict[str, float]:
+    """The clustering metrics of the plan, from one k-means of the query set."""
+    clustering_metrics = plan.of_kind("clustering")
+    if not clustering_metrics:
+        return {}
+    k = int(np.unique(sets.q_labels).size) if num_clusters is None else num_clusters
+    assign = kmeans(
+        sets.queries,
+        k,
+        niter=DEFAULT_NITER,
+        seed=seed,
+        backend=backend,
+        device=device,
+        memory_budget_mb=memory_budget_mb,
+    )
+    return {name: metric.load()(sets.q_labels, assign) for name, metric, _ in clustering_metrics}
 
 
 def evaluate_per_class(
