@@ -92,6 +92,7 @@ def _ignored(key: str) -> bool:
 
 def read_run(path: str | Path) -> RunRecord:
     """Read a run folder written by ``nirdml train`` (config.yaml + metrics.jsonl)."""
+    from nirdml.training import selection
     from nirdml.training.config import load_config
 
     p = Path(path)
@@ -106,12 +107,7 @@ def read_run(path: str | Path) -> RunRecord:
     select = cfg.eval.select_metric
     has_val = any(f"val/{select}" in r for r in history)
     split = "val" if has_val else "test"
-    key = f"{split}/{select}"
-    evaluated = [r for r in history if key in r]
-    best_row = None
-    for r in evaluated:  # the first epoch with the highest value, as training selects
-        if best_row is None or r[key] > best_row[key]:
-            best_row = r
+    best_row = selection.best_row(history, split, select)  # the epoch training kept
     best = (
         {k.split("/", 1)[1]: float(v) for k, v in best_row.items() if k.startswith("test/")}
         if best_row
