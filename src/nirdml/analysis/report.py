@@ -24,7 +24,7 @@ from nirdml.analysis import plots
 from nirdml.analysis._json import json_safe
 from nirdml.analysis.flow_samples import FlowSamples, draw_flow_samples, is_nir
 from nirdml.analysis.inputs import AnalysisInput, load_input
-from nirdml.analysis.projection import project_2d
+from nirdml.analysis.projection import project_2d, resolve_method
 from nirdml.analysis.render import ALARM_COLUMNS, render_html, report_numbers
 from nirdml.analysis.retrieval_grid import (
     QueryScores,
@@ -186,6 +186,7 @@ def compute_analysis(
     watch = _Stopwatch()
     if k < 1 or num_queries < 1:
         raise InputError(f"k and num_queries must be >= 1, got k={k}, num_queries={num_queries}")
+    resolve_method(map_method)  # a bad map method fails before anything is embedded
     dev = resolve_device(device)
     inp = load_input(source, dataset=dataset, root=root, split=split, device=str(dev))
     if flow_classes and (inp.run is None or not is_nir(inp.run.loss)):
