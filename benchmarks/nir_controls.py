@@ -1,4 +1,4 @@
-"""NIR controls and bounded objectives (issue 13) on any dataset config, multi-seed, paired.
+"""NIR controls and bounded objectives on any dataset config, multi-seed, paired.
 
     python benchmarks/nir_controls.py list   --base omniglot --nir omniglot-nir --data-root DIR
     python benchmarks/nir_controls.py run    --base omniglot --nir omniglot-nir --data-root DIR \

@@ -1,4 +1,4 @@
-"""Evidence study (issue 6): does NIR improve proxy-based DML? Omniglot zero-shot, multi-seed.
+"""Evidence study: does NIR improve proxy-based DML? Omniglot zero-shot, multi-seed.
 
 Train on the 964 Omniglot background characters (96 held out, class-disjoint, for model
 selection), retrieve among the 659 evaluation characters never seen. For ProxyAnchor,

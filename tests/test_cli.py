@@ -1,5 +1,5 @@
 """The `nirdml` command as a new user meets it: speed of --help, custom folders, bad input,
-progress, resume, evaluate, search (issue 15)."""
+progress, resume, evaluate, search."""
 
 from __future__ import annotations
 
@@ -192,8 +192,8 @@ def test_default_digits_job_selects_on_a_validation_split(digits_run):
 def test_evaluate_says_which_checkpoint_split_and_items(digits_run, capsys):
     assert main(["evaluate", str(digits_run), "--split", "val", "--metrics", "recall@1"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
-    ckpt = digits_run / "checkpoints" / "last.pt"
-    assert first.startswith(f"checkpoint {ckpt.resolve()} (epoch 1); digits split val: ")
+    ckpt = digits_run / "checkpoints" / "best.pt"  # a run folder: the epoch selection kept
+    assert first.startswith(f"using {ckpt} (epoch 1); digits split val: ")
     assert re.search(r"val: \d{3} items, 2 classes", first)
 
 

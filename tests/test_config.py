@@ -267,3 +267,104 @@ def test_a_preset_moved_to_other_data_keeps_its_recipe_not_its_dataset_choices()
     own = load_config("cars98-partial-proxyanchor-baseline")
     assert own.data.val_classes == 9
     assert own.data.features == "features/cars98-efficientnet_lite0-224px-stage7"
+
+
+# ----------------------------------------------------------------------- every field, bad
+
+FREE_TEXT = {
+    "name",
+    "description",
+    "data.root",
+    "data.cache",
+    "data.features",
+    "model.weights",
+    "log.wandb_project",
+}
+"""String fields without a table of choices (any text is valid; only a wrong type is bad)."""
+WRONG_TYPE = {str: "[1, 2]", int: "abc", float: "abc", bool: "maybe", list: "abc", dict: "3"}
+
+
+def _leaves(cls: type, prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted key, annotation) of every field of a config dataclass, recursively."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        key, tp = f"{prefix}{f.name}", hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += [(f"{key}.nonsense_key", None)]  # an unknown key in every section
+            out += _leaves(tp, f"{key}.")
+        else:
+            out.append((key, tp))
+    return out
+
+
+def _bad_values(key: str, tp: object) -> list[str]:
+    """Bad ``--set`` values for a field: the wrong type, out of range, an unknown choice,
+    an unknown key (mappings)."""
+    import types
+    import typing
+
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    origin = typing.get_origin(tp)
+    kinds = args if origin in (typing.Union, types.UnionType) else [tp]
+    kinds = [typing.get_origin(k) or k for k in kinds]
+    if str in kinds:
+        values = ["[1, 2]"] if key in FREE_TEXT else ["[1, 2]", "nonsense_value"]
+    else:
+        values = [WRONG_TYPE[kinds[0]]]
+    if int in kinds or float in kinds:
+        values.append("-1")
+    if list in kinds:
+        (item,) = next(typing.get_args(a) for a in [tp, *args] if typing.get_origin(a) is list)
+        values.append("[-1]" if item is int else "[nonsense_value]")
+    if dict in kinds:
+        values.append("{nonsense_key: 1}")
+    return values
+
+
+def test_every_field_with_a_bad_value_is_refused_before_anything_is_written(
+    tmp_path, capsys, monkeypatch
+):
+    """Each bad value through the command line: exit 2, one line on stderr, no traceback,
+    no output folder (validation only: nothing may reach training)."""
+    from nirdml.cli import main
+    from nirdml.training import trainer
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a bad value passed validation and reached training")
+
+    monkeypatch.setattr(trainer, "train", must_not_train)
+    out = tmp_path / "run"
+    cases = [
+        (key, value)
+        for key, tp in _leaves(RunConfig)
+        for value in (["1"] if tp is None else _bad_values(key, tp))
+    ]
+    covered = {k for k, _ in cases}
+    assert {k for k, _ in _leaves(RunConfig)} <= covered and len(cases) > 140
+    for key, value in cases:
+        rc = main(["train", "digits", "--set", f"{key}={value}", "--out", str(out), "--quiet"])
+        err = capsys.readouterr().err
+        assert rc == 2, f"{key}={value} was accepted"
+        assert err.count("\n") == 1 and "Traceback" not in err, f"{key}={value}: {err}"
+        assert not out.exists(), f"{key}={value} wrote {out}"
+
+
+def test_data_options_are_checked_against_the_dataset_table():
+    with pytest.raises(ConfigError, match=r"data.options: digits does not take option"):
+        load_config("digits", ["data.options.fo=1"])
+    with pytest.raises(ConfigError, match=r"only apply with download=True"):
+        load_config("omniglot", ["data.options.urls={a: b}"])
+    cfg = load_config("omniglot", ["data.options.source=npz"])
+    assert cfg.data.options == {"source": "npz"}
+
+
+def test_loss_params_are_checked_for_type_and_choice():
+    with pytest.raises(ConfigError, match="loss.params.alpha of proxy_anchor must be a number"):
+        load_config("digits", ["loss.params.alpha=abc"])
+    with pytest.raises(ConfigError, match="positive_mean of proxy_anchor must be one of"):
+        load_config("digits", ["loss.params.positive_mean=mean"])
+    assert load_config("digits", ["loss.params.alpha=16"]).loss.params["alpha"] == 16

@@ -183,7 +183,7 @@ def test_training_is_bit_reproducible_and_composes_with_the_backbone(
     cfg = _cfg(image_root, cache_dir)
     a = train(cfg, tmp_path / "a")
     b = train(cfg, tmp_path / "b")
-    sa, sb = load_checkpoint(tmp_path / "a"), load_checkpoint(tmp_path / "b")
+    sa, sb = (load_checkpoint(tmp_path / r / "checkpoints" / "last.pt") for r in "ab")
     for key, value in sa["model"].items():
         assert torch.equal(value, sb["model"][key]), key
     assert a.history == b.history or all(
@@ -241,7 +241,7 @@ def test_mlp_head_with_nir_trains_and_resumes(image_root, cache_dir, tmp_path):
     train(cfg, tmp_path / "part", stop_after_epoch=1)
     resumed = train(out_dir=tmp_path / "part", resume=True, progress=False)
     assert "train/nll" in full.history[-1]
-    a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "part")
+    a, b = (load_checkpoint(tmp_path / r / "checkpoints" / "last.pt") for r in ("full", "part"))
     for key, value in a["model"].items():
         if key.endswith("_extra_state"):  # the seeded dropout's call counter
             assert value == b["model"][key] and value["calls"] == 3 * 2

@@ -248,7 +248,7 @@ def test_every_criterion_implements_the_protocol() -> None:
     for criterion in criteria:
         assert isinstance(criterion, ProxyCriterion), type(criterion).__name__
         assert criterion.last_stats == {}
-        assert (criterion.num_classes, criterion.embedding_dim) == (5, 8)
+        assert (criterion.num_classes, criterion.embed_dim) == (5, 8)
         assert criterion.class_condition(x, labels).shape == (6, 8)
         groups = criterion.param_groups(1.0, 10.0, 2.0)
         assert groups[0]["name"] == "proxies" and groups[0]["lr"] == 10.0

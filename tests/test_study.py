@@ -97,6 +97,7 @@ def _mini_presets(tmp: Path) -> dict[str, tuple[str, str]]:
         raw["data"]["val_classes"] = 2
         raw["eval"] = {
             "every": 1,
+            "reference": False,  # the study reads no epoch-0 reference
             "metrics": [
                 "recall@1",
                 "recall@2",
@@ -142,7 +143,17 @@ def test_run_hash_ignores_volatile_fields_only():
     assert "--set seed=0" in spec.command("/data", "out")
 
 
+@pytest.mark.slow
 def test_mini_study_runs_resumes_and_reports(mini_grid, monkeypatch):
+    from study.controls import control_specs
+
+    # Three control arms (the first shares its configuration with the main baseline) and
+    # 2-epoch tuning runs: 13 runs instead of 33, every part of the study still present.
+    arms = ("base", "recipe-nir-x0", "nir-tangent_spread")
+    parts = dict(grid.PARTS)
+    parts["controls"] = lambda: control_specs(*grid.LOSSES["proxy_anchor"], grid.MAIN_SEEDS, arms)
+    monkeypatch.setattr(grid, "PARTS", parts)
+    monkeypatch.setattr(grid, "TUNE_EPOCHS", 2)
     runs_root = mini_grid / "study"
     specs = grid.specs_of("all")
     unique = {grid.config_hash(s.config("")) for s in specs}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -86,7 +87,7 @@ def _env() -> dict[str, str]:
 
 def test_resume_after_kill_ends_like_an_uninterrupted_run(tmp_path):
     """SIGKILL a CLI run after its first checkpoint, resume it, compare with a clean run."""
-    args = ["digits-nir", "--quiet", "--set", "epochs=5", "--set", "eval.every=1"]
+    args = ["digits-nir", "--quiet", "--set", "epochs=3", "--set", "eval.every=1"]
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_cli("train", *args, "--out", str(killed)), env=_env())
     ckpt = killed / "checkpoints" / "last.pt"
@@ -97,7 +98,7 @@ def test_resume_after_kill_ends_like_an_uninterrupted_run(tmp_path):
     proc.wait()
     assert ckpt.exists(), "the run died before its first checkpoint"
     epochs_done = load_checkpoint(ckpt)["epoch"] + 1
-    assert epochs_done < 5, "the run finished before it could be killed"
+    assert epochs_done < 3, "the run finished before it could be killed"
 
     subprocess.run(_cli("train", "--resume", str(killed), "--quiet"), env=_env(), check=True)
     clean = tmp_path / "clean"
@@ -108,30 +109,58 @@ def test_resume_after_kill_ends_like_an_uninterrupted_run(tmp_path):
     assert a["best"] == b["best"]
     assert a["final"]["test/recall@1"] == b["final"]["test/recall@1"]
     rows_a = (killed / "metrics.jsonl").read_text().splitlines()
-    assert len(rows_a) == 5, "the resumed run's history holds each epoch once"
-    sa = load_checkpoint(killed)
-    sb = load_checkpoint(clean)
+    assert len(rows_a) == 3, "the resumed run's history holds each epoch once"
+    sa = load_checkpoint(killed / "checkpoints" / "last.pt")
+    sb = load_checkpoint(clean / "checkpoints" / "last.pt")
     for key in sb["model"]:
         assert torch.equal(sa["model"][key], sb["model"][key]), key
     for key in sb["loss"]:
         assert torch.equal(sa["loss"][key], sb["loss"][key]), key
 
 
-def test_nonfinite_loss_aborts_with_a_clear_error(tmp_path, monkeypatch):
+def _poison(monkeypatch) -> None:
+    """Every training loss is NaN (every step is skipped)."""
     from nirdml.training import trainer
 
-    monkeypatch.setattr(trainer, "MAX_CONSECUTIVE_SKIPS", 10)
     real_criterion_forward = trainer.Criterion.forward
 
     def poisoned(self, images, labels, backbone_grad=True):
         return real_criterion_forward(self, images, labels, backbone_grad) * float("nan")
 
     monkeypatch.setattr(trainer.Criterion, "forward", poisoned)
+
+
+def test_nonfinite_loss_aborts_with_a_clear_error(tmp_path, monkeypatch):
+    from nirdml.training import trainer
+
+    monkeypatch.setattr(trainer, "MAX_CONSECUTIVE_SKIPS", 10)
+    _poison(monkeypatch)
     cfg = load_config("digits", ["epochs=2", "log.progress=false"])
-    with pytest.raises(NonFiniteLossError, match="consecutive steps"):
+    with pytest.raises(NonFiniteLossError, match="consecutive steps") as info:
         train(cfg, tmp_path / "run")
-    last = tmp_path / "run" / "checkpoints" / "last.pt"
-    assert not last.exists() or load_checkpoint(last)["epoch"] >= 0
+    failed = int(re.search(r"\(epoch (\d+)\)", str(info.value)).group(1))
+    # The last checkpoint is the last epoch before the failure, with the weights it started
+    # from: every non-finite step was skipped, nothing NaN was applied.
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["epoch"] + 1 == failed - 1 == 1
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing_in_the_way(
+    tmp_path, monkeypatch
+):
+    from nirdml.training import trainer
+
+    monkeypatch.setattr(trainer, "MAX_CONSECUTIVE_SKIPS", 2)
+    cfg = load_config("digits", ["epochs=1", "log.progress=false"])
+    with monkeypatch.context() as m:
+        _poison(m)
+        with pytest.raises(NonFiniteLossError):
+            train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert trainer.default_out_dir(cfg, tmp_path) == tmp_path / cfg.name  # not name-1
+    result = train(cfg, tmp_path / "run")  # the same folder, no --resume needed
+    assert (result.out_dir / "checkpoints" / "last.pt").is_file()
 
 
 @pytest.mark.parametrize(
@@ -199,7 +228,7 @@ def test_cli_presets_and_evaluate_and_embed(tmp_path):
             "zero",  # digits has no singleton class: the same numbers as "skip"
             "--average",
             "queries",
-            "--json",
+            "-o",
             str(tmp_path / "m.json"),
         ),
         env=_env(),
@@ -209,7 +238,10 @@ def test_cli_presets_and_evaluate_and_embed(tmp_path):
     )
     metrics = json.loads((tmp_path / "m.json").read_text())
     summary = json.loads((run / "summary.json").read_text())
-    assert metrics["recall@1"] == pytest.approx(summary["final"]["test/recall@1"], abs=1e-12)
+    # A run folder means its best.pt: the epoch model selection kept.
+    assert res.stdout.startswith(f"using {run / 'checkpoints' / 'best.pt'} (epoch ")
+    kept = summary["best"]["metrics"]["test/recall@1"]
+    assert metrics["recall@1"] == pytest.approx(kept, abs=1e-12)
     assert "recall@1" in res.stdout and list(metrics) == ["recall@1", "map@r", "mrr", "precision@3"]
     assert metrics["recall@1"] <= metrics["mrr"] <= 1.0
 

@@ -1,4 +1,4 @@
-"""The Omniglot evidence study (issue 6): run grid, resumable runner, statistics, report.
+"""The Omniglot evidence study: run grid, resumable runner, statistics, report.
 
 Used by ``benchmarks/omniglot_study.py``; every run is a plain ``nirdml.training.train``
 call on a shipped preset plus ``key=value`` overrides, so any single run can be repeated

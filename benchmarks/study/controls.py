@@ -3,7 +3,7 @@
 Every arm is a shipped preset (or YAML path) plus ``key=value`` overrides, built from two
 base presets: a tuned baseline (``base``, e.g. ``omniglot``) and its + NIR preset (``nir``,
 e.g. ``omniglot-nir``, same knobs plus ``loss.nir``). ``extra`` overrides (``--set``) go to
-every arm, e.g. a frozen-feature switch or a data root layout option. Arms (issue 13):
+every arm, e.g. a frozen-feature switch or a data root layout option. Arms:
 
 ``base``               the baseline preset as it is.
 ``base-decay``         + the recipe's coupled Adam L2 decay (``RECIPE_DECAY`` if the base

@@ -309,7 +309,7 @@ def shard(specs: list[RunSpec], data_root: str, index: int, count: int) -> list[
 
 
 def controls_specs() -> list[RunSpec]:
-    """Issue 13's controls and bounded objectives (study/controls.py), ProxyAnchor, on the
+    """The NIR controls and bounded objectives (study/controls.py), ProxyAnchor, on the
     main seeds; the same arms run on any other preset pair through
     ``benchmarks/nir_controls.py``."""
     from study.controls import control_specs

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from nirdml import __version__
 
@@ -101,12 +102,20 @@ def _cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint(path: str) -> str:
+    """The checkpoint file a command argument stands for (a run folder: its best.pt, else
+    last.pt; :func:`nirdml.training.checkpoint.resolve_checkpoint`)."""
+    from nirdml.training.checkpoint import resolve_checkpoint
+
+    return str(resolve_checkpoint(path))
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from nirdml.training.artifacts import evaluate_checkpoint
 
     info: dict = {}
     metrics = evaluate_checkpoint(
-        args.checkpoint,
+        _checkpoint(args.checkpoint),
         split=args.split,
         dataset=args.dataset,
         root=args.root,
@@ -117,24 +126,26 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         average=args.average,
     )
     print(
-        f"checkpoint {info['checkpoint']} (epoch {info['epoch']}); {info['dataset']} split "
+        f"using {info['checkpoint']} (epoch {info['epoch']}); {info['dataset']} split "
         f"{info['split']}: {info['items']:,} items, {info['classes']:,} classes"
     )
     width = max(len(k) for k in metrics) if metrics else 0
     for key, value in metrics.items():
         print(f"{key:<{width}}  {value:.4f}")
-    if args.json:
+    if args.out:
         from nirdml.runtime import atomic_write_json
 
-        atomic_write_json(args.json, metrics)
+        print(f"wrote {atomic_write_json(args.out, metrics)}")
     return 0
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
     from nirdml.training.artifacts import embed_folder
 
+    checkpoint = _checkpoint(args.checkpoint)
+    print(f"using {checkpoint}")
     out = embed_folder(
-        args.checkpoint, args.folder, args.output, device=args.device, batch_size=args.batch_size
+        checkpoint, args.folder, args.out, device=args.device, batch_size=args.batch_size
     )
     print(f"wrote {out}")
     return 0
@@ -143,9 +154,12 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from nirdml.analysis import analyze
 
+    source = _checkpoint(args.source) if Path(args.source).is_dir() else args.source
+    if Path(source).is_file():
+        print(f"using {source}")
     report = analyze(
-        args.source,
-        args.output,
+        source,
+        args.out,
         dataset=args.dataset,
         root=args.root,
         split=args.split,
@@ -167,9 +181,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from nirdml.analysis import compare_runs
 
-    result = compare_runs(args.runs, args.output, metric=args.metric, split=args.split)
+    result = compare_runs(args.runs, args.out, metric=args.metric, split=args.split)
     print(result.table)
-    if args.output:
+    if args.out:
         print(f"wrote {', '.join(str(p) for p in result.files.values())}")
     else:
         print("(pass -o DIR to also write the curves, compare.png, and an HTML page)")
@@ -179,13 +193,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_search(args: argparse.Namespace) -> int:
     from nirdml.analysis import search
 
+    checkpoint = _checkpoint(args.checkpoint)
+    print(f"using {checkpoint}")
     result = search(
-        args.checkpoint,
+        checkpoint,
         args.gallery,
         args.query,
         k=args.k,
         cache_dir=args.cache_dir,
-        grid=args.grid,
+        grid=args.out,
         device=args.device,
     )
     index = result.gallery
@@ -206,10 +222,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from nirdml.export import export_model
 
-    result = export_model(args.checkpoint, args.out, format=args.format, image_size=args.image_size)
+    checkpoint = _checkpoint(args.checkpoint)
+    print(f"using {checkpoint}")
+    result = export_model(checkpoint, args.out, format=args.format, image_size=args.image_size)
     print(
-        f"wrote {result.path} from {result.checkpoint} ({result.format}; input "
-        f"{tuple(result.input_shape)} float32, "
+        f"wrote {result.path} ({result.format}; input {tuple(result.input_shape)} float32, "
         f"output (N, {result.embed_dim}) L2-normalised; max |eager - exported| "
         f"{result.max_abs_diff:.1e})"
     )
@@ -228,46 +245,63 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="nirdml",
-        description="Non-isotropy Regularization for proxy-based Deep Metric Learning.",
-    )
-    parser.add_argument("--version", action="version", version=f"nirdml {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_out(p: argparse.ArgumentParser, help: str, *, required: bool = False) -> None:
+    """The output flag every command that writes something shares: ``-o/--out``. The
+    earlier spellings (``--output``, ``--json``, ``--grid``) still parse, hidden."""
+    group = p.add_mutually_exclusive_group(required=required)
+    group.add_argument("-o", "--out", dest="out", metavar="PATH", help=help)
+    for old in ("--output", "--json", "--grid"):
+        group.add_argument(old, dest="out", help=argparse.SUPPRESS)
 
-    p = sub.add_parser(
-        "train",
-        help="train a run from a preset or YAML file (no argument: the digits default job)",
-    )
-    p.add_argument("config", nargs="?", help="preset name (see `nirdml presets`) or YAML file")
+
+def _add_set(p: argparse.ArgumentParser, example: str) -> None:
     p.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config field, e.g. --set optim.lr=2e-5 --set epochs=20",
+        help=f"override a config field, e.g. {example}",
     )
-    p.add_argument("--out", help="output folder (default runs/<name>)")
+
+
+def _add_checkpoint(p: argparse.ArgumentParser, name: str = "checkpoint") -> None:
+    p.add_argument(
+        name,
+        help="a .pt checkpoint, or a run folder: its checkpoints/best.pt (the epoch model "
+        "selection kept), else last.pt",
+    )
+
+
+def _add_data(p: argparse.ArgumentParser, splits: tuple[str, ...]) -> None:
+    """Which data a checkpoint is evaluated or analysed on."""
+    p.add_argument("--dataset", help="use this dataset instead of the run's")
+    p.add_argument("--root", help="dataset root folder")
+    p.add_argument("--split", default="test", choices=list(splits))
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a run from a preset or YAML file (no argument: the digits default job)",
+    )
+    p.add_argument("config", nargs="?", help="preset name (see `nirdml presets`) or YAML file")
+    _add_set(p, "--set optim.lr=2e-5 --set epochs=20")
+    _add_out(p, "output folder (default runs/<name>)")
     p.add_argument(
         "--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train)
 
+
+def _features_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "features",
         help="extract the frozen-backbone feature cache of a config (for model.frozen=true)",
     )
     p.add_argument("config", help="preset name (see `nirdml presets`) or YAML file")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set data.root=../shared/data/cars98",
-    )
-    p.add_argument("--out", help="cache folder (default: the config's data.features)")
+    _add_set(p, "--set data.root=../shared/data/cars98")
+    _add_out(p, "cache folder (default: the config's data.features)")
     p.add_argument("--workers", type=int, help="DataLoader workers (default data.num_workers)")
     p.add_argument(
         "--batch-size", type=int, default=16, help="images per forward (16: fastest on a CPU)"
@@ -276,11 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_features)
 
+
+def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    from nirdml.evaluation.registry import AVERAGES, NO_RELEVANT_POLICIES
+
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on its (or another) dataset")
-    p.add_argument("checkpoint", help="a .pt checkpoint or a run folder")
-    p.add_argument("--dataset", help="evaluate on this dataset instead of the run's")
-    p.add_argument("--root", help="dataset root folder")
-    p.add_argument("--split", default="test", choices=["test", "val", "train"])
+    _add_checkpoint(p)
+    _add_data(p, ("test", "val", "train"))
     p.add_argument(
         "--metrics",
         nargs="+",
@@ -289,43 +325,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--no-relevant",
-        choices=["skip", "zero"],
+        choices=list(NO_RELEVANT_POLICIES),
         help="queries without a same-class gallery item: left out (skip, PML) or counted 0 "
         "(zero, OML); default: the run's eval.no_relevant",
     )
     p.add_argument(
         "--average",
-        choices=["queries", "classes"],
+        choices=list(AVERAGES),
         help="average retrieval metrics over queries, or per class first (classes, PML's "
         "avg_of_avgs); default: the run's eval.average",
     )
     p.add_argument("--device", default="auto")
-    p.add_argument("--json", help="also write the metrics to this JSON file")
+    _add_out(p, "also write the metrics to this JSON file")
     p.set_defaults(func=_cmd_evaluate)
 
+
+def _embed_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("embed", help="export embeddings (with paths and labels) of an image folder")
-    p.add_argument("checkpoint", help="a .pt checkpoint or a run folder (uses its last.pt)")
+    _add_checkpoint(p)
     p.add_argument("folder", help="folder of images, or of (nested) class sub-folders of images")
-    p.add_argument("-o", "--output", required=True, help="output .npz or .pt file")
+    _add_out(p, "output .npz or .pt file", required=True)
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=256)
     p.set_defaults(func=_cmd_embed)
 
+
+def _analyze_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "analyze", help="HTML report of a checkpoint's (or exported) embedding space"
     )
-    p.add_argument("source", help="run folder, .pt checkpoint, or .npz/.pt embeddings file")
-    p.add_argument("-o", "--output", required=True, help="output folder for report.html + PNGs")
-    p.add_argument("--dataset", help="embed this dataset instead of the run's (checkpoints)")
-    p.add_argument("--root", help="dataset root folder")
-    p.add_argument("--split", default="test", choices=["test", "val", "train"])
+    p.add_argument(
+        "source",
+        help="run folder (its best.pt, else last.pt), .pt checkpoint, or .npz/.pt embeddings file",
+    )
+    _add_out(p, "output folder for report.html + PNGs", required=True)
+    _add_data(p, ("test", "val", "train"))
     p.add_argument("-k", type=int, default=8, help="neighbours per query in the grids")
     p.add_argument("--queries", type=int, default=8, help="random and worst queries shown")
     p.add_argument(
         "--map",
         default="auto",
-        choices=["auto", "umap", "tsne", "pca"],
-        help="2-D map method (auto: UMAP if installed, else t-SNE)",
+        help="2-D map method: auto (UMAP if installed, else t-SNE), umap, tsne or pca "
+        "(nirdml.analysis.projection.METHODS)",
     )
     p.add_argument(
         "--flow-classes",
@@ -338,15 +379,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_analyze)
 
+
+def _compare_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="table and curves of several runs (grouped over seeds)")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders from `nirdml train`")
-    p.add_argument("-o", "--output", help="also write compare.png/.md/.json/.html here")
+    _add_out(p, "also write compare.png/.md/.json/.html into this folder")
     p.add_argument("--metric", help="metric of the curves (default: the runs' select metric)")
     p.add_argument("--split", default="test", choices=["test", "val"], help="split of the curves")
     p.set_defaults(func=_cmd_compare)
 
+
+def _search_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("search", help="the gallery images most similar to a query image")
-    p.add_argument("checkpoint", help="a .pt checkpoint or a run folder")
+    _add_checkpoint(p)
     p.add_argument(
         "--gallery",
         required=True,
@@ -355,17 +400,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--query", required=True, nargs="+", metavar="IMAGE", help="query image(s)")
     p.add_argument("-k", type=int, default=10, help="results per query")
-    p.add_argument("--grid", help="also write the results as a PNG grid here")
+    _add_out(p, "also write the results as a PNG grid to this file")
     p.add_argument("--cache-dir", help="gallery embedding cache (default ~/.cache/nirdml/search)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_search)
 
+
+def _export_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export", help="export the embedding model to TorchScript or ONNX (image -> embedding)"
     )
-    p.add_argument("checkpoint", help="a .pt checkpoint or a run folder (uses its best.pt)")
-    p.add_argument("--format", required=True, choices=["torchscript", "onnx"])
-    p.add_argument("--out", required=True, help="output file (.pt for TorchScript, .onnx)")
+    _add_checkpoint(p)
+    p.add_argument("--format", required=True, help="torchscript or onnx (nirdml.export.FORMATS)")
+    _add_out(p, "output file (.pt for TorchScript, .onnx)", required=True)
     p.add_argument(
         "--image-size",
         type=int,
@@ -373,9 +420,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_export)
 
+
+def _presets_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("presets", help="list the shipped presets")
     p.add_argument("-v", "--verbose", action="store_true", help="with descriptions")
     p.set_defaults(func=_cmd_presets)
+
+
+COMMANDS = (
+    _train_parser,
+    _features_parser,
+    _evaluate_parser,
+    _embed_parser,
+    _analyze_parser,
+    _compare_parser,
+    _search_parser,
+    _export_parser,
+    _presets_parser,
+)
+"""Each subcommand's parser, in the order ``nirdml --help`` lists them."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``nirdml`` argument parser: one sub-parser per command (:data:`COMMANDS`)."""
+    parser = argparse.ArgumentParser(
+        prog="nirdml",
+        description="Non-isotropy Regularization for proxy-based Deep Metric Learning.",
+    )
+    parser.add_argument("--version", action="version", version=f"nirdml {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 
@@ -389,8 +464,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WeightsUnavailableError as exc:
         print(f"nirdml {args.command}: error: {exc.cli_message()}", file=sys.stderr)
         return 2
-    except (NirdmlError, FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"nirdml {args.command}: error: {exc}", file=sys.stderr)
+    except (NirdmlError, OSError) as exc:  # deliberate errors, and the file system's
+        message = " ".join(str(exc).split())  # one line
+        print(f"nirdml {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -20,6 +20,40 @@ class ConfigError(NirdmlError, ValueError):
     """A config key or value is invalid; the message names it and the fix."""
 
 
+class InputError(NirdmlError, ValueError):
+    """A value given to a nirdml function is invalid (a shape, a range, an unknown choice, data
+    that do not fit together); the message names it and the fix."""
+
+
+class InputTypeError(NirdmlError, TypeError):
+    """A value given to a nirdml function has the wrong type (or an option the function does
+    not take); the message names what it takes."""
+
+
+class MissingFileError(NirdmlError, FileNotFoundError):
+    """A file or folder a call needs does not exist (a checkpoint, a run folder, an embeddings
+    file, a dataset root); the message says what to pass instead."""
+
+
+class OutputExistsError(NirdmlError, FileExistsError):
+    """The output path already holds something that must not be overwritten (a run, a file
+    where a folder goes); the message says how to resume or where else to write."""
+
+
+class CheckpointError(NirdmlError, ValueError):
+    """A file is not a readable nirdml checkpoint (corrupt, truncated, another format)."""
+
+
+class SetupError(NirdmlError, RuntimeError):
+    """This machine's setup does not allow what was asked (missing credentials, an installed
+    package whose structure differs from the one supported); the message says what to set up."""
+
+
+class MissingDependencyError(NirdmlError, ImportError):
+    """An optional package a feature needs is not installed; the message names the
+    ``pip install`` that adds it."""
+
+
 class DistributedSetupError(NirdmlError, ValueError):
     """The torch.distributed environment or the run config does not fit a distributed run."""
 

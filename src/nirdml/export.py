@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from nirdml.errors import InputError, MissingDependencyError
+
 FORMATS = ("torchscript", "onnx")
-#: Output side of each transform preset's test transform (digits images are 8x8 as stored).
-PRESET_SIZES = {"resnet": 224, "omniglot": 28, "digits": 8}
 PARITY_TOLERANCE = 1e-4
 
 
@@ -51,17 +51,17 @@ class ImageEmbedder(nn.Module):
 
 
 def _input_shape(run, image_size: int | None) -> tuple[int, int, int]:
-    from nirdml.data import default_transform_preset
+    from nirdml.data.registry import TRANSFORMS
+    from nirdml.training.config import transform_preset
 
     cfg = run.config
     channels = int(run.state["model_spec"].get("in_channels", cfg.model.in_channels))
     if image_size is None:
         image_size = getattr(cfg.data, "image_size", None)
     if image_size is None:
-        preset = cfg.data.transform or default_transform_preset(cfg.data.name)
-        image_size = PRESET_SIZES[preset]
+        image_size = TRANSFORMS[transform_preset(cfg.data)].size
     if int(image_size) < 1:
-        raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
+        raise InputError(f"image_size must be a positive number of pixels, got {image_size}")
     return channels, int(image_size), int(image_size)
 
 
@@ -81,7 +81,7 @@ def _save_onnx(module: nn.Module, example: Tensor, out: Path, opset: int | None)
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError as exc:
-        raise ImportError(
+        raise MissingDependencyError(
             f"ONNX export needs the onnx and onnxscript packages ({exc}); install them with "
             "pip install 'nirdml[export]' (or export --format torchscript)"
         ) from exc
@@ -123,7 +123,7 @@ def export_model(
     seed: int = 0,
 ) -> ExportResult:
     """Export the embedding model of ``checkpoint`` (a .pt file, or a run folder: its
-    ``checkpoints/best.pt``) to ``out``.
+    ``checkpoints/best.pt``, else ``last.pt``) to ``out``.
 
     ``format``: ``"torchscript"`` (load with ``torch.jit.load``) or ``"onnx"``.
     ``image_size``: side of the example input (default: the run's test transform's output,
@@ -135,14 +135,9 @@ def export_model(
     from nirdml.training.artifacts import load_trained
 
     if format not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
+        raise InputError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
     out = Path(out)
-    checkpoint = Path(checkpoint)
-    if checkpoint.is_dir() and (checkpoint / "checkpoints" / "best.pt").is_file():
-        checkpoint = checkpoint / "checkpoints" / "best.pt"  # a run folder: its best epoch
-    elif checkpoint.is_dir():
-        checkpoint = checkpoint / "checkpoints" / "last.pt"
-    run = load_trained(checkpoint, "cpu")
+    run = load_trained(checkpoint, "cpu", with_loss=False)
     module = ImageEmbedder(run.model).eval()
     shape = _input_shape(run, image_size)
     gen = torch.Generator().manual_seed(seed)  # local: the global RNG is left alone
@@ -162,8 +157,8 @@ def export_model(
     diff = float("nan") if got is None else float((got - expected).abs().max())
     if got is not None and not diff <= PARITY_TOLERANCE:
         out.unlink(missing_ok=True)
-        raise ValueError(
+        raise InputError(
             f"the exported {format} model differs from the eager model by {diff:.2e} "
             f"(> {PARITY_TOLERANCE}); nothing was written. Try the other format or report it."
         )
-    return ExportResult(out, checkpoint, format, (-1, *shape), int(expected.shape[1]), diff)
+    return ExportResult(out, run.path, format, (-1, *shape), int(expected.shape[1]), diff)

@@ -23,6 +23,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers only
 
 __version__ = "0.1.0"
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+"""Device types a run may name (``device=cpu``, ``cuda[:N]``, ``mps``, or ``auto``)."""
+
 
 def lazy_attributes(
     package: str, table: Mapping[str, str], submodules: Sequence[str] = ()

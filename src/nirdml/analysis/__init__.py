@@ -1,4 +1,4 @@
-"""See the embedding space: analysis reports, run comparisons and image search (issue 9).
+"""See the embedding space: analysis reports, run comparisons and image search.
 
 - :func:`analyze`: a self-contained HTML report of a checkpoint or exported embeddings
   (:func:`compute_analysis` measures, :func:`write_report` renders and writes).

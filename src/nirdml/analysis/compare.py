@@ -21,6 +21,7 @@ import numpy as np
 from nirdml.analysis import html as H
 from nirdml.analysis import plots
 from nirdml.analysis._json import json_safe
+from nirdml.errors import InputError, MissingFileError
 from nirdml.runtime import atomic_write, atomic_write_json, atomic_write_text
 
 IGNORED_KEYS = (
@@ -91,12 +92,13 @@ def _ignored(key: str) -> bool:
 
 def read_run(path: str | Path) -> RunRecord:
     """Read a run folder written by ``nirdml train`` (config.yaml + metrics.jsonl)."""
+    from nirdml.training import selection
     from nirdml.training.config import load_config
 
     p = Path(path)
     cfg_file, hist_file = p / "config.yaml", p / "metrics.jsonl"
     if not p.is_dir() or not cfg_file.is_file() or not hist_file.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{p} is not a run folder (it needs config.yaml and metrics.jsonl, as `nirdml "
             "train` writes them); pass the folders given by --out"
         )
@@ -105,12 +107,7 @@ def read_run(path: str | Path) -> RunRecord:
     select = cfg.eval.select_metric
     has_val = any(f"val/{select}" in r for r in history)
     split = "val" if has_val else "test"
-    key = f"{split}/{select}"
-    evaluated = [r for r in history if key in r]
-    best_row = None
-    for r in evaluated:  # the first epoch with the highest value, as training selects
-        if best_row is None or r[key] > best_row[key]:
-            best_row = r
+    best_row = selection.best_row(history, split, select)  # the epoch training kept
     best = (
         {k.split("/", 1)[1]: float(v) for k, v in best_row.items() if k.startswith("test/")}
         if best_row
@@ -182,15 +179,15 @@ def compare_runs(
     ``compare.html`` (the PNG embedded) there.
     """
     if not run_dirs:
-        raise ValueError("pass at least one run folder")
+        raise InputError("pass at least one run folder")
     if split not in ("test", "val"):
-        raise ValueError(f"split must be test or val, got {split!r}")
+        raise InputError(f"split must be test or val, got {split!r}")
     runs = [read_run(p) for p in run_dirs]
     seen: dict[Path, Path] = {}
     for r in runs:
         rp = r.path.resolve()
         if rp in seen:
-            raise ValueError(f"{r.path} is given twice; pass each run folder once")
+            raise InputError(f"{r.path} is given twice; pass each run folder once")
         seen[rp] = r.path
     metric = metric or runs[0].select_metric
     groups = group_runs(runs)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
+from nirdml.errors import InputError
 from nirdml.losses.base import ProxyCriterion
 from nirdml.losses.nir import NIRLoss
 
@@ -132,9 +133,9 @@ def draw_flow_samples(
     from nirdml.evaluation import compute_embeddings
 
     if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+        raise InputError(f"temperature must be a finite number > 0, got {temperature}")
     if not is_nir(loss):
-        raise ValueError(
+        raise InputError(
             "flow samples need a NIR model (its loss has a flow); this checkpoint was trained "
             "without NIR (loss.nir.enabled=false)"
         )
@@ -143,7 +144,7 @@ def draw_flow_samples(
         classes = choose_classes(labels, num_classes, seed)
     bad = [c for c in classes if not 0 <= c < loss.num_classes]
     if bad:
-        raise ValueError(
+        raise InputError(
             f"flow classes {bad} are not training classes of this model (0..{loss.num_classes - 1})"
         )
     base, flow = loss.base_loss, loss.flow
@@ -160,7 +161,7 @@ def draw_flow_samples(
     for c in classes:
         members = np.flatnonzero(labels == c)
         if len(members) == 0:
-            raise ValueError(f"class {c} has no training images to compare the samples with")
+            raise InputError(f"class {c} has no training images to compare the samples with")
         if len(members) > max_real:
             members = np.sort(rng.choice(members, size=max_real, replace=False))
         real, _ = compute_embeddings(

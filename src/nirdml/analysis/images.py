@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from nirdml.errors import InputError
+
 ImageSource = Callable[[int], np.ndarray | None]
 """``index -> HxWx3 uint8 RGB image`` (None when the item has no image to show)."""
 
@@ -48,7 +50,7 @@ def tensor_to_rgb(x: torch.Tensor, normalize: tuple[np.ndarray, np.ndarray] | No
     if a.dim() == 2:
         a = a.unsqueeze(0)
     if a.dim() != 3:
-        raise ValueError(f"expected a CHW image tensor, got shape {tuple(a.shape)}")
+        raise InputError(f"expected a CHW image tensor, got shape {tuple(a.shape)}")
     if a.dtype == torch.uint8:
         arr = a.numpy().astype(np.float32) / 255.0
     else:
@@ -57,7 +59,7 @@ def tensor_to_rgb(x: torch.Tensor, normalize: tuple[np.ndarray, np.ndarray] | No
             mean, std = normalize
             c = arr.shape[0]
             if len(mean) not in (1, c):
-                raise ValueError(
+                raise InputError(
                     f"the transform normalises {len(mean)} channels but the image has {c}"
                 )
             arr = arr * std.reshape(-1, 1, 1) + mean.reshape(-1, 1, 1)
@@ -67,7 +69,7 @@ def tensor_to_rgb(x: torch.Tensor, normalize: tuple[np.ndarray, np.ndarray] | No
     elif arr.shape[0] == 4:
         arr = arr[:3]
     elif arr.shape[0] != 3:
-        raise ValueError(f"cannot display a {arr.shape[0]}-channel image")
+        raise InputError(f"cannot display a {arr.shape[0]}-channel image")
     return (arr.transpose(1, 2, 0) * 255.0 + 0.5).astype(np.uint8)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from nirdml.analysis.images import ImageSource, dataset_images, path_images
+from nirdml.errors import InputError, MissingFileError
 from nirdml.runtime import resolve_device
 
 SPLITS = ("test", "val", "train")
@@ -57,7 +58,7 @@ def _checkpoint_file(path: Path) -> bool:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise ValueError(
+            raise InputError(
                 f"cannot read {path} ({type(exc).__name__}: {exc}); pass a run folder, a .pt "
                 "checkpoint from `nirdml train`, or an embeddings .npz/.pt from `nirdml embed`"
             ) from exc
@@ -65,7 +66,7 @@ def _checkpoint_file(path: Path) -> bool:
         return True
     if isinstance(obj, dict) and "embeddings" in obj:
         return False
-    raise ValueError(
+    raise InputError(
         f"{path} is neither an nirdml checkpoint nor an embeddings file (keys: "
         f"{sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__}); pass a run "
         "folder, a .pt checkpoint from `nirdml train`, or an embeddings file from `nirdml embed`"
@@ -77,7 +78,7 @@ def load_embeddings_file(path: str | Path) -> dict[str, Any]:
     ``class_names`` (list) from an ``.npz`` or ``.pt`` embeddings file, validated."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"embeddings file {path} does not exist")
+        raise MissingFileError(f"embeddings file {path} does not exist")
     if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
@@ -85,26 +86,26 @@ def load_embeddings_file(path: str | Path) -> dict[str, Any]:
         data = dict(torch.load(path, map_location="cpu", weights_only=True))
     missing = [k for k in ("embeddings", "labels") if k not in data]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"{path} lacks {', '.join(missing)}; an embeddings file needs 'embeddings' (N, D) "
             "and 'labels' (N,) (as `nirdml embed` writes them)"
         )
     emb = torch.as_tensor(np.asarray(data["embeddings"]), dtype=torch.float32)
     labels = np.asarray(data["labels"]).astype(np.int64).reshape(-1)
     if emb.dim() != 2 or emb.shape[0] != len(labels):
-        raise ValueError(
+        raise InputError(
             f"{path}: embeddings {tuple(emb.shape)} and labels ({len(labels)},) do not match; "
             "expected (N, D) and (N,)"
         )
     if len(labels) and labels.min() < 0:
-        raise ValueError(
+        raise InputError(
             f"{path}: labels must be class indices >= 0; the analysis needs labelled items "
             "(embed a folder of class sub-folders)"
         )
     paths = data.get("paths")
     paths = [str(p) for p in np.asarray(paths).tolist()] if paths is not None else None
     if paths is not None and len(paths) != len(labels):
-        raise ValueError(f"{path}: {len(paths)} paths for {len(labels)} embeddings")
+        raise InputError(f"{path}: {len(paths)} paths for {len(labels)} embeddings")
     n_cls = int(labels.max()) + 1 if len(labels) else 0
     names = data.get("class_names")
     names = [str(c) for c in np.asarray(names).tolist()] if names is not None else []
@@ -131,14 +132,14 @@ def load_input(
     """
     path = Path(source)
     if not path.exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{path} does not exist; pass a run folder, a .pt checkpoint or an embeddings file"
         )
     if split not in SPLITS:
-        raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+        raise InputError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     if not _checkpoint_file(path):
         if dataset is not None or root is not None or split != "test":
-            raise ValueError(
+            raise InputError(
                 f"{path} holds exported embeddings, which carry their own items: --dataset, "
                 "--root and --split apply to checkpoints only; drop them"
             )
@@ -196,7 +197,7 @@ def _from_checkpoint(
         train_error = f"the run's training data could not be loaded ({exc})"
     epoch = run.state.get("epoch")
     desc = (
-        f"checkpoint {path} (epoch {int(epoch) + 1 if epoch is not None else '?'}), "
+        f"checkpoint {run.path} (epoch {int(epoch) + 1 if epoch is not None else '?'}), "
         f"{data.describe()}"
     )
     return AnalysisInput(

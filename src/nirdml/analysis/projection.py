@@ -6,18 +6,20 @@ import importlib.util
 
 import numpy as np
 
+from nirdml.errors import InputError
+
 METHODS = ("auto", "umap", "tsne", "pca")
 
 
 def resolve_method(method: str) -> str:
     """``auto`` -> ``umap`` if the umap-learn package is installed, else ``tsne``."""
     if method not in METHODS:
-        raise ValueError(f"unknown 2-D map method {method!r}; choose one of {', '.join(METHODS)}")
+        raise InputError(f"unknown 2-D map method {method!r}; choose one of {', '.join(METHODS)}")
     has_umap = importlib.util.find_spec("umap") is not None
     if method == "auto":
         return "umap" if has_umap else "tsne"
     if method == "umap" and not has_umap:
-        raise ValueError(
+        raise InputError(
             "method='umap' needs the umap-learn package: pip install umap-learn "
             "(or use method='tsne' or 'pca')"
         )

@@ -29,22 +29,34 @@ ALARM_COLUMNS = (
 
 
 def render_html(result: AnalysisResult) -> str:
-    """The self-contained report page (every figure embedded as a data URI)."""
-    inp, metrics, spread, figures = result.inp, result.metrics, result.spread, result.figures
-    method, scores, flow, flow_note, k = (
-        result.map_method,
-        result.scores,
-        result.flow,
-        result.flow_note,
-        result.k,
-    )
-    n, d = inp.embeddings.shape
-    title = f"nirdml analysis: {Path(inp.source).name}"
+    """The self-contained report page (every figure embedded as a data URI), section by
+    section."""
+    title = f"nirdml analysis: {Path(result.inp.source).name}"
     parts = [f"<h1>{H.esc(title)}</h1>"]
-    parts.append(
-        f'<p class="meta">{H.esc(inp.description)}<br>{n:,} items, {len(spread.classes):,} '
-        f"classes, {d}-dim embeddings. Every item queries all other items (self excluded).</p>"
-    )
+    for section in (
+        _header,
+        _nav,
+        _metrics_section,
+        _structure_section,
+        _map_section,
+        _retrieval_section,
+        _flow_section,
+        _training_section,
+        _footer,
+    ):
+        parts += section(result)
+    return H.page(title, "\n".join(parts))
+
+
+def _header(result: AnalysisResult) -> list[str]:
+    """What was analysed: the input, its size and, for a checkpoint, the run."""
+    inp = result.inp
+    n, d = inp.embeddings.shape
+    parts = [
+        f'<p class="meta">{H.esc(inp.description)}<br>{n:,} items, '
+        f"{len(result.spread.classes):,} classes, {d}-dim embeddings. Every item queries all "
+        "other items (self excluded).</p>"
+    ]
     if inp.run is not None:
         cfg = inp.run.config
         nir = LOSSES[cfg.loss.name].title
@@ -62,25 +74,34 @@ def render_html(result: AnalysisResult) -> str:
             )
             + ".</p>"
         )
+    return parts
+
+
+def _nav(result: AnalysisResult) -> list[str]:
     nav = [
         ("metrics", "Metrics"),
         ("structure", "Structure"),
         ("map", "2-D map"),
         ("retrieval", "Retrieval"),
     ]
-    if flow is not None or flow_note:
+    if result.flow is not None or result.flow_note:
         nav.append(("flow", "Flow samples"))
-    if "training.png" in figures:
+    if "training.png" in result.figures:
         nav.append(("training", "Training"))
     if result.nir_alarm is not None:
         nav.append(("nir_alarm", "NIR alarm"))
-    parts.append("<nav>" + "".join(f'<a href="#{a}">{H.esc(t)}</a>' for a, t in nav) + "</nav>")
+    return ["<nav>" + "".join(f'<a href="#{a}">{H.esc(t)}</a>' for a, t in nav) + "</nav>"]
 
-    parts.append('<h2 id="metrics">Metrics</h2>')
-    rows = [(name, float(v), _help(name)) for name, v in metrics.items()]
-    parts.append(_metric_table(rows))
 
-    parts.append('<h2 id="structure">Structure of the space</h2>')
+def _metrics_section(result: AnalysisResult) -> list[str]:
+    rows = [(name, float(v), _help(name)) for name, v in result.metrics.items()]
+    return ['<h2 id="metrics">Metrics</h2>', _metric_table(rows)]
+
+
+def _structure_section(result: AnalysisResult) -> list[str]:
+    """rho, pi ratio, G2, the spectrum and spread figures, the tightest and widest classes."""
+    metrics, figures, spread, inp = result.metrics, result.figures, result.spread, result.inp
+    parts = ['<h2 id="structure">Structure of the space</h2>']
     parts.append(
         f"<p>rho = <b>{metrics['rho_spectrum']:.4f}</b>, pi ratio = "
         f"<b>{metrics['pi_ratio']:.4f}</b>, G2 = <b>{metrics['uniformity_g2']:.4f}</b>. "
@@ -134,130 +155,114 @@ def render_html(result: AnalysisResult) -> str:
             text=(0, 3),
         )
     )
+    return parts
 
-    parts.append('<h2 id="map">2-D map</h2>')
+
+def _map_section(result: AnalysisResult) -> list[str]:
+    method = result.map_method
     mname = {"umap": "UMAP", "tsne": "t-SNE", "pca": "PCA"}[method]
-    parts.append(
+    return [
+        '<h2 id="map">2-D map</h2>',
         H.figure(
             "map.png",
-            figures["map.png"],
+            result.figures["map.png"],
             f"{mname} of {result.map_points:,} test embeddings; up to 20 classes in colour, the "
             "others grey."
             + (" (UMAP is used when umap-learn is installed.)" if method == "tsne" else ""),
             "2-D map of the embeddings",
-        )
-    )
+        ),
+    ]
 
-    parts.append('<h2 id="retrieval">Retrieval</h2>')
+
+def _retrieval_section(result: AnalysisResult) -> list[str]:
+    parts = ['<h2 id="retrieval">Retrieval</h2>']
     parts.append(
-        f"<p>Each row: the query (blue frame) and its {k} nearest other items by distance, "
-        "framed <b style='color:#00aa00'>green</b> when they share the query's class and "
-        "<b style='color:#dc1e1e'>red</b> otherwise; sim = cosine similarity. "
-        f"Worst queries are those with the lowest per-query {H.esc(scores.metric)} "
+        f"<p>Each row: the query (blue frame) and its {result.k} nearest other items by "
+        "distance, framed <b style='color:#00aa00'>green</b> when they share the query's class "
+        "and <b style='color:#dc1e1e'>red</b> otherwise; sim = cosine similarity. "
+        f"Worst queries are those with the lowest per-query {H.esc(result.scores.metric)} "
         "(ties: latest first hit).</p>"
     )
-    if inp.images is None:
+    if result.inp.images is None:
         parts.append(
             '<p class="note">The embeddings file has no image paths: tiles show '
             "class names only.</p>"
         )
+    for png, caption, alt in (
+        ("retrieval_random.png", "Random queries, one per class.", "random queries"),
+        ("retrieval_worst.png", "The worst queries.", "worst queries"),
+    ):
+        parts.append(H.figure(png, result.figures[png], caption, f"retrieval grid, {alt}"))
+    return parts
+
+
+def _flow_section(result: AnalysisResult) -> list[str]:
+    """NIR flow samples next to the real embeddings (or why there are none)."""
+    flow = result.flow
+    if flow is None:
+        if not result.flow_note:
+            return []
+        return ['<h2 id="flow">Flow samples</h2>', f'<p class="note">{H.esc(result.flow_note)}</p>']
+    d = result.inp.embeddings.shape[1]
+    parts = ['<h2 id="flow">Flow samples around class proxies</h2>']
     parts.append(
-        H.figure(
-            "retrieval_random.png",
-            figures["retrieval_random.png"],
-            "Random queries, one per class.",
-            "retrieval grid, random queries",
+        "<p>The NIR flow maps a Gaussian residual z to an embedding given the class proxy. "
+        f"Here {len(flow.classes)} training classes: {int(flow.stats[0]['n_samples'])} "
+        "samples x = tau(z | proxy), "
+        + (
+            "z ~ N(0, I)"
+            if flow.temperature == 1.0
+            else f"z ~ N(0, {flow.temperature:g}<sup>2</sup> I)"
         )
+        + ", next to the class's real training embeddings (test transform). Spread = mean "
+        "cosine distance to the set's mean direction; nearest proxy = share whose most "
+        "similar proxy (of all training classes) is their own class's; |z| real = mean norm "
+        "of the real embeddings mapped back to the flow's base space, to compare with "
+        f"sqrt(D) = {math.sqrt(d):.1f} for draws from N(0, I).</p>"
     )
     parts.append(
         H.figure(
-            "retrieval_worst.png",
-            figures["retrieval_worst.png"],
-            "The worst queries.",
-            "retrieval grid, worst queries",
+            "flow_samples.png",
+            result.figures["flow_samples.png"],
+            "Flow samples (x) and real embeddings (dots) per class; the star is the proxy.",
+            "flow samples next to real embeddings",
         )
     )
+    keys = ("spread_real", "spread_samples", "norm_samples", "cos_real_proxy")
+    keys += ("cos_samples_proxy", "nearest_proxy_real", "nearest_proxy_samples")
+    keys += ("nll_real", "z_norm_real")
+    srows = [
+        (nm, int(st["n_real"]), *(st[k] for k in keys))
+        for nm, st in zip(flow.names, flow.stats, strict=True)
+    ]
+    columns = ["class", "real items", "spread real", "spread samples", "|sample|"]
+    columns += ["cos(real, proxy)", "cos(samples, proxy)", "nearest proxy: real"]
+    columns += ["nearest proxy: samples", "NLL real", "|z| real"]
+    parts.append(H.table(columns, srows))
+    return parts
 
-    if flow is not None:
-        parts.append('<h2 id="flow">Flow samples around class proxies</h2>')
-        parts.append(
-            "<p>The NIR flow maps a Gaussian residual z to an embedding given the class proxy. "
-            f"Here {len(flow.classes)} training classes: {int(flow.stats[0]['n_samples'])} "
-            "samples x = tau(z | proxy), "
-            + (
-                "z ~ N(0, I)"
-                if flow.temperature == 1.0
-                else f"z ~ N(0, {flow.temperature:g}<sup>2</sup> I)"
-            )
-            + ", next to the class's real training embeddings (test transform). Spread = mean "
-            "cosine distance to the set's mean direction; nearest proxy = share whose most "
-            "similar proxy (of all training classes) is their own class's; |z| real = mean norm "
-            "of the real embeddings mapped back to the flow's base space, to compare with "
-            f"sqrt(D) = {math.sqrt(d):.1f} for draws from N(0, I).</p>"
-        )
-        parts.append(
-            H.figure(
-                "flow_samples.png",
-                figures["flow_samples.png"],
-                "Flow samples (x) and real embeddings (dots) per class; the star is the proxy.",
-                "flow samples next to real embeddings",
-            )
-        )
-        srows = [
-            (
-                nm,
-                int(st["n_real"]),
-                st["spread_real"],
-                st["spread_samples"],
-                st["norm_samples"],
-                st["cos_real_proxy"],
-                st["cos_samples_proxy"],
-                st["nearest_proxy_real"],
-                st["nearest_proxy_samples"],
-                st["nll_real"],
-                st["z_norm_real"],
-            )
-            for nm, st in zip(flow.names, flow.stats, strict=True)
-        ]
-        parts.append(
-            H.table(
-                [
-                    "class",
-                    "real items",
-                    "spread real",
-                    "spread samples",
-                    "|sample|",
-                    "cos(real, proxy)",
-                    "cos(samples, proxy)",
-                    "nearest proxy: real",
-                    "nearest proxy: samples",
-                    "NLL real",
-                    "|z| real",
-                ],
-                srows,
-            )
-        )
-    elif flow_note:
-        parts.append('<h2 id="flow">Flow samples</h2>')
-        parts.append(f'<p class="note">{H.esc(flow_note)}</p>')
 
-    if "training.png" in figures:
-        parts.append('<h2 id="training">Training</h2>')
-        parts.append(
-            H.figure(
-                "training.png",
-                figures["training.png"],
-                "The selection metric per evaluated epoch, from the checkpoint's history.",
-                "training curve",
-            )
-        )
-    parts.append(
+def _training_section(result: AnalysisResult) -> list[str]:
+    if "training.png" not in result.figures:
+        return []
+    return [
+        '<h2 id="training">Training</h2>',
+        H.figure(
+            "training.png",
+            result.figures["training.png"],
+            "The selection metric per evaluated epoch, from the checkpoint's history.",
+            "training curve",
+        ),
+    ]
+
+
+def _footer(result: AnalysisResult) -> list[str]:
+    return [
         ("" if result.nir_alarm is None else _alarm_html(result.nir_alarm))
         + '<p class="meta">Written by nirdml analyze. Every figure is embedded in this '
         "page and also saved as the PNG linked under it; report.json holds the "
         "numbers.</p>"
-    )
-    return H.page(title, "\n".join(parts))
+    ]
 
 
 def _metric_table(rows: list[tuple[str, float, str]]) -> str:

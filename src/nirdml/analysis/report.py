@@ -24,7 +24,7 @@ from nirdml.analysis import plots
 from nirdml.analysis._json import json_safe
 from nirdml.analysis.flow_samples import FlowSamples, draw_flow_samples, is_nir
 from nirdml.analysis.inputs import AnalysisInput, load_input
-from nirdml.analysis.projection import project_2d
+from nirdml.analysis.projection import project_2d, resolve_method
 from nirdml.analysis.render import ALARM_COLUMNS, render_html, report_numbers
 from nirdml.analysis.retrieval_grid import (
     QueryScores,
@@ -35,6 +35,7 @@ from nirdml.analysis.retrieval_grid import (
     retrieval_rows,
 )
 from nirdml.analysis.spread import ClassSpread, class_spread
+from nirdml.errors import InputError, OutputExistsError
 from nirdml.runtime import atomic_write, atomic_write_json, atomic_write_text, resolve_device
 
 
@@ -134,14 +135,12 @@ def _metric_names(inp: AnalysisInput, dataset_overridden: bool) -> list[str]:
 
 
 def _num_clusters(inp: AnalysisInput, dataset_overridden: bool) -> int | None:
-    run = inp.run
-    if (
-        run is not None
-        and not dataset_overridden
-        and run.config.eval.num_clusters == "train_classes"
-    ):
-        return int(run.state["num_classes"])
-    return None
+    """The run's k-means k (``eval.num_clusters``) on its own data; None otherwise."""
+    from nirdml.training.build import eval_num_clusters
+
+    if inp.run is None or dataset_overridden:
+        return None
+    return eval_num_clusters(inp.run.config, int(inp.run.state["num_classes"]))
 
 
 def analyze(source: str | Path, out_dir: str | Path, **options: Any) -> AnalysisReport:
@@ -149,7 +148,7 @@ def analyze(source: str | Path, out_dir: str | Path, **options: Any) -> Analysis
     :func:`compute_analysis` with the keyword ``options``, then :func:`write_report`."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder; choose another -o folder")
+        raise OutputExistsError(f"{out} exists and is not a folder; choose another -o folder")
     return write_report(compute_analysis(source, **options), out)
 
 
@@ -184,93 +183,41 @@ def compute_analysis(
         device: ``auto``, ``cpu``, ``cuda``...
         seed: every random choice (queries, map sample, flow draws) comes from it.
     """
-    from nirdml.evaluation import evaluate, singular_values
-
     watch = _Stopwatch()
     if k < 1 or num_queries < 1:
-        raise ValueError(f"k and num_queries must be >= 1, got k={k}, num_queries={num_queries}")
+        raise InputError(f"k and num_queries must be >= 1, got k={k}, num_queries={num_queries}")
+    resolve_method(map_method)  # a bad map method fails before anything is embedded
     dev = resolve_device(device)
     inp = load_input(source, dataset=dataset, root=root, split=split, device=str(dev))
     if flow_classes and (inp.run is None or not is_nir(inp.run.loss)):
-        raise ValueError(
+        raise InputError(
             "flow classes were given but the input is not a NIR checkpoint (no flow to sample)"
         )
     watch.lap("load_and_embed")
     overridden = dataset is not None or root is not None
-    emb, labels = inp.embeddings, inp.labels
-    n = emb.shape[0]
-    counts = np.bincount(np.unique(labels, return_inverse=True)[1])
-    if len(counts) < 2 or counts.max() < 2:
-        raise ValueError(
-            f"{inp.source}: {n} items in {len(counts)} class(es); the analysis needs at least 2 "
-            "classes and a class with 2 or more items"
-        )
-    k = min(k, n - 1)
+    k = min(k, _check_classes(inp) - 1)
     figures: dict[str, bytes] = {}
-
-    metrics = evaluate(
-        emb,
-        labels,
-        _metric_names(inp, overridden),
-        num_clusters=_num_clusters(inp, overridden),
-        seed=seed,
-        device=dev,
-    )
+    metrics = _metrics(inp, overridden, seed, dev)
     watch.lap("metrics")
-
-    spread = class_spread(emb, labels)
-    sv = singular_values(emb, device=dev).numpy()
-    figures["spectrum.png"] = plots.spectrum_plot(sv, metrics["rho_spectrum"])
-    figures["spread.png"] = plots.spread_plot(spread.intra, spread.inter, spread.pi_ratio)
+    spread = _structure(inp, metrics, dev, figures)
     watch.lap("structure")
-
-    subset, highlight = map_subset(labels, map_points, map_classes, seed)
-    xy, method = project_2d(emb[subset].numpy(), map_method, seed)
-    figures["map.png"] = plots.map_plot(
-        xy,
-        labels[subset],
-        highlight,
-        inp.class_names,
-        method,
-        f"{len(subset):,} of {n:,} embeddings",
-    )
+    shown, method = _map(inp, map_method, map_points, map_classes, seed, figures)
     watch.lap("map")
-
-    scores = query_scores(emb, labels, device=dev)
+    scores = query_scores(inp.embeddings, inp.labels, device=dev)
     grids = _retrieval_grids(inp, scores, k, num_queries, seed, dev, figures)
     watch.lap("retrieval")
-
-    flow: FlowSamples | None = None
-    flow_note = None
-    if inp.run is not None and is_nir(inp.run.loss):
-        if inp.train_data is None:
-            flow_note = f"Flow samples skipped: {inp.train_data_error}."
-        else:
-            flow = draw_flow_samples(
-                inp.run.model,
-                inp.run.loss,
-                inp.train_data,
-                classes=flow_classes,
-                temperature=flow_temperature,
-                seed=seed,
-                batch_size=inp.run.config.eval.batch_size,
-            )
-            figures["flow_samples.png"] = plots.flow_plot(
-                flow.real, flow.samples, flow.proxies, flow.names
-            )
+    flow, flow_note = _flow(inp, flow_classes, flow_temperature, seed, figures)
     watch.lap("flow")
-
     if inp.run is not None:
         curve = _training_curve(inp.run)
         if curve is not None:
             figures["training.png"] = curve
-
     return AnalysisResult(
         inp=inp,
         metrics=metrics,
         spread=spread,
         map_method=method,
-        map_points=len(subset),
+        map_points=shown,
         scores=scores,
         grids=grids,
         k=k,
@@ -281,6 +228,94 @@ def compute_analysis(
         nir_alarm=nir_alarm(inp.run) if inp.run is not None else None,
         clock=watch,
     )
+
+
+def _check_classes(inp: AnalysisInput) -> int:
+    """The number of items; an InputError unless there are 2 classes and one with 2 items."""
+    n = inp.embeddings.shape[0]
+    counts = np.bincount(np.unique(inp.labels, return_inverse=True)[1])
+    if len(counts) < 2 or counts.max() < 2:
+        raise InputError(
+            f"{inp.source}: {n} items in {len(counts)} class(es); the analysis needs at least 2 "
+            "classes and a class with 2 or more items"
+        )
+    return n
+
+
+def _metrics(inp: AnalysisInput, overridden: bool, seed: int, dev: Any) -> dict[str, float]:
+    """The run's metrics (or the dataset's) plus map@r, r_precision and the structure ones."""
+    from nirdml.evaluation import evaluate
+
+    return evaluate(
+        inp.embeddings,
+        inp.labels,
+        _metric_names(inp, overridden),
+        num_clusters=_num_clusters(inp, overridden),
+        seed=seed,
+        device=dev,
+    )
+
+
+def _structure(
+    inp: AnalysisInput, metrics: dict[str, float], dev: Any, figures: dict[str, bytes]
+) -> ClassSpread:
+    """Per-class spread; the singular value spectrum and spread figures."""
+    from nirdml.evaluation import singular_values
+
+    spread = class_spread(inp.embeddings, inp.labels)
+    sv = singular_values(inp.embeddings, device=dev).numpy()
+    figures["spectrum.png"] = plots.spectrum_plot(sv, metrics["rho_spectrum"])
+    figures["spread.png"] = plots.spread_plot(spread.intra, spread.inter, spread.pi_ratio)
+    return spread
+
+
+def _map(
+    inp: AnalysisInput,
+    map_method: str,
+    map_points: int,
+    map_classes: int,
+    seed: int,
+    figures: dict[str, bytes],
+) -> tuple[int, str]:
+    """The 2-D map figure of a seeded subset: (points shown, method used)."""
+    labels, n = inp.labels, inp.embeddings.shape[0]
+    subset, highlight = map_subset(labels, map_points, map_classes, seed)
+    xy, method = project_2d(inp.embeddings[subset].numpy(), map_method, seed)
+    figures["map.png"] = plots.map_plot(
+        xy,
+        labels[subset],
+        highlight,
+        inp.class_names,
+        method,
+        f"{len(subset):,} of {n:,} embeddings",
+    )
+    return len(subset), method
+
+
+def _flow(
+    inp: AnalysisInput,
+    flow_classes: list[int] | None,
+    temperature: float,
+    seed: int,
+    figures: dict[str, bytes],
+) -> tuple[FlowSamples | None, str | None]:
+    """NIR flow samples and their figure (a NIR checkpoint with its training data), or a
+    note saying why there are none."""
+    if inp.run is None or not is_nir(inp.run.loss):
+        return None, None
+    if inp.train_data is None:
+        return None, f"Flow samples skipped: {inp.train_data_error}."
+    flow = draw_flow_samples(
+        inp.run.model,
+        inp.run.loss,
+        inp.train_data,
+        classes=flow_classes,
+        temperature=temperature,
+        seed=seed,
+        batch_size=inp.run.config.eval.batch_size,
+    )
+    figures["flow_samples.png"] = plots.flow_plot(flow.real, flow.samples, flow.proxies, flow.names)
+    return flow, None
 
 
 def write_report(result: AnalysisResult, out_dir: str | Path) -> AnalysisReport:

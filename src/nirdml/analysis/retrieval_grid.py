@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from nirdml.analysis.images import ImageSource
+from nirdml.errors import InputError
 
 CORRECT_RGB = (0, 170, 0)
 """Frame of a neighbour of the query's class."""
@@ -38,11 +39,11 @@ def as_matrix(x: Any) -> torch.Tensor:
     t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
     t = t.detach().to("cpu", torch.float32)
     if t.dim() != 2 or t.shape[0] < 2:
-        raise ValueError(
+        raise InputError(
             f"embeddings must be a (N, D) matrix with N >= 2, got shape {tuple(t.shape)}"
         )
     if not bool(torch.isfinite(t).all()):
-        raise ValueError("embeddings contain NaN/inf; check the model or the exported file")
+        raise InputError("embeddings contain NaN/inf; check the model or the exported file")
     return t
 
 
@@ -107,7 +108,7 @@ def query_scores(
     x = as_matrix(embeddings)
     y = np.asarray(labels).astype(np.int64).reshape(-1)
     if len(y) != x.shape[0]:
-        raise ValueError(f"{x.shape[0]} embeddings but {len(y)} labels")
+        raise InputError(f"{x.shape[0]} embeddings but {len(y)} labels")
     _, ids = np.unique(y, return_inverse=True)
     rel = np.bincount(ids)[ids] - 1
     window = int(min(max(int(rel.max()), 1), max_rank, x.shape[0] - 1))
@@ -137,7 +138,7 @@ def pick_queries(labels: Any, n: int, seed: int = 0) -> list[int]:
     classes, counts = np.unique(y, return_counts=True)
     usable = classes[counts >= 2]
     if len(usable) == 0:
-        raise ValueError("no class has 2 or more items: there is nothing to retrieve")
+        raise InputError("no class has 2 or more items: there is nothing to retrieve")
     rng = np.random.default_rng(seed)
     chosen = rng.choice(usable, size=min(n, len(usable)), replace=False)
     return [int(rng.choice(np.flatnonzero(y == c))) for c in chosen]
@@ -173,12 +174,12 @@ def retrieval_rows(
     y = np.asarray(labels).astype(np.int64).reshape(-1)
     n = x.shape[0]
     if not 1 <= k <= n - 1:
-        raise ValueError(f"k={k} must lie in 1..{n - 1} (the other items of {n})")
+        raise InputError(f"k={k} must lie in 1..{n - 1} (the other items of {n})")
     if not queries:
         return []
     q = torch.as_tensor(queries, dtype=torch.long)
     if int(q.min()) < 0 or int(q.max()) >= n:
-        raise ValueError(f"query indices must lie in 0..{n - 1}")
+        raise InputError(f"query indices must lie in 0..{n - 1}")
     _, idx = knn_search(x[q], x, k + 1, device=device)
     unit = F.normalize(x, dim=1)
     rows = []
@@ -261,9 +262,9 @@ def render_retrieval_grid(
     the tile is left grey (the caption under it still names the class).
     """
     if not rows:
-        raise ValueError("no rows to draw")
+        raise InputError("no rows to draw")
     if tile < 32:
-        raise ValueError(f"tile must be >= 32 pixels, got {tile}")
+        raise InputError(f"tile must be >= 32 pixels, got {tile}")
     names = class_names or []
     k = max(len(r.neighbours) for r in rows)
     margin, gap, sep = 10, 6, 22

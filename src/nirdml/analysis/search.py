@@ -21,7 +21,9 @@ import numpy as np
 import torch
 
 from nirdml.analysis.images import path_images
+from nirdml.errors import InputError, MissingFileError
 from nirdml.runtime import atomic_write, resolve_device
+from nirdml.training.checkpoint import resolve_checkpoint
 
 CACHE_FORMAT = 1
 
@@ -34,22 +36,6 @@ def default_cache_dir() -> Path:
     return Path(base) / "nirdml" / "search"
 
 
-def checkpoint_file(checkpoint: str | Path) -> Path:
-    """The checkpoint file a path stands for (a run folder -> its checkpoints/last.pt)."""
-    p = Path(checkpoint)
-    if p.is_dir():
-        for c in (p / "checkpoints" / "last.pt", p / "last.pt"):
-            if c.is_file():
-                return c.resolve()
-        raise FileNotFoundError(
-            f"{p} is a folder without checkpoints/last.pt; pass a run folder written by "
-            "`nirdml train` or the path of a .pt checkpoint"
-        )
-    if not p.is_file():
-        raise FileNotFoundError(f"checkpoint {p} does not exist")
-    return p.resolve()
-
-
 def _stat(path: str | Path) -> list[Any]:
     st = os.stat(path)
     return [str(path), st.st_size, st.st_mtime_ns]
@@ -59,7 +45,7 @@ def gallery_key(checkpoint: str | Path, paths: list[str]) -> str:
     """SHA-256 of the checkpoint file's and every gallery file's (path, size, mtime)."""
     payload = {
         "format": CACHE_FORMAT,
-        "checkpoint": _stat(checkpoint_file(checkpoint)),
+        "checkpoint": _stat(resolve_checkpoint(checkpoint).resolve()),
         "files": [_stat(p) for p in paths],
     }
     return hashlib.sha256(json.dumps(payload).encode("utf-8")).hexdigest()
@@ -132,7 +118,7 @@ def embed_gallery(
         except (OSError, ValueError, KeyError):
             pass  # unreadable or foreign file: recompute and replace it
     dev = resolve_device(device)
-    run = run if run is not None else load_trained(checkpoint, dev)
+    run = run if run is not None else load_trained(checkpoint, dev, with_loss=False)
     reader, transform = _preprocess(run)
     data = _gallery_dataset(gallery, reader, transform)
     emb, labels = compute_embeddings(
@@ -184,7 +170,7 @@ def embed_images(run: Any, paths: list[str | Path], device: str = "auto") -> tor
     xs = []
     for p in paths:
         if not Path(p).is_file():
-            raise FileNotFoundError(f"query image {p} does not exist")
+            raise MissingFileError(f"query image {p} does not exist")
         xs.append(transform(open_image(str(p), reader)))
     model = run.model.to(dev).eval()
     with torch.inference_mode():
@@ -215,14 +201,14 @@ def search(
 
     qs = [queries] if isinstance(queries, (str, Path)) else list(queries)
     if not qs:
-        raise ValueError("pass at least one query image")
+        raise InputError("pass at least one query image")
     for q in qs:
         if not Path(q).is_file():
-            raise FileNotFoundError(f"query image {q} does not exist")
+            raise MissingFileError(f"query image {q} does not exist")
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise InputError(f"k must be >= 1, got {k}")
     dev = resolve_device(device)
-    run = load_trained(checkpoint, dev)
+    run = load_trained(checkpoint, dev, with_loss=False)
     index = embed_gallery(
         checkpoint, gallery, cache_dir=cache_dir, device=device, batch_size=batch_size, run=run
     )
@@ -230,7 +216,7 @@ def search(
     position = {p: i for i, p in enumerate(index.paths)}
     q_pos = [position.get(str(Path(q).resolve())) for q in qs]
     if k > n - (1 if any(p is not None for p in q_pos) else 0):
-        raise ValueError(f"k={k} but the gallery has only {n} images; use k <= {n - 1}")
+        raise InputError(f"k={k} but the gallery has only {n} images; use k <= {n - 1}")
     q_emb = embed_images(run, qs, device)
     _, idx = knn_search(q_emb, index.embeddings, min(k + 1, n), device=dev)
     unit_g = torch.nn.functional.normalize(index.embeddings, dim=1)

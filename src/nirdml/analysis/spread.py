@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nirdml.errors import InputError
+
 
 @dataclass
 class ClassSpread:
@@ -45,13 +47,13 @@ def class_spread(embeddings: Any, labels: Any) -> ClassSpread:
     x = torch.as_tensor(np.asarray(embeddings), dtype=torch.float64)
     y = np.asarray(labels).astype(np.int64).reshape(-1)
     if x.dim() != 2 or x.shape[0] != len(y):
-        raise ValueError(f"need (N, D) embeddings and N labels, got {tuple(x.shape)} and {len(y)}")
+        raise InputError(f"need (N, D) embeddings and N labels, got {tuple(x.shape)} and {len(y)}")
     norms = x.norm(dim=1)
     if bool((norms == 0).any()):
-        raise ValueError("some embeddings are all-zero vectors; cosine distance is undefined")
+        raise InputError("some embeddings are all-zero vectors; cosine distance is undefined")
     classes, inv = np.unique(y, return_inverse=True)
     if len(classes) < 2:
-        raise ValueError("the spread analysis needs at least 2 classes")
+        raise InputError("the spread analysis needs at least 2 classes")
     inv_t = torch.as_tensor(inv)
     c = len(classes)
     counts = torch.bincount(inv_t, minlength=c).to(torch.float64)

@@ -25,7 +25,7 @@ _LAZY = {
     "MissingImageError": "nirdml.data.errors",
     "SamplerConfigError": "nirdml.data.errors",
     "auto_val_classes": "nirdml.data.load",
-    "default_transform_preset": "nirdml.data.load",
+    "default_transform_preset": "nirdml.data.registry",
     "file_reader": "nirdml.data.load",
     "load_dataset": "nirdml.data.load",
     "DATASETS": "nirdml.data.registry",

@@ -22,6 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from nirdml.data.errors import CorruptImageError, MissingImageError
+from nirdml.errors import InputError
 
 Transform = Callable[[Any], Any]
 
@@ -192,14 +193,14 @@ class RetrievalDataset(Dataset):
         labels = np.asarray(labels, dtype=np.int64)
         index = np.arange(len(storage), dtype=np.int64) if index is None else np.asarray(index)
         if len(index) != len(labels):
-            raise ValueError(f"index has {len(index)} entries but labels has {len(labels)}")
+            raise InputError(f"index has {len(index)} entries but labels has {len(labels)}")
         self.storage = storage
         self.index = index.astype(np.int64, copy=False)
         self.labels = labels
         self.class_names = [str(c) for c in class_names]
         self.num_classes = len(self.class_names)
         if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(
+            raise InputError(
                 f"labels must lie in 0..{self.num_classes - 1} (one per class name); "
                 f"got {labels.min()}..{labels.max()}"
             )
@@ -362,9 +363,9 @@ def _roles(
     g = np.ones(n, bool) if is_gallery is None else np.asarray(is_gallery)
     for name, a in (("is_query", q), ("is_gallery", g)):
         if a.dtype != bool or a.shape != (n,):
-            raise ValueError(f"{name} must be a boolean array with one entry per item ({n})")
+            raise InputError(f"{name} must be a boolean array with one entry per item ({n})")
     if not (q | g).all():
-        raise ValueError(
+        raise InputError(
             f"{int((~(q | g)).sum())} item(s) are neither query nor gallery; drop them or "
             "mark them as one of the two"
         )

@@ -31,6 +31,7 @@ from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
 from nirdml.data.base import FileStorage, ImageStorage, RetrievalDataset
+from nirdml.errors import InputError, MissingFileError
 
 CACHE_VERSION = 1
 
@@ -89,7 +90,7 @@ def build_cache(
     unless ``overwrite``.
     """
     if not isinstance(dataset.storage, FileStorage):
-        raise ValueError(
+        raise InputError(
             f"{dataset.name}/{dataset.split} is already held in memory; the cache is for "
             "datasets of image files (it would not make loading faster)"
         )
@@ -154,19 +155,19 @@ class CachedStorage(ImageStorage):
         self.directory = Path(directory)
         meta_path = self.directory / "meta.json"
         if not meta_path.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{self.directory} is not an image cache (no meta.json); build it with "
                 "nirdml.data.build_cache(dataset, directory)"
             )
         self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
         if self.meta.get("version") != CACHE_VERSION:
-            raise ValueError(
+            raise InputError(
                 f"{self.directory} was built by another cache version "
                 f"({self.meta.get('version')}, this is {CACHE_VERSION}); rebuild it with "
                 "build_cache(..., overwrite=True)"
             )
         if expect is not None and self.meta["fingerprint"] != expect:
-            raise ValueError(
+            raise InputError(
                 f"{self.directory} caches other images than {self.meta['source']} of this "
                 "dataset (the file list differs); rebuild it with build_cache(..., "
                 "overwrite=True) or use another folder"

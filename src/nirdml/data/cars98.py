@@ -15,6 +15,7 @@ from pathlib import Path
 from nirdml.data.base import DatasetSplits, split_by_class_id
 from nirdml.data.errors import DatasetLayoutError
 from nirdml.data.layout import require_root
+from nirdml.errors import InputError
 
 NAME = "cars98"
 TRAIN_CLASS_IDS = (1, 49)
@@ -63,7 +64,7 @@ def load_cars98(
     try:
         first, last = (int(c) for c in train_classes)
     except (TypeError, ValueError) as exc:
-        raise ValueError(
+        raise InputError(
             f"cars98 train_classes must be [first, last] official class ids, got {train_classes!r}"
         ) from exc
     return split_by_class_id(

@@ -25,6 +25,7 @@ from nirdml.data.base import (
 from nirdml.data.errors import DatasetLayoutError, list_some
 from nirdml.data.layout import list_images, require_root, subdirs
 from nirdml.data.splits import class_sort_key, split_class_names
+from nirdml.errors import InputError
 
 SPLIT_NAMES = ("train", "test", "val")
 ROLE_COLUMNS = ("is_query", "is_gallery")
@@ -121,7 +122,7 @@ def load_folder(
     halves = [root / s for s in ("train", "test")]
     if all(h.is_dir() for h in halves) and all(_scan(h)[2] for h in halves):
         if train_classes is not None or test_classes is not None:
-            raise ValueError(
+            raise InputError(
                 f"{root} has train/ and test/ folders, which fix the split; drop "
                 "train_classes/test_classes or use a flat folder of classes"
             )
@@ -243,7 +244,7 @@ def load_csv(
     source = str(csv_path)
     if splits is not None:
         if train_classes is not None or test_classes is not None:
-            raise ValueError(
+            raise InputError(
                 f"{csv_path} has a split column, which fixes the split; drop "
                 "train_classes/test_classes or remove the column"
             )

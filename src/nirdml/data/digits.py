@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from nirdml.data.base import ArrayStorage, DatasetSplits, RetrievalDataset
+from nirdml.errors import InputError
 
 NAME = "digits"
 
@@ -28,7 +29,7 @@ def load_digits_splits(root: object = None, *, skip_corrupt: bool = False) -> Da
     to skip and is accepted for a uniform reader signature).
     """
     if root is not None:
-        raise ValueError(
+        raise InputError(
             f"digits ships with scikit-learn and takes no root (got {root!r}); pass root=None"
         )
     from sklearn.datasets import load_digits

@@ -25,7 +25,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from nirdml.errors import ManualDownloadError
+from nirdml.errors import InputError, ManualDownloadError
 
 Opener = Callable[..., Any]
 
@@ -94,7 +94,7 @@ MANUAL_DOWNLOADS = {"cars196": CARS_HELP, "inshop": INSHOP_HELP}
 """Datasets without a stable direct URL and checksum: download=True says where to get them."""
 
 
-class ChecksumError(ValueError):
+class ChecksumError(InputError):
     """A downloaded file does not have the published checksum."""
 
 
@@ -182,7 +182,7 @@ def _safe_members_zip(zf: zipfile.ZipFile, target: Path) -> None:
     for name in zf.namelist():
         p = (target / name).resolve()
         if p != root and root not in p.parents:
-            raise ValueError(f"archive member {name!r} would extract outside {target}; refusing")
+            raise InputError(f"archive member {name!r} would extract outside {target}; refusing")
 
 
 def _safe_members_tar(tf: tarfile.TarFile, target: Path) -> None:
@@ -190,7 +190,7 @@ def _safe_members_tar(tf: tarfile.TarFile, target: Path) -> None:
     for m in tf.getmembers():
         p = (target / m.name).resolve()
         if (p != root and root not in p.parents) or m.issym() or m.islnk() or m.isdev():
-            raise ValueError(f"archive member {m.name!r} is unsafe to extract; refusing")
+            raise InputError(f"archive member {m.name!r} is unsafe to extract; refusing")
 
 
 def extract_archive(archive: str | Path, parent: str | Path, top_folder: str) -> Path:
@@ -220,11 +220,11 @@ def extract_archive(archive: str | Path, parent: str | Path, top_folder: str) ->
                     _safe_members_tar(tf, tmp)
                     tf.extractall(tmp)
         else:
-            raise ValueError(f"{archive} is neither a zip nor a tar archive")
+            raise InputError(f"{archive} is neither a zip nor a tar archive")
         extracted = tmp / top_folder
         if not extracted.is_dir():
             found = sorted(p.name for p in tmp.iterdir())
-            raise ValueError(
+            raise InputError(
                 f"{archive} does not contain the folder {top_folder!r} (found {found[:8]}); "
                 "it is not the expected archive: delete it and download again"
             )
@@ -252,7 +252,7 @@ def fetch_dataset(
     if name in MANUAL_DOWNLOADS:
         raise ManualDownloadError(MANUAL_DOWNLOADS[name])
     if name not in SOURCES:
-        raise ValueError(
+        raise InputError(
             f"no download for dataset {name!r}; downloadable: {', '.join(sorted(SOURCES))}"
         )
     root = Path(root).expanduser()
@@ -260,7 +260,7 @@ def fetch_dataset(
     overrides = dict(urls or {})
     unknown = set(overrides) - {a.filename for a in SOURCES[name]}
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"urls names unknown archives {sorted(unknown)}; {name} uses "
             f"{[a.filename for a in SOURCES[name]]}"
         )

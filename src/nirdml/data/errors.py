@@ -1,21 +1,24 @@
-"""Error types of the data package: each message names the problem and the fix."""
+"""Error types of the data package (all :class:`~nirdml.errors.NirdmlError`): each message
+names the problem and the fix."""
 
 from __future__ import annotations
 
+from nirdml.errors import InputError, MissingFileError
 
-class DatasetLayoutError(FileNotFoundError):
+
+class DatasetLayoutError(MissingFileError):
     """A dataset root is missing or does not have the expected layout."""
 
 
-class MissingImageError(FileNotFoundError):
+class MissingImageError(MissingFileError):
     """An annotation file references image files that do not exist."""
 
 
-class CorruptImageError(ValueError):
+class CorruptImageError(InputError):
     """An image file exists but cannot be decoded (corrupt or truncated)."""
 
 
-class SamplerConfigError(ValueError):
+class SamplerConfigError(InputError):
     """A batch sampler cannot build class-balanced batches with the given settings."""
 
 

@@ -8,12 +8,16 @@ from typing import Any
 
 from nirdml.data.base import DatasetSplits, RetrievalDataset
 from nirdml.data.download import fetch_dataset
-from nirdml.data.registry import DATASETS, dataset_name
+from nirdml.data.registry import (
+    DATASETS,
+    DOWNLOAD_OPTIONS,
+    TRANSFORMS,
+    dataset_name,
+    option_problem,
+)
 from nirdml.data.splits import carve_validation
-from nirdml.data.transforms import PRESETS, build_transforms, check_image_size
-
-#: Download options load_dataset accepts (only with download=True).
-_DOWNLOAD_OPTIONS = frozenset({"urls", "opener"})
+from nirdml.data.transforms import build_transforms, check_image_size
+from nirdml.errors import InputError, InputTypeError
 
 
 def file_reader(name: str) -> Callable[[Any], Any] | None:
@@ -23,11 +27,6 @@ def file_reader(name: str) -> Callable[[Any], Any] | None:
     convention of the whole Omniglot pipeline. Use it to embed new files like the training data.
     """
     return DATASETS[dataset_name(name)].load_file_reader()
-
-
-def default_transform_preset(name: str) -> str:
-    """The transform preset a dataset uses unless told otherwise ("resnet" for photos)."""
-    return DATASETS[dataset_name(name)].transform
 
 
 def auto_val_classes(name: str, num_train_classes: int) -> int:
@@ -77,29 +76,22 @@ def load_dataset(
     """
     key = dataset_name(name)
     entry = DATASETS[key]
-    allowed = entry.options
+    problem = option_problem(key, layout_options, download)
+    if problem is not None:
+        raise InputTypeError(problem)
     download_opts = {
-        k: layout_options.pop(k) for k in list(layout_options) if k in _DOWNLOAD_OPTIONS
+        k: layout_options.pop(k) for k in list(layout_options) if k in DOWNLOAD_OPTIONS
     }
-    unknown = set(layout_options) - allowed
-    if unknown:
-        raise TypeError(
-            f"{key} does not take option(s) {sorted(unknown)}; it accepts "
-            f"{sorted(allowed) or 'none'} (download options {sorted(_DOWNLOAD_OPTIONS)} need "
-            "download=True)"
-        )
-    if download_opts and not download:
-        raise TypeError(f"{sorted(download_opts)} only apply with download=True")
     if download:
         if root is None:
-            raise ValueError(f"download=True needs root=... (the folder to download {key} into)")
+            raise InputError(f"download=True needs root=... (the folder to download {key} into)")
         fetch_dataset(key, root, **download_opts)
     splits = entry.load_reader()(root, skip_corrupt=skip_corrupt, **layout_options)
 
     preset = entry.transform if transform_preset is None else transform_preset
-    if preset != "none" and preset not in PRESETS:
-        raise ValueError(
-            f"unknown transform_preset {preset!r}; choose one of {', '.join(PRESETS)}, "
+    if preset != "none" and preset not in TRANSFORMS:
+        raise InputError(
+            f"unknown transform_preset {preset!r}; choose one of {', '.join(TRANSFORMS)}, "
             "'none' or None"
         )
     if preset != "none":
@@ -109,7 +101,7 @@ def load_dataset(
         val_classes = 0 if val is not None else auto_val_classes(key, train.num_classes)
     if val_classes:
         if val is not None:
-            raise ValueError(
+            raise InputError(
                 f"{key} data already defines a validation split; drop val_classes or the 'val' rows"
             )
         train, val = carve_validation(train, val_classes, seed, val_carve)

@@ -26,6 +26,7 @@ from nirdml.data.base import (
 )
 from nirdml.data.errors import DatasetLayoutError
 from nirdml.data.layout import layout_error, list_images, require_root, subdirs
+from nirdml.errors import InputError
 
 NAME = "omniglot"
 SPLITS = {"train": "images_background", "test": "images_evaluation"}
@@ -165,7 +166,7 @@ def load_omniglot(
     "auto" (npz when present, else the PNG tree).
     """
     if source not in ("auto", "png", "npz"):
-        raise ValueError(f"source must be 'auto', 'png' or 'npz', got {source!r}")
+        raise InputError(f"source must be 'auto', 'png' or 'npz', got {source!r}")
     root = require_root(root, NAME, HOW_TO_GET)
     npz = _npz_base(root) if source in ("auto", "npz") else None
     png = _png_base(root) if source in ("auto", "png") and npz is None else None

@@ -17,6 +17,7 @@ import numpy as np
 from nirdml.data.base import ArrayStorage, DatasetSplits, RetrievalDataset
 from nirdml.data.errors import DatasetLayoutError
 from nirdml.data.layout import require_root
+from nirdml.errors import InputError
 
 NAME = "orl"
 FILE = "orl_faces.npz"
@@ -55,7 +56,7 @@ def load_orl(
     try:
         first, last = (int(c) for c in train_classes)
     except (TypeError, ValueError) as exc:
-        raise ValueError(
+        raise InputError(
             f"orl train_classes must be [first, last] subject numbers, got {train_classes!r}"
         ) from exc
     x = images.reshape(-1, *images.shape[2:])
@@ -64,7 +65,7 @@ def load_orl(
     train_ids = [s for s in sorted(set(subject.tolist())) if first <= s <= last]
     test_ids = [s for s in sorted(set(subject.tolist())) if not first <= s <= last]
     if len(train_ids) < 2 or len(test_ids) < 2:
-        raise ValueError(f"orl train_classes {train_classes!r} leaves fewer than 2 classes a side")
+        raise InputError(f"orl train_classes {train_classes!r} leaves fewer than 2 classes a side")
     out = []
     for split, ids in (("train", train_ids), ("test", test_ids)):
         position = {s: i for i, s in enumerate(ids)}

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
+
+from nirdml.errors import InputError
 
 _COMMON_METRICS = ("map@r", "r_precision", "map@1000", "map@1000_authors", "nmi", "f1")
 SMALL_METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", *_COMMON_METRICS)
@@ -112,13 +114,70 @@ class TransformEntry:
 
     channels: int
     output: str
+    size: int
+    """Side of the images it makes (the default crop for a resizable preset)."""
+    resizable: bool = False
+    """Takes ``data.image_size`` (the side of its square crop)."""
 
+
+DEFAULT_IMAGE_SIZE = 224
+"""The paper's crop size for the ``resnet`` preset."""
+MIN_IMAGE_SIZE = 16
 
 TRANSFORMS: dict[str, TransformEntry] = {
-    "resnet": TransformEntry(3, "3x224x224 RGB"),
-    "omniglot": TransformEntry(1, "1x28x28 grey"),
-    "digits": TransformEntry(1, "1x8x8 grey"),
+    "resnet": TransformEntry(3, "3x224x224 RGB", DEFAULT_IMAGE_SIZE, resizable=True),
+    "omniglot": TransformEntry(1, "1x28x28 grey", 28),
+    "digits": TransformEntry(1, "1x8x8 grey", 8),
 }
+
+SAMPLERS: dict[str, bool] = {"authors": True, "m_per_class": False}
+"""Batch sampler name -> whether classes and samples are drawn with replacement
+(``authors``: with, as the authors' sampler; ``m_per_class``: without)."""
+VAL_CARVES = ("random", "last")
+"""Which training classes a validation split takes: drawn from the seed, or the last ones."""
+DOWNLOAD_OPTIONS = frozenset({"urls", "opener"})
+"""Options of ``fetch_dataset`` that ``load_dataset`` passes on with ``download=True``."""
+
+
+def image_size_problem(preset: str, image_size: object) -> str | None:
+    """Why ``image_size`` does not suit the transform ``preset`` (None: it does; only a
+    resizable preset takes one)."""
+    if image_size is None:
+        return None
+    if not TRANSFORMS[preset].resizable:
+        fixed = ", ".join(f"{k} {t.size}" for k, t in TRANSFORMS.items() if not t.resizable)
+        return (
+            f"data.image_size={image_size} applies to the RGB 'resnet' transform only; the "
+            f"{preset!r} transform has a fixed size ({fixed}): drop data.image_size"
+        )
+    if isinstance(image_size, bool) or not isinstance(image_size, int):
+        image_size = repr(image_size)
+    elif image_size >= MIN_IMAGE_SIZE:
+        return None
+    return (
+        f"data.image_size must be >= {MIN_IMAGE_SIZE} (the side of the square crop, an "
+        f"integer >= {MIN_IMAGE_SIZE} pixels), got {image_size}; e.g. 224 (the paper), 160 "
+        "or 128"
+    )
+
+
+def option_problem(name: str, options: Iterable[str], download: bool) -> str | None:
+    """Why the layout ``options`` do not fit dataset ``name`` (a :data:`DATASETS` key), or
+    None when they fit; download options count only with ``download``."""
+    allowed = DATASETS[name].options
+    keys = set(options)
+    unknown = keys - allowed - DOWNLOAD_OPTIONS
+    if unknown:
+        close = difflib.get_close_matches(str(min(unknown)), [*allowed, *DOWNLOAD_OPTIONS], n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        return (
+            f"{name} does not take option(s) {sorted(unknown)}; it accepts "
+            f"{sorted(allowed) or 'none'} (download options {sorted(DOWNLOAD_OPTIONS)} need "
+            f"download=True).{hint}"
+        )
+    if keys & DOWNLOAD_OPTIONS and not download:
+        return f"{sorted(keys & DOWNLOAD_OPTIONS)} only apply with download=True"
+    return None
 
 
 def dataset_choices(name: str) -> str:
@@ -127,10 +186,15 @@ def dataset_choices(name: str) -> str:
     return f"one of {', '.join(DATASETS)}" + (f". Did you mean {close[0]!r}?" if close else "")
 
 
+def default_transform_preset(name: str) -> str:
+    """The transform preset a dataset uses unless told otherwise ("resnet" for photos)."""
+    return DATASETS[dataset_name(name)].transform
+
+
 def dataset_name(name: str) -> str:
     """The table name of ``name`` (case-insensitive, aliases resolved); a ValueError that
     lists the datasets when it is unknown."""
     key = ALIASES.get(name.lower(), name.lower())
     if key not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose {dataset_choices(name)}")
+        raise InputError(f"unknown dataset {name!r}; choose {dataset_choices(name)}")
     return key

@@ -7,19 +7,21 @@ from collections.abc import Sequence
 import numpy as np
 
 from nirdml.data.base import RetrievalDataset
+from nirdml.data.registry import VAL_CARVES
+from nirdml.errors import InputError
 
 
 def num_val_classes(val_classes: float | int, num_train_classes: int) -> int:
     """How many training classes a ``val_classes`` setting takes (a fraction or a count)."""
     if isinstance(val_classes, bool) or not isinstance(val_classes, (int, float, np.integer)):
-        raise ValueError(
+        raise InputError(
             f"val_classes must be a fraction in (0, 1) or a class count, got {val_classes!r}"
         )
     if val_classes == 0:
         return 0
     if isinstance(val_classes, float) and not float(val_classes).is_integer():
         if not 0.0 < val_classes < 1.0:
-            raise ValueError(
+            raise InputError(
                 f"val_classes={val_classes} is neither a fraction in (0, 1) nor a whole count"
             )
         n = int(round(val_classes * num_train_classes))
@@ -28,14 +30,11 @@ def num_val_classes(val_classes: float | int, num_train_classes: int) -> int:
     else:
         n = int(val_classes)
     if n < 0 or n >= num_train_classes:
-        raise ValueError(
+        raise InputError(
             f"val_classes={val_classes} asks for {n} of the {num_train_classes} training "
             f"classes; use between 1 and {num_train_classes - 1} classes (or a fraction in (0, 1))"
         )
     return n
-
-
-VAL_CARVES = ("random", "last")
 
 
 def carve_validation(
@@ -51,7 +50,7 @@ def carve_validation(
     classes in the original (official id) order and are re-labelled 0..C-1.
     """
     if carve not in VAL_CARVES:
-        raise ValueError(f"val carve must be one of {', '.join(VAL_CARVES)}, not {carve!r}")
+        raise InputError(f"val carve must be one of {', '.join(VAL_CARVES)}, not {carve!r}")
     n_val = num_val_classes(val_classes, train.num_classes)
     if n_val == 0:
         return train, None
@@ -100,10 +99,10 @@ def split_class_names(
     for label, given in (("train_classes", train_classes), ("test_classes", test_classes)):
         if given is not None:
             if isinstance(given, str):
-                raise ValueError(f"{label} must be a list of class names, not one string")
+                raise InputError(f"{label} must be a list of class names, not one string")
             unknown = [c for c in given if str(c) not in known]
             if unknown:
-                raise ValueError(
+                raise InputError(
                     f"{label} names unknown classes {unknown[:5]}; the data has "
                     f"{len(ordered)} classes, e.g. {ordered[:5]}"
                 )
@@ -122,14 +121,14 @@ def split_class_names(
         train_set, test_set = {str(c) for c in train_classes}, {str(c) for c in test_classes}
         both = sorted(train_set & test_set)
         if both:
-            raise ValueError(
+            raise InputError(
                 f"classes {both[:5]} are in both train_classes and test_classes; the splits "
                 "must be class-disjoint (zero-shot)"
             )
         train = [c for c in ordered if c in train_set]
         test = [c for c in ordered if c in test_set]
     if not train or not test:
-        raise ValueError(
+        raise InputError(
             f"the class rule leaves {len(train)} train and {len(test)} test classes (of "
             f"{len(ordered)}); both splits need at least one class"
         )

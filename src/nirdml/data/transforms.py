@@ -13,13 +13,17 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from nirdml.data.registry import DEFAULT_IMAGE_SIZE, TRANSFORMS, image_size_problem
+from nirdml.errors import InputError, InputTypeError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Mean/std of sklearn digits scaled to [0, 1] (all 1,797 images, pixel values / 16).
 DIGITS_MEAN = (0.3053,)
 DIGITS_STD = (0.3760,)
 
-PRESETS = ("resnet", "omniglot", "digits")
+PRESETS = tuple(TRANSFORMS)
+"""The transform presets (the keys of :data:`nirdml.data.registry.TRANSFORMS`)."""
 
 
 class ToRGB(torch.nn.Module):
@@ -45,10 +49,10 @@ class ToRGB(torch.nn.Module):
                 return img.expand(*img.shape[:-3], 3, *img.shape[-2:]).clone()
             if c == 4:
                 return img[..., :3, :, :]
-            raise ValueError(
+            raise InputError(
                 f"cannot convert a {c}-channel image tensor to RGB (expected 1, 3 or 4)"
             )
-        raise TypeError(f"expected a PIL image or a tensor, got {type(img).__name__}")
+        raise InputTypeError(f"expected a PIL image or a tensor, got {type(img).__name__}")
 
 
 class ToGray(torch.nn.Module):
@@ -63,28 +67,15 @@ class ToGray(torch.nn.Module):
                 return img
             if c in (3, 4):
                 return v2.functional.rgb_to_grayscale(img[..., :3, :, :])
-            raise ValueError(f"cannot convert a {c}-channel image tensor to grayscale")
-        raise TypeError(f"expected a PIL image or a tensor, got {type(img).__name__}")
-
-
-DEFAULT_IMAGE_SIZE = 224
-"""The paper's crop size for the ``resnet`` preset."""
+            raise InputError(f"cannot convert a {c}-channel image tensor to grayscale")
+        raise InputTypeError(f"expected a PIL image or a tensor, got {type(img).__name__}")
 
 
 def check_image_size(preset: str, image_size: int | None) -> None:
-    """Raise ValueError unless ``image_size`` suits ``preset`` (only RGB presets take one)."""
-    if image_size is None:
-        return
-    if preset != "resnet":
-        raise ValueError(
-            f"data.image_size={image_size} applies to the RGB 'resnet' transform only; the "
-            f"{preset!r} transform has a fixed size (omniglot 28, digits 8): drop data.image_size"
-        )
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or not 16 <= image_size:
-        raise ValueError(
-            f"data.image_size must be an integer >= 16 (pixels of the square crop), got "
-            f"{image_size!r}; e.g. 224 (the paper), 160 or 128"
-        )
+    """Raise InputError unless ``image_size`` suits ``preset`` (only RGB presets take one)."""
+    problem = image_size_problem(preset, image_size)
+    if problem is not None:
+        raise InputError(problem)
 
 
 def resize_size(image_size: int) -> int:
@@ -133,4 +124,4 @@ def build_transforms(preset: str, train: bool, image_size: int | None = None) ->
                 v2.Normalize(DIGITS_MEAN, DIGITS_STD),
             ]
         )
-    raise ValueError(f"unknown transform preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    raise InputError(f"unknown transform preset {preset!r}; choose one of {', '.join(PRESETS)}")

@@ -7,6 +7,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from nirdml.errors import InputError
+
 ArrayLike = Any  # torch.Tensor | np.ndarray | nested sequences
 
 
@@ -18,18 +20,18 @@ def as_embeddings(x: ArrayLike, name: str = "embeddings") -> torch.Tensor:
     else:
         t = torch.as_tensor(np.asarray(x))
     if t.ndim != 2:
-        raise ValueError(
+        raise InputError(
             f"{name} must be a 2-D array of shape (num_items, dim), got shape "
             f"{tuple(t.shape)}; reshape it (e.g. x.reshape(len(x), -1))."
         )
     if t.shape[0] == 0 or t.shape[1] == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(t.shape)}); pass at least one vector.")
+        raise InputError(f"{name} is empty (shape {tuple(t.shape)}); pass at least one vector.")
     if t.dtype != torch.float64:
         if t.dtype.is_complex or t.dtype == torch.bool:
-            raise ValueError(f"{name} must be real-valued, got dtype {t.dtype}.")
+            raise InputError(f"{name} must be real-valued, got dtype {t.dtype}.")
         t = t.to(torch.float32)
     if not bool(torch.isfinite(t).all()):
-        raise ValueError(
+        raise InputError(
             f"{name} contains NaN or Inf values; fix the model output (e.g. check for "
             "diverged training) before evaluating."
         )
@@ -45,12 +47,12 @@ def as_labels(y: ArrayLike, n: int, name: str = "labels") -> np.ndarray:
     if a.ndim == 2 and a.shape[1] == 1:
         a = a[:, 0]
     if a.ndim != 1:
-        raise ValueError(
+        raise InputError(
             f"{name} must be 1-D (one class id per item), got shape {a.shape}; "
             "multi-label evaluation is not supported."
         )
     if len(a) != n:
-        raise ValueError(
+        raise InputError(
             f"{name} has {len(a)} entries but {n} are expected (one per embedding / item); "
             "pass one label per row."
         )
@@ -62,7 +64,7 @@ def as_labels(y: ArrayLike, n: int, name: str = "labels") -> np.ndarray:
         ):
             a = a.astype(np.int64)
         else:
-            raise ValueError(
+            raise InputError(
                 f"{name} must be integer class ids, got dtype {a.dtype}; map class names "
                 "to integers first (e.g. np.unique(names, return_inverse=True)[1])."
             )
@@ -73,6 +75,6 @@ def rows_for_budget(bytes_per_row: int, memory_budget_mb: float, minimum: int = 
     """How many rows of ``bytes_per_row`` bytes fit in the memory budget (at least
     ``minimum``)."""
     if memory_budget_mb <= 0:
-        raise ValueError(f"memory_budget_mb must be positive, got {memory_budget_mb}; e.g. 512.")
+        raise InputError(f"memory_budget_mb must be positive, got {memory_budget_mb}; e.g. 512.")
     budget = int(memory_budget_mb * 2**20)
     return max(minimum, budget // max(1, bytes_per_row))

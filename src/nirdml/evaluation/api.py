@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from nirdml.data.registry import DATASETS
+from nirdml.errors import InputError
 from nirdml.evaluation._inputs import ArrayLike, as_embeddings, as_labels
 from nirdml.evaluation.kmeans_backends import DEFAULT_NITER, kmeans, resolve_kmeans_backend
 from nirdml.evaluation.knn import DEFAULT_MEMORY_BUDGET_MB, iter_knn, resolve_knn_backend
@@ -62,7 +63,7 @@ def _plan(metrics: Metrics) -> _Plan:
         metrics = [metrics]
     names = list(dict.fromkeys(normalise_metric_name(m) for m in metrics))
     if not names:
-        raise ValueError(f"metrics is empty; choose from: {METRIC_NAMES_HELP}.")
+        raise InputError(f"metrics is empty; choose from: {METRIC_NAMES_HELP}.")
     return _Plan(names, {name: parse_metric(name) for name in names})
 
 
@@ -88,7 +89,7 @@ class _Sets:
 def _mask(mask: ArrayLike, n: int, name: str) -> np.ndarray:
     m = np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask)
     if m.shape != (n,) or m.dtype != bool:
-        raise ValueError(
+        raise InputError(
             f"{name} must be a boolean array with one entry per item ({n}), got "
             f"{m.dtype} {m.shape}; e.g. {name}=(split == '{name[3:]}')."
         )
@@ -98,7 +99,7 @@ def _mask(mask: ArrayLike, n: int, name: str) -> np.ndarray:
 def _ids(ids: ArrayLike, n: int, name: str) -> np.ndarray:
     a = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids)
     if a.ndim != 1 or len(a) != n:
-        raise ValueError(
+        raise InputError(
             f"{name} must hold one id per item ({n}), got shape {a.shape}; an id names an "
             "item (e.g. its image path or row number), the same item has the same id in "
             "both sets."
@@ -110,7 +111,7 @@ def _exclusions(q_ids: np.ndarray, g_ids: np.ndarray) -> np.ndarray:
     """Per query the gallery position of the item with the same id, or -1."""
     uniq, counts = np.unique(g_ids, return_counts=True)
     if (counts > 1).any():
-        raise ValueError(
+        raise InputError(
             f"gallery_ids must be unique (one id per gallery item), but {int((counts > 1).sum())}"
             f" id(s) repeat, e.g. {uniq[counts > 1][0]!r}; give every item its own id."
         )
@@ -119,7 +120,7 @@ def _exclusions(q_ids: np.ndarray, g_ids: np.ndarray) -> np.ndarray:
         sorted_ids = g_ids[order]
         pos = np.searchsorted(sorted_ids, q_ids)
     except TypeError as e:
-        raise ValueError(
+        raise InputError(
             f"query_ids and gallery_ids must be ids of one kind (both integers or both "
             f"strings), got {q_ids.dtype} and {g_ids.dtype}."
         ) from e
@@ -145,18 +146,18 @@ def _sets(
     masked = is_query is not None or is_gallery is not None
     with_ids = query_ids is not None or gallery_ids is not None
     if separate and (query_embeddings is None or query_labels is None):
-        raise ValueError(
+        raise InputError(
             "pass both query_embeddings and query_labels (query/gallery mode) or neither "
             "(self-retrieval)."
         )
     if masked and (separate or with_ids):
-        raise ValueError(
+        raise InputError(
             "is_query/is_gallery select queries and gallery among ONE set of embeddings; "
             "do not combine them with query_embeddings or query_ids/gallery_ids (pass "
             "either masks over one set, or two sets with ids)."
         )
     if with_ids and (query_ids is None or gallery_ids is None or not separate):
-        raise ValueError(
+        raise InputError(
             "query_ids and gallery_ids go together, with query_embeddings and "
             "query_labels: the ids say which query is which gallery item (the query then "
             "never retrieves it)."
@@ -166,7 +167,7 @@ def _sets(
         q_mask = np.ones(n, bool) if is_query is None else _mask(is_query, n, "is_query")
         g_mask = np.ones(n, bool) if is_gallery is None else _mask(is_gallery, n, "is_gallery")
         if not q_mask.any() or not g_mask.any():
-            raise ValueError(
+            raise InputError(
                 f"is_query selects {int(q_mask.sum())} and is_gallery {int(g_mask.sum())} "
                 "items; both sets need at least one item."
             )
@@ -187,7 +188,7 @@ def _sets(
     queries = as_embeddings(query_embeddings, "query_embeddings")
     q_labels = as_labels(query_labels, queries.shape[0], "query_labels")
     if queries.shape[1] != items.shape[1]:
-        raise ValueError(
+        raise InputError(
             f"query_embeddings have dim {queries.shape[1]} but embeddings have dim "
             f"{items.shape[1]}; embed both with the same model."
         )
@@ -200,7 +201,7 @@ def _sets(
         clash = shared & (q_labels != item_labels[np.maximum(exclude, 0)])
         if clash.any():
             i = int(np.flatnonzero(clash)[0])
-            raise ValueError(
+            raise InputError(
                 f"query id {q_ids[i]!r} has label {q_labels[i]} but the gallery item with that "
                 f"id has label {item_labels[exclude[i]]}; the same id must name the same item."
             )
@@ -211,7 +212,7 @@ def _sets(
 
 def _check_choice(value: str, choices: tuple[str, ...], name: str) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}.")
+        raise InputError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}.")
 
 
 def evaluate(
@@ -287,7 +288,6 @@ def evaluate(
     knn_backend = resolve_knn_backend(backend)
     km_backend = resolve_kmeans_backend(backend)
     dev = resolve_device(device)
-
     results: dict[str, float] = {}
     retrieval_metrics = plan.of_kind("retrieval")
     if retrieval_metrics:
@@ -297,25 +297,38 @@ def evaluate(
         groups = sets.q_labels
         for name, values in per_query.items():
             results[name] = _average(values, groups if average == "classes" else None)
-    clustering_metrics = plan.of_kind("clustering")
-    if clustering_metrics:
-        k = int(np.unique(sets.q_labels).size) if num_clusters is None else num_clusters
-        assign = kmeans(
-            sets.queries,
-            k,
-            niter=DEFAULT_NITER,
-            seed=seed,
-            backend=km_backend,
-            device=dev,
-            memory_budget_mb=memory_budget_mb,
-        )
-        for name, metric, _ in clustering_metrics:
-            results[name] = metric.load()(sets.q_labels, assign)
+    results.update(_clustering(plan, sets, num_clusters, seed, km_backend, dev, memory_budget_mb))
     for name, metric, _ in plan.of_kind("structure"):
         results[name] = metric.load()(
             sets.queries, sets.q_labels, seed=seed, device=dev, memory_budget_mb=memory_budget_mb
         )
     return {name: results[name] for name in plan.names}
+
+
+def _clustering(
+    plan: _Plan,
+    sets: _Sets,
+    num_clusters: int | None,
+    seed: int,
+    backend: str,
+    device: torch.device,
+    memory_budget_mb: float,
+) -> dict[str, float]:
+    """The clustering metrics of the plan, from one k-means of the query set."""
+    clustering_metrics = plan.of_kind("clustering")
+    if not clustering_metrics:
+        return {}
+    k = int(np.unique(sets.q_labels).size) if num_clusters is None else num_clusters
+    assign = kmeans(
+        sets.queries,
+        k,
+        niter=DEFAULT_NITER,
+        seed=seed,
+        backend=backend,
+        device=device,
+        memory_budget_mb=memory_budget_mb,
+    )
+    return {name: metric.load()(sets.q_labels, assign) for name, metric, _ in clustering_metrics}
 
 
 def evaluate_per_class(
@@ -359,7 +372,7 @@ def evaluate_per_class(
     plan = _plan(("recall@1", "r_precision", "map@r") if metrics is None else metrics)
     other = [n for n, (m, _) in plan.metrics.items() if m.kind != "retrieval"]
     if other:
-        raise ValueError(
+        raise InputError(
             f"{', '.join(other)} {'is' if len(other) == 1 else 'are'} not per-query retrieval "
             "metrics and have no per-class value; ask evaluate() for them, and "
             "evaluate_per_class() for retrieval metrics (recall@K, map@r, ...)."
@@ -369,7 +382,7 @@ def evaluate_per_class(
         given = categories.cpu() if isinstance(categories, torch.Tensor) else categories
         groups = np.asarray(given)
         if groups.shape != (len(sets.q_labels),):
-            raise ValueError(
+            raise InputError(
                 f"categories must hold one category per query ({len(sets.q_labels)}), got "
                 f"shape {groups.shape}."
             )
@@ -437,7 +450,7 @@ def _retrieval(
     """Per-query values (float64, on ``device``) of each retrieval metric, the queries
     without a same-class gallery item NaN (``skip``) or 0 (``zero``)."""
     if not sets.every_query_in_gallery and any(m.self_only for _, m, _ in metrics):
-        raise ValueError(
+        raise InputError(
             "map@K_authors divides by the class size including the query, which only "
             "exists when every query is also a gallery item (self-retrieval); use map@K "
             "(or map@K_hits) for query/gallery evaluation."
@@ -458,7 +471,7 @@ def _retrieval(
     available = n_gallery - left_out  # per query
     max_available = int(available.max())
     if max_available < 1:
-        raise ValueError("retrieval metrics need at least 2 items (1 gallery item per query).")
+        raise InputError("retrieval metrics need at least 2 items (1 gallery item per query).")
     r_max = int(num_relevant_all.max())
     needed = max([_depth(m, k, r_max) for _, m, k in metrics] + [1])
     k = min(needed, max_available)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import gammaln
 
+from nirdml.errors import InputError
 from nirdml.evaluation._inputs import ArrayLike, as_labels
 
 
@@ -49,7 +50,7 @@ def _cells_with_margins(labels: ArrayLike, clusters: ArrayLike):
     y = as_labels(labels, len(np.asarray(labels)), "labels")
     c = as_labels(clusters, len(y), "clusters")
     if len(y) == 0:
-        raise ValueError("labels is empty; pass at least one item.")
+        raise InputError("labels is empty; pass at least one item.")
     _, yi = np.unique(y, return_inverse=True)
     _, ci = np.unique(c, return_inverse=True)
     n_c = int(ci.max()) + 1

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from nirdml.data.samplers import slice_bounds, slice_sizes
+from nirdml.errors import InputError
 from nirdml.runtime import resolve_device
 
 
@@ -44,17 +45,17 @@ def compute_embeddings(
     if _model_device(model) != dev and not (
         dev.type == _model_device(model).type and dev.index is None
     ):
-        raise ValueError(
+        raise InputError(
             f"the model is on {_model_device(model)} but device={dev}; move it first "
             "(model.to(device)) or pass device=None."
         )
     if amp and dev.type != "cuda":
-        raise ValueError("amp=True needs a CUDA device; pass amp=False on CPU.")
+        raise InputError("amp=True needs a CUDA device; pass amp=False on CPU.")
     if isinstance(dataset_or_loader, DataLoader):
         loader = dataset_or_loader
     else:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+            raise InputError(f"batch_size must be >= 1, got {batch_size}.")
         loader = DataLoader(
             dataset_or_loader,
             batch_size=batch_size,
@@ -72,7 +73,7 @@ def compute_embeddings(
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=amp):
             for batch in loader:
                 if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                    raise ValueError(
+                    raise InputError(
                         "dataset items must be (input, label) pairs; wrap the dataset so "
                         "__getitem__ returns (tensor, int)."
                     )
@@ -80,7 +81,7 @@ def compute_embeddings(
                 out = model(x.to(dev, non_blocking=True))
                 if not isinstance(out, torch.Tensor) or out.ndim != 2:
                     got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                    raise ValueError(
+                    raise InputError(
                         f"the model must return a (batch, dim) tensor of embeddings, got {got}."
                     )
                 embs.append(out.float().cpu())
@@ -88,7 +89,7 @@ def compute_embeddings(
     finally:
         model.train(was_training)
     if not embs:
-        raise ValueError("the dataset is empty; nothing to embed.")
+        raise InputError("the dataset is empty; nothing to embed.")
     return torch.cat(embs), torch.cat(labels)
 
 
@@ -118,7 +119,7 @@ def compute_embeddings_sharded(
     Call it on every rank of the initialised process group."""
     n, world, rank = len(dataset), dist.get_world_size(), dist.get_rank()
     if n < world:
-        raise ValueError(
+        raise InputError(
             f"cannot shard {n} evaluation items over {world} ranks; evaluate with fewer processes"
         )
     lo, hi = slice_bounds(n, world, rank)

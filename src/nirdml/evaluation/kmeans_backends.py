@@ -31,6 +31,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from nirdml.errors import InputError
 from nirdml.evaluation._inputs import ArrayLike, as_embeddings, rows_for_budget
 from nirdml.evaluation.knn import DEFAULT_MEMORY_BUDGET_MB, faiss_available
 from nirdml.runtime import resolve_device
@@ -46,9 +47,9 @@ def resolve_kmeans_backend(backend: str) -> str:
     """``auto`` is faiss when installed (as the authors and pytorch-metric-learning), else
     torch."""
     if backend not in KMEANS_BACKENDS:
-        raise ValueError(f"unknown k-means backend {backend!r}; use one of {KMEANS_BACKENDS}.")
+        raise InputError(f"unknown k-means backend {backend!r}; use one of {KMEANS_BACKENDS}.")
     if backend == "faiss" and not faiss_available():
-        raise ValueError(
+        raise InputError(
             "backend='faiss' was requested but faiss is not installed; "
             "`pip install faiss-cpu` or use backend='torch'."
         )
@@ -73,13 +74,13 @@ def kmeans(
     t = as_embeddings(x, "x")
     n = t.shape[0]
     if isinstance(num_clusters, bool) or not isinstance(num_clusters, (int, np.integer)):
-        raise ValueError(f"num_clusters must be an integer, got {num_clusters!r}.")
+        raise InputError(f"num_clusters must be an integer, got {num_clusters!r}.")
     if not 1 <= num_clusters <= n:
-        raise ValueError(
+        raise InputError(
             f"num_clusters={num_clusters} must be between 1 and the number of points ({n})."
         )
     if niter < 1:
-        raise ValueError(f"niter must be >= 1, got {niter}.")
+        raise InputError(f"niter must be >= 1, got {niter}.")
     backend = resolve_kmeans_backend(backend)
     if backend == "faiss":
         return _kmeans_faiss(t, int(num_clusters), niter, seed)

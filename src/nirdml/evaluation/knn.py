@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nirdml.errors import InputError
 from nirdml.evaluation._inputs import ArrayLike, as_embeddings, rows_for_budget
 from nirdml.runtime import resolve_device
 
@@ -63,9 +64,9 @@ def faiss_available() -> bool:
 def resolve_knn_backend(backend: str) -> str:
     """Validate a kNN backend name; ``auto`` is the exact torch path."""
     if backend not in KNN_BACKENDS:
-        raise ValueError(f"unknown kNN backend {backend!r}; use one of {KNN_BACKENDS}.")
+        raise InputError(f"unknown kNN backend {backend!r}; use one of {KNN_BACKENDS}.")
     if backend == "faiss" and not faiss_available():
-        raise ValueError(
+        raise InputError(
             "backend='faiss' was requested but faiss is not installed; "
             "`pip install faiss-cpu` or use backend='torch'."
         )
@@ -74,7 +75,7 @@ def resolve_knn_backend(backend: str) -> str:
 
 def _check_distance(distance: str) -> None:
     if distance not in DISTANCES:
-        raise ValueError(f"unknown distance {distance!r}; use one of {DISTANCES}.")
+        raise InputError(f"unknown distance {distance!r}; use one of {DISTANCES}.")
 
 
 def knn_search(
@@ -142,14 +143,14 @@ def iter_knn(
     exclude_self = gallery is None
     g = queries if gallery is None else gallery
     if g.shape[1] != queries.shape[1]:
-        raise ValueError(
+        raise InputError(
             f"queries have dim {queries.shape[1]} but the gallery has dim {g.shape[1]}; "
             "embed both with the same model."
         )
     excl = None
     if exclude is not None:
         if exclude_self:
-            raise ValueError(
+            raise InputError(
                 "exclude applies to a separate gallery; in self-retrieval (gallery=None) "
                 "each query's own index is excluded already."
             )
@@ -157,14 +158,14 @@ def iter_knn(
     every_row_excludes = exclude_self or (excl is not None and bool((excl >= 0).all()))
     available = g.shape[0] - int(every_row_excludes)
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}.")
+        raise InputError(f"k must be a positive integer, got {k!r}.")
     if k > available:
-        raise ValueError(
+        raise InputError(
             f"k={k} but only {available} gallery items are available per query; "
             f"use k <= {available}."
         )
     if g.shape[0] >= 2**31:
-        raise ValueError("galleries of 2**31 items or more are not supported; shard them.")
+        raise InputError("galleries of 2**31 items or more are not supported; shard them.")
     k = int(k)
     if excl is not None and not bool((excl >= 0).any()):
         excl = None  # nothing to leave out
@@ -181,13 +182,13 @@ def _as_exclude(exclude: ArrayLike, num_queries: int, num_gallery: int) -> torch
     """``exclude`` as a checked int64 CPU tensor of one gallery index (or -1) per query."""
     e = torch.as_tensor(np.asarray(exclude.cpu() if hasattr(exclude, "cpu") else exclude))
     if e.shape != (num_queries,) or e.dtype.is_floating_point or e.dtype == torch.bool:
-        raise ValueError(
+        raise InputError(
             f"exclude must hold one integer gallery index (or -1) per query, shape "
             f"({num_queries},); got {e.dtype} {tuple(e.shape)}."
         )
     e = e.to(torch.int64)
     if bool(((e < -1) | (e >= num_gallery)).any()):
-        raise ValueError(
+        raise InputError(
             f"exclude holds indices outside [-1, {num_gallery}): use -1 for 'nothing to "
             "exclude' and gallery positions otherwise."
         )

@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from nirdml.errors import InputError
+
 RETRIEVAL_DEPTHS = ("k", "relevant", "k_relevant", "first_hit")
 
 
@@ -225,7 +227,7 @@ def parse_metric(name: str) -> tuple[Metric, int | None]:
         k = metric.match(name)
         if k is not False:
             return metric, k
-    raise ValueError(unknown_metric_message(name))
+    raise InputError(unknown_metric_message(name))
 
 
 def is_metric(name: str) -> bool:

@@ -39,17 +39,19 @@ from __future__ import annotations
 
 import torch
 
+from nirdml.errors import InputError
+
 
 def _check(hits: torch.Tensor, num_relevant: torch.Tensor, needed: int, name: str) -> None:
     if hits.ndim != 2 or hits.dtype != torch.bool:
-        raise ValueError(f"hits must be a 2-D bool tensor, got {hits.dtype} {tuple(hits.shape)}.")
+        raise InputError(f"hits must be a 2-D bool tensor, got {hits.dtype} {tuple(hits.shape)}.")
     if num_relevant.shape != (hits.shape[0],):
-        raise ValueError(
+        raise InputError(
             f"num_relevant must have one entry per query ({hits.shape[0]}), "
             f"got shape {tuple(num_relevant.shape)}."
         )
     if hits.shape[1] < needed:
-        raise ValueError(
+        raise InputError(
             f"{name} needs at least {needed} ranked neighbours per query but hits has "
             f"{hits.shape[1]}; search more neighbours."
         )

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nirdml.errors import InputError
 from nirdml.evaluation._inputs import (
     ArrayLike,
     as_embeddings,
@@ -58,7 +59,7 @@ def rho_spectrum(
     """KL(uniform || normalised singular value spectrum); inf if a singular value is 0."""
     s = singular_values(x, device=device)
     if exclude_largest < 0 or exclude_largest >= len(s):
-        raise ValueError(
+        raise InputError(
             f"exclude_largest={exclude_largest} must be in [0, {len(s) - 1}] for "
             f"{len(s)} singular values."
         )
@@ -76,7 +77,7 @@ def pi_ratio(x: ArrayLike, labels: ArrayLike, *, device: str | torch.device | No
     y = as_labels(labels, t.shape[0])
     norms = t.norm(dim=1)
     if bool((norms == 0).any()):
-        raise ValueError(
+        raise InputError(
             "pi_ratio uses cosine distance, but some embeddings are all-zero vectors; "
             "remove them or check the model output."
         )
@@ -84,7 +85,7 @@ def pi_ratio(x: ArrayLike, labels: ArrayLike, *, device: str | torch.device | No
     inv_t = torch.as_tensor(inv, device=t.device)
     n_cls = int(inv.max()) + 1
     if n_cls < 2:
-        raise ValueError(
+        raise InputError(
             "pi_ratio needs at least 2 classes (it divides by the inter-class distance)."
         )
     counts = torch.bincount(inv_t, minlength=n_cls).to(torch.float64)
@@ -92,7 +93,7 @@ def pi_ratio(x: ArrayLike, labels: ArrayLike, *, device: str | torch.device | No
     unit_sum.index_add_(0, inv_t, t / norms.unsqueeze(1))
     multi = counts >= 2
     if not bool(multi.any()):
-        raise ValueError("pi_ratio needs at least one class with 2 or more items.")
+        raise InputError("pi_ratio needs at least one class with 2 or more items.")
     c = counts[multi]
     intra = 1.0 - ((unit_sum[multi] ** 2).sum(1) - c) / (c * (c - 1))
     raw_sum = torch.zeros_like(unit_sum).index_add_(0, inv_t, t)
@@ -114,9 +115,9 @@ def uniformity_g2(
     t = as_embeddings(x, "embeddings")
     n = t.shape[0]
     if n < 2:
-        raise ValueError("uniformity_g2 needs at least 2 embeddings.")
+        raise InputError("uniformity_g2 needs at least 2 embeddings.")
     if max_points < 2:
-        raise ValueError(f"max_points must be >= 2, got {max_points}.")
+        raise InputError(f"max_points must be >= 2, got {max_points}.")
     if n > max_points:
         gen = torch.Generator().manual_seed(int(seed))
         subset = torch.randperm(n, generator=gen)[:max_points].sort().values

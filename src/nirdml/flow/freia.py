@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from nirdml.errors import InputError
+
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from nirdml.flow.model import ConditionalFlow
 
@@ -110,19 +112,19 @@ def freia_layout(flow: ConditionalFlow, state_dict: Mapping[str, Tensor]) -> dic
             prefixes.add(m.group(1))
             modules.setdefault(int(m.group(2)), {})[m.group(3)] = value
     if not modules:
-        raise ValueError(
+        raise InputError(
             "no FrEIA GraphINN keys ('...module_list.<i>....') in the state_dict: pass the "
             "state_dict of the authors' flow (GraphINN) or of their NIR criterion"
         )
     if len(prefixes) > 1:
-        raise ValueError(
+        raise InputError(
             f"the state_dict holds several flows (key prefixes {sorted(prefixes)}): pass "
             "only one flow's entries"
         )
     order = [modules[i] for i in sorted(modules)]
     kinds = ["perm" if "perm" in m else "coupling" for m in order]
     if kinds != ["perm", "coupling"] * flow.num_blocks:
-        raise ValueError(
+        raise InputError(
             f"expected the authors' graph of {flow.num_blocks} x [PermuteRandom, "
             f"GLOWCouplingBlock], found modules {kinds}: build "
             "ConditionalFlow(num_blocks=...) to match the checkpoint"
@@ -133,12 +135,12 @@ def freia_layout(flow: ConditionalFlow, state_dict: Mapping[str, Tensor]) -> dic
         perm, coupling = order[2 * k], order[2 * k + 1]
         p = perm["perm"].detach().cpu().long()
         if p.shape != (flow.dim,) or not torch.equal(p.sort().values, arange):
-            raise ValueError(
+            raise InputError(
                 f"block {k}: 'perm' is not a permutation of range({flow.dim}) (shape "
                 f"{tuple(p.shape)}): build ConditionalFlow(dim=...) with the checkpoint's dim"
             )
         if "perm_inv" in perm and not torch.equal(perm["perm_inv"].cpu().long()[p], arange):
-            raise ValueError(f"block {k}: 'perm_inv' is not the inverse of 'perm'")
+            raise InputError(f"block {k}: 'perm_inv' is not the inverse of 'perm'")
         layout[f"module_list.{2 * k}.perm"] = p
         for name, d_in, d_out in freia_shapes(flow, k):
             ids = sorted(
@@ -147,7 +149,7 @@ def freia_layout(flow: ConditionalFlow, state_dict: Mapping[str, Tensor]) -> dic
                 if (m := re.fullmatch(rf"{name}\.(\d+)\.weight", key))
             )
             if len(ids) != flow.hidden_layers:
-                raise ValueError(
+                raise InputError(
                     f"block {k} {name}: the checkpoint has {len(ids)} Linear layers, this "
                     f"flow hidden_layers={flow.hidden_layers}: build "
                     "ConditionalFlow(hidden_layers=...) to match"
@@ -160,9 +162,9 @@ def freia_layout(flow: ConditionalFlow, state_dict: Mapping[str, Tensor]) -> dic
                 ):
                     src = f"{name}.{lid}.{part}"
                     if src not in coupling:
-                        raise ValueError(f"block {k}: '{src}' is missing from the checkpoint")
+                        raise InputError(f"block {k}: '{src}' is missing from the checkpoint")
                     if tuple(coupling[src].shape) != shape:
-                        raise ValueError(
+                        raise InputError(
                             f"block {k} '{src}' has shape {tuple(coupling[src].shape)}, "
                             f"expected {shape} (dim={flow.dim}, hidden_width="
                             f"{flow.hidden_width}, block conditioned: {k in flow.cond_slots}): "
@@ -177,7 +179,7 @@ def freia_layout(flow: ConditionalFlow, state_dict: Mapping[str, Tensor]) -> dic
     }
     if flow.embedder is None:
         if emb:
-            raise ValueError(
+            raise InputError(
                 "the checkpoint has a condition embedder (authors' cond_mode 'dense_embed' "
                 "or 'dense_embed_multi'): build ConditionalFlow(condition='embed' or "
                 "'embed_per_block')"
@@ -185,14 +187,14 @@ def freia_layout(flow: ConditionalFlow, state_dict: Mapping[str, Tensor]) -> dic
         return layout
     own = {f"embedder.{k}": v for k, v in flow.embedder.state_dict().items()}
     if set(own) != set(emb):
-        raise ValueError(
+        raise InputError(
             f"condition={flow.condition!r} needs the embedder weights {sorted(own)}, the "
             f"checkpoint has {sorted(emb)}: pass the authors' whole criterion state_dict "
             "(it holds normflow_cond_prep.embedder.*) or merge those keys in"
         )
     for key, value in own.items():
         if emb[key].shape != value.shape:
-            raise ValueError(
+            raise InputError(
                 f"'{key}' has shape {tuple(emb[key].shape)}, expected {tuple(value.shape)}"
             )
     layout.update(emb)

@@ -27,13 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nirdml.errors import InputError
 from nirdml.flow.coupling import CouplingChain, chain_forward, chain_inverse
 from nirdml.flow.freia import freia_layout, initial_layout, load_layout
-from nirdml.losses.registry import FLOW_CONDITION_BLOCKS, FLOW_CONDITIONS
+from nirdml.flow.registry import CONDITION_BLOCKS, CONDITION_MODES
 from nirdml.runtime import no_autocast
-
-CONDITION_MODES = FLOW_CONDITIONS
-CONDITION_BLOCKS = FLOW_CONDITION_BLOCKS
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _WEIGHT_NAMES = (
@@ -99,28 +97,28 @@ class ConditionalFlow(nn.Module):
     ) -> None:
         super().__init__()
         if dim < 2:
-            raise ValueError(f"ConditionalFlow needs dim >= 2 to split features, got dim={dim}")
+            raise InputError(f"ConditionalFlow needs dim >= 2 to split features, got dim={dim}")
         if num_blocks < 1 or hidden_width < 1:
-            raise ValueError(
+            raise InputError(
                 f"num_blocks and hidden_width must be >= 1, got {num_blocks} and {hidden_width}"
             )
         if hidden_layers < 2:
-            raise ValueError(
+            raise InputError(
                 "hidden_layers counts the Linear layers of each subnet (input and output "
                 f"included) and must be >= 2, got {hidden_layers}"
             )
         if not clamp > 0:
-            raise ValueError(f"clamp must be > 0, got {clamp}")
+            raise InputError(f"clamp must be > 0, got {clamp}")
         if condition not in CONDITION_MODES:
-            raise ValueError(f"condition must be one of {CONDITION_MODES}, got {condition!r}")
+            raise InputError(f"condition must be one of {CONDITION_MODES}, got {condition!r}")
         if condition_blocks not in CONDITION_BLOCKS:
-            raise ValueError(
+            raise InputError(
                 f"condition_blocks must be one of {CONDITION_BLOCKS}, got {condition_blocks!r}"
             )
         self.dim = dim
         self.cond_dim = dim if cond_dim is None else int(cond_dim)
         if self.cond_dim < 1:
-            raise ValueError(f"cond_dim must be >= 1, got {cond_dim}")
+            raise InputError(f"cond_dim must be >= 1, got {cond_dim}")
         self.num_blocks = num_blocks
         self.hidden_width = hidden_width
         self.hidden_layers = hidden_layers
@@ -194,25 +192,25 @@ class ConditionalFlow(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         ref = self.in_bias
         if x.dim() != 2 or x.shape[1] != self.dim:
-            raise ValueError(
+            raise InputError(
                 f"{what} must have shape (batch, {self.dim}), got {tuple(x.shape)}: pass a 2-D "
                 "batch whose width is the flow's dim"
             )
         if cond_index is not None:
             if cond_index.shape != (x.shape[0],) or cond_index.dtype != torch.long:
-                raise ValueError(
+                raise InputError(
                     f"cond_index must be an int64 tensor of shape ({x.shape[0]},) (the row of "
                     f"cond for each sample), got {cond_index.dtype} {tuple(cond_index.shape)}"
                 )
             if cond.dim() != 2 or cond.shape[1] != self.cond_dim:
-                raise ValueError(
+                raise InputError(
                     f"with cond_index, cond must have shape (n, {self.cond_dim}), got "
                     f"{tuple(cond.shape)}"
                 )
         elif cond.dim() == 1:
             cond = cond.expand(x.shape[0], -1)
         if cond_index is None and cond.shape != (x.shape[0], self.cond_dim):
-            raise ValueError(
+            raise InputError(
                 f"cond must have shape ({x.shape[0]}, {self.cond_dim}) or ({self.cond_dim},), got "
                 f"{tuple(cond.shape)}: pass one condition (normalised proxy) per sample"
             )
@@ -220,7 +218,7 @@ class ConditionalFlow(nn.Module):
         for name, t in ((what, x), ("cond", cond)):
             if t.dtype != ref.dtype:
                 if t.dtype not in _LOW_PRECISION:
-                    raise ValueError(
+                    raise InputError(
                         f"{name} is {t.dtype} but the flow's parameters are {ref.dtype}: "
                         f"convert one of them (flow.to({t.dtype}) or {name}.to({ref.dtype}))"
                     )
@@ -299,9 +297,9 @@ class ConditionalFlow(nn.Module):
         need gradients.
         """
         if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+            raise InputError(f"n must be >= 1, got {n}")
         if cond.dim() not in (1, 2):
-            raise ValueError(f"cond must be (D,) or (M, D), got shape {tuple(cond.shape)}")
+            raise InputError(f"cond must be (D,) or (M, D), got shape {tuple(cond.shape)}")
         c = cond.reshape(-1, cond.shape[-1])
         z = torch.randn(
             c.shape[0] * n,

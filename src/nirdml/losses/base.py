@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nirdml.errors import LossCallError
+from nirdml.errors import InputError, InputTypeError, LossCallError
 from nirdml.runtime import no_autocast
 
 
@@ -31,8 +31,8 @@ class ProxyCriterion(Protocol):
 
     num_classes: int
     """The number of training classes C."""
-    embedding_dim: int
-    """The embedding dimension D."""
+    embed_dim: int
+    """The embedding size D."""
     last_stats: dict[str, Tensor]
     """Detached 0-dim tensors of the last forward (at least ``"proxy_loss"``; ``{}``
     before the first), read without a host sync."""
@@ -67,7 +67,8 @@ class ProxyCriterion(Protocol):
 class ProxyLoss(nn.Module, ABC):
     """A proxy-based metric-learning loss: ``loss(embeddings, labels) -> scalar``.
 
-    Subclasses hold ``proxies`` (``(num_classes, dim)``, or ``(num_classes * K, dim)`` for
+    Subclasses hold ``proxies`` (``(num_classes, embed_dim)``, or ``(num_classes * K,
+    embed_dim)`` for
     K centers per class) and implement :meth:`compute` and :meth:`logits`. ``forward``
     validates the inputs, computes in the proxies' dtype (embeddings of any float dtype are
     cast to it, as pytorch-metric-learning does; autocast is off inside) and records
@@ -77,18 +78,18 @@ class ProxyLoss(nn.Module, ABC):
     """
 
     num_classes: int
-    embedding_dim: int
+    embed_dim: int
     condition_per_class: bool = True
     """True when :meth:`class_condition` depends on the label only (not on the embedding)."""
 
-    def __init__(self, num_classes: int, embedding_dim: int) -> None:
+    def __init__(self, num_classes: int, embed_dim: int) -> None:
         super().__init__()
-        if int(num_classes) < 1 or int(embedding_dim) < 1:
-            raise ValueError(
-                f"num_classes and dim must be >= 1, got {num_classes} and {embedding_dim}"
+        if int(num_classes) < 1 or int(embed_dim) < 1:
+            raise InputError(
+                f"num_classes and embed_dim must be >= 1, got {num_classes} and {embed_dim}"
             )
         self.num_classes = int(num_classes)
-        self.embedding_dim = int(embedding_dim)
+        self.embed_dim = int(embed_dim)
         self.last_stats: dict[str, Tensor] = {}
 
     @abstractmethod
@@ -137,16 +138,18 @@ class ProxyLoss(nn.Module, ABC):
         """Validated embeddings in the proxies' dtype (any float dtype is cast, as
         pytorch-metric-learning does; the gradient flows back in the input's dtype)."""
         if not isinstance(embeddings, Tensor):
-            raise TypeError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
-        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_dim:
-            raise ValueError(
-                f"embeddings must have shape (batch, {self.embedding_dim}), got "
-                f"{tuple(embeddings.shape)}: the loss was built for dim={self.embedding_dim}"
+            raise InputTypeError(
+                f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}"
+            )
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embed_dim:
+            raise InputError(
+                f"embeddings must have shape (batch, {self.embed_dim}), got "
+                f"{tuple(embeddings.shape)}: the loss was built for embed_dim={self.embed_dim}"
             )
         if embeddings.shape[0] == 0:
-            raise ValueError("empty batch: pass at least one embedding")
+            raise InputError("empty batch: pass at least one embedding")
         if not embeddings.is_floating_point():
-            raise ValueError(
+            raise InputError(
                 f"embeddings must be floating point, got {embeddings.dtype}: pass the model's "
                 "output (e.g. x.float())"
             )
@@ -158,16 +161,16 @@ class ProxyLoss(nn.Module, ABC):
         embeddings = self.check_embeddings(embeddings)
         labels = torch.as_tensor(labels)
         if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-            raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
+            raise InputError(f"labels must be integer class indices, got dtype {labels.dtype}")
         if labels.shape != (embeddings.shape[0],):
-            raise ValueError(
+            raise InputError(
                 f"labels must have shape ({embeddings.shape[0]},) to match the embeddings, got "
                 f"{tuple(labels.shape)}"
             )
         # Checked where the labels live: free for CPU labels (as a DataLoader yields them),
         # one host sync for labels already on an accelerator.
         if bool(((labels < 0) | (labels >= self.num_classes)).any()):
-            raise ValueError(
+            raise InputError(
                 f"labels must lie in [0, {self.num_classes}): got values in "
                 f"[{int(labels.min())}, {int(labels.max())}]; remap the dataset's classes to "
                 "0..num_classes-1 or build the loss with the right num_classes"

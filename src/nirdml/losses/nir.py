@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nirdml.errors import NonFiniteLossError
+from nirdml.errors import InputError, InputTypeError, NonFiniteLossError
 from nirdml.flow import ConditionalFlow
 from nirdml.losses.base import ProxyLoss, check_call
 from nirdml.losses.pml import PMLProxyLoss
-from nirdml.losses.registry import NIR_OBJECTIVES
+from nirdml.losses.registry import NIR_OBJECTIVES, SIGMA_MODES
 from nirdml.runtime import no_autocast
 
 OBJECTIVES = NIR_OBJECTIVES
@@ -42,12 +43,12 @@ INERT_THRESHOLD = 1e-6
 authors' ``exp_nll`` reaches ~1e-11 once the flow fits the sphere)."""
 
 
-def flow_dims(objective: str, dim: int) -> tuple[int, int]:
+def flow_dims(objective: str, embed_dim: int) -> tuple[int, int]:
     """(flow dim, condition dim) that ``objective`` needs for D-dim embeddings: the tangent
     objectives model D-1 coordinates conditioned on the D-dim proxy."""
     if BOUNDED.get(objective, ("ambient",))[0] == "tangent":
-        return dim - 1, dim
-    return dim, dim
+        return embed_dim - 1, embed_dim
+    return embed_dim, embed_dim
 
 
 class _ReverseGrad(torch.autograd.Function):
@@ -147,115 +148,166 @@ class NoiseSource(nn.Module):
         return f"seed={self.seed}"
 
 
+def _proxy_loss(base_loss: ProxyLoss | nn.Module) -> ProxyLoss:
+    """``base_loss`` as a :class:`ProxyLoss` (a pytorch-metric-learning one wrapped)."""
+    if isinstance(base_loss, ProxyLoss):
+        return base_loss
+    if type(base_loss).__module__.startswith("pytorch_metric_learning"):
+        return PMLProxyLoss(base_loss)
+    raise InputTypeError(
+        f"base_loss must be a nirdml ProxyLoss (ProxyAnchorLoss, ProxyNCALoss, "
+        f"SoftTripleLoss, PMLProxyLoss) or a pytorch-metric-learning proxy loss, "
+        f"got {type(base_loss).__name__}"
+    )
+
+
+def _check_objective(
+    objective: str, sigma: float | None, ascend: bool | None, sigma_mode: str
+) -> None:
+    """The objective is known; ``sigma`` / ``ascend`` are given only to a bounded one."""
+    if objective not in OBJECTIVES:
+        close = difflib.get_close_matches(str(objective), OBJECTIVES, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise InputError(f"objective must be one of {OBJECTIVES}, got {objective!r}.{hint}")
+    if objective not in BOUNDED:
+        for name, value in (("sigma", sigma), ("ascend", ascend)):
+            if value is not None:
+                raise InputError(
+                    f"{name} only applies to the bounded objectives {tuple(BOUNDED)}, "
+                    f"not {objective!r}: drop it or pick one of them"
+                )
+    if sigma_mode not in SIGMA_MODES:
+        raise InputError(f"sigma_mode must be one of {SIGMA_MODES}, got {sigma_mode!r}")
+
+
+def _check_weights(
+    sigma: float, proxy_weight: float, nir_weight: float, nir_scale: float, nll_cap: float
+) -> None:
+    """Finite, non-negative weights; positive sigma and cap."""
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise InputError(f"sigma must be a finite number > 0, got {sigma}")
+    for name, value in (
+        ("proxy_weight", proxy_weight),
+        ("nir_weight", nir_weight),
+        ("nir_scale", nir_scale),
+    ):
+        if not (math.isfinite(value) and value >= 0):
+            raise InputError(f"{name} must be a finite number >= 0, got {value}")
+    if not (math.isfinite(nll_cap) and nll_cap > 0):
+        raise InputError(f"nll_cap must be a finite number > 0, got {nll_cap}")
+
+
+@dataclass
+class ObjectiveTerms:
+    """What an objective makes of one batch: the per-sample flow NLL, its NIR term, and how
+    the loss weighs the term and the proxy loss (``None``: not weighted)."""
+
+    nll: Tensor
+    """(B,) flow NLL of each sample (of its noised input for the bounded objectives)."""
+    term: Tensor
+    """The NIR term, unweighted (``exp_nll``: ``mean_i exp(nll_i)``, in float64)."""
+    weight: float | None
+    """Weight of ``term`` in the loss (``nir_weight``; None for ``exp_nll``)."""
+    proxy_weight: float | None = None
+    """Weight of the proxy loss (``proxy_weight`` for ``exp_nll``; None: 1)."""
+    stats: dict[str, Tensor] = field(default_factory=dict)
+    """Extra ``last_stats`` of the objective (``capped``, ``sigma``, ``spread``)."""
+
+
+Objective = Callable[["NIRLoss", Tensor, Tensor, Tensor], ObjectiveTerms]
+
+
+def exp_nll_terms(loss: NIRLoss, x: Tensor, labels: Tensor, given: Tensor) -> ObjectiveTerms:
+    """The authors' form: ``mean_i exp(nll_i)`` (capped, in float64 where the device has it;
+    ``capped`` counts the samples above the cap), the proxy loss weighted by
+    ``proxy_weight``."""
+    nll = loss.flow_nll(x, labels, given)
+    wide = torch.float64 if nll.device.type in ("cpu", "cuda") else nll.dtype
+    nll_wide = nll.to(wide)
+    return ObjectiveTerms(
+        nll,
+        loss.capped_exp(nll_wide).mean(),
+        None,
+        loss.proxy_weight,
+        {"capped": (nll_wide > loss.nll_cap).sum()},
+    )
+
+
+def nll_terms(loss: NIRLoss, x: Tensor, labels: Tensor, given: Tensor) -> ObjectiveTerms:
+    """The paper's form: ``mean_i nll_i``, weighted by ``nir_weight``."""
+    nll = loss.flow_nll(x, labels, given)
+    return ObjectiveTerms(nll, nll.mean(), loss.nir_weight)
+
+
+def bounded_terms(loss: NIRLoss, x: Tensor, labels: Tensor, given: Tensor) -> ObjectiveTerms:
+    """A noise-bounded form: the flow NLL of the noised input (ambient or tangent), the term
+    ``mean_i b_i`` weighted by ``nir_weight``, and the noise's ``sigma`` and ``spread``."""
+    cond, index = loss.conditions(x, labels, given)
+    own = cond if index is None else cond.index_select(0, index)
+    if loss.space == "tangent":
+        x, dist = tangent_coordinates(x, own)
+    else:
+        dist = torch.linalg.vector_norm(x.detach() - own.detach(), dim=-1)
+    d = x.shape[1]
+    if loss.sigma_mode == "relative":
+        spread = dist.detach().mean()
+        if loss.training:
+            spread = loss.noise.update_spread(spread)
+        else:  # eval: the running value once there is one (no host sync)
+            running = loss.noise.spread.to(spread.dtype)
+            spread = torch.where(running > 0, running, spread)
+        std = (loss.sigma / math.sqrt(d)) * spread.to(x.dtype).clamp_min(1e-12)
+    else:
+        std = x.new_full((), loss.sigma)
+    noised = x + std * loss.noise.randn_like(x)
+    nll = loss.flow.nll(noised, cond, index)
+    # b_i = nll_i / d + 0.5 log(2 pi) - 0.5 log(2 pi e std^2) = nll_i / d - 0.5 - log std
+    term = nll.mean() / d - 0.5 - torch.log(std.detach())
+    stats = {"sigma": std.detach(), "spread": dist.detach().mean()}
+    return ObjectiveTerms(nll, term, loss.nir_weight, stats=stats)
+
+
+OBJECTIVE_TERMS: dict[str, Objective] = {
+    "exp_nll": exp_nll_terms,
+    "nll": nll_terms,
+    **{name: bounded_terms for name in BOUNDED},
+}
+"""Objective name -> the function that computes its terms (the maths:
+docs/guide/core.md, "The objectives, exactly")."""
+
+
 class NIRLoss(nn.Module):
     """A proxy loss plus NIR: every embedding must be likely under the conditional flow
     ``tau^-1( . | own-class proxy)``, i.e. reachable from its proxy by an invertible map.
 
-    With ``nll_i = 0.5 ||z_i||^2 - log|det dz_i/dx_i|``, ``z_i = flow(x_i | c_i)``:
+    ``loss = proxy_weight * L_proxy + nir_scale * nir_weight * term``, the term chosen by
+    ``objective`` (:data:`OBJECTIVE_TERMS`; the maths in docs/guide/core.md, "The
+    objectives, exactly"):
 
-    - ``objective="exp_nll"`` (default; the authors' code, which produced the published
-      numbers): ``L = mean_i exp(nll_i) + proxy_weight * L_proxy``. ``proxy_weight``: 0.01
-      (their default and Cars196), 0.0075 for CUB200, 0.3 for SOP.
-    - ``objective="nll"`` (the paper's equation): ``L = L_proxy + nir_weight * mean_i nll_i``.
-      No value was published; the default ``nir_weight = 1 / dim`` makes the NIR term the
-      NLL in nats per dimension, on the O(1) scale of the proxy losses (the summed NLL grows
-      linearly with D and would otherwise swamp ``L_proxy``).
+    - ``"exp_nll"`` (default): ``mean_i exp(nll_i) + proxy_weight * L_proxy``, the authors'
+      code, which produced the published numbers (``proxy_weight`` 0.01; CUB200 0.0075,
+      SOP 0.3); ``exp`` in float64, continued linearly above ``nll_cap``.
+    - ``"nll"``: ``L_proxy + nir_weight * mean_i nll_i``, the paper's equation
+      (``nir_weight`` default ``1 / dim``: nats per dimension).
+    - the noise-bounded ``"noise_nll"``, ``"tangent_nll"`` (embeddings descend: compact
+      classes) and ``"noise_nll_spread"``, ``"tangent_spread"`` (embeddings ascend: spread
+      classes): the flow models the embedding (or its tangent coordinates at the proxy) plus
+      Gaussian noise of std ``sigma`` (relative to the class spread by default), a term
+      bounded below by 0 for every flow (``nir_weight`` default 1).
 
-    Both are unbounded below on the unit sphere (a flow can concentrate its density on the
-    thin shell the embeddings live on): ``exp_nll`` then saturates to ~0 and stops acting,
-    ``nll`` runs away. The noise-bounded objectives cannot:
+    The condition is ``base_loss.class_condition``: the sample's own L2-normalised proxy, not
+    detached, so NIR also moves the proxies. Controls: ``nir_scale=0`` (the "NIR x 0" run)
+    and ``detach_inputs=True`` (the flow trains on detached inputs). ``last_stats`` holds
+    detached device tensors: ``proxy_loss``, ``nll``, ``nir``, ``capped`` (and ``sigma``,
+    ``spread`` for the bounded forms); after ``diagnose_next = True`` also the alarm's
+    ``grad_ratio``, ``grad_nir``, ``grad_proxy``, ``nll_min``, ``nll_max``. A NaN/inf loss
+    raises :class:`~nirdml.errors.NonFiniteLossError` naming the culprit (``check_finite``;
+    off: no host sync, ``last_stats["nonfinite"]`` counts them). Computed in the parameters'
+    dtype with autocast off.
 
-    - ``"noise_nll"``: the flow models ``x_i = psi_i + sigma * eps_i`` (``eps_i ~ N(0, I_D)``,
-      fresh each step from a private generator, not re-normalised);
-      ``b_i = (0.5 ||z_i||^2 - logdet_i) / D + 0.5 log(2 pi) - 0.5 log(2 pi e sigma^2)``
-      (per-dimension NLL with its constant minus the noise's entropy floor) and
-      ``L = L_proxy + nir_weight * mean_i b_i``. Bound: ``E[b] >= 0`` for every flow, since
-      the cross-entropy ``E[-log q(x | c)] >= h(x | c) >= h(sigma eps) = D/2 log(2 pi e
-      sigma^2)``; the flow cannot gain more than the noise lets it, so the term neither
-      saturates nor runs away.
-    - ``"tangent_nll"``: the same on the tangent space at the own proxy: ``v_i = log-map of
-      psi_i at p_i`` in D-1 coordinates (:func:`tangent_coordinates`), ``x_i = v_i + sigma *
-      eps_i`` in R^(D-1), a flow of dim D-1 conditioned on ``p_i``, ``d = D - 1`` in ``b_i``.
-      A proper density around the proxy with no radial (shell) direction; same bound.
-    - ``"noise_nll_spread"`` / ``"tangent_spread"``: the same values, but the embeddings
-      *ascend* the term (gradient reversal on the embedding input only; the flow and the
-      proxies descend it): at the flow's optimum the term is the class-conditional entropy
-      excess, so descending it compacts classes, ascending it spreads them.
-      ``ascend=True/False`` overrides the sign of any bounded objective.
-
-    ``last_stats`` of the bounded objectives also holds ``sigma`` (the noise's std this
-    step) and ``spread`` (the batch's mean distance to the own proxy); ``nll`` is then the
-    mean flow NLL of the noised input and ``nir`` the bounded term.
-
-    ``sigma`` (default 0.5) is relative by default (``sigma_mode="relative"``): the noise's
-    per-coordinate std is ``sigma * r / sqrt(d)``, ``r`` the running mean (momentum 0.9,
-    detached, in ``noise.spread``) of the distance of an embedding to its own proxy
-    (chordal ``||psi - p||`` ambient, geodesic angle on the tangent space), so the term is
-    invariant to the classes' scale and rewards or penalises their shape; with
-    ``sigma_mode="absolute"`` the std is ``sigma`` itself. ``nir_weight`` defaults to 1
-    (the term is in nats per dimension).
-
-    ``nir_scale`` (default 1) multiplies the NIR term of any objective, on top of its
-    weight: ``nir_scale=0`` is the "NIR term x 0" control that keeps everything else of the
-    recipe (for ``exp_nll``: ``L = proxy_weight * L_proxy``, the flow gets zero gradients).
-    ``detach_inputs=True`` is the other control: the flow trains on detached
-    embeddings and conditions, so the regulariser cannot act on the network or proxies.
-
-
-    The condition ``c_i`` is ``base_loss.class_condition``: the L2-normalised proxy of the
-    sample's own class, not detached, so NIR gradients reach the proxies. For SoftTriple
-    (K centers per class) it is the class's similarity-weighted center
-    ``normalize(sum_k softmax_k(s(x, w_k) / gamma) w_k)``. When the condition depends on the
-    class only and the labels come on the CPU (as a DataLoader yields them), the flow's
-    condition projection runs once per class of the batch (``cond_index``): same numbers,
-    fewer FLOPs, no device sync.
-
-    Overflow (``exp_nll``): ``exp(nll)`` is computed, as in the authors' code, in float64
-    (their ``np.ones`` multiplier promoted it; float32 on devices without float64) and is
-    exact up to ``nll_cap`` (30 by default). Above the cap it continues linearly,
-    ``exp(cap) * (1 + nll - cap)``, so value and gradient stay finite and keep pushing the
-    NLL down. exp(30) ~ 1e13 lies far above healthy values (nll ~ 1 to 15 at init for
-    D = 128 / 512, falling with training) yet keeps every float32 gradient, and Adam's
-    squared gradient, finite. ``last_stats["capped"]`` counts the capped samples of the
-    batch. Given the per-sample NLLs, the value below the cap is bit for bit the authors'
-    float64 formula, then rounded to the working dtype.
-
-    Non-finite values: with ``check_finite=True`` (default) a NaN/inf loss raises
-    :class:`~nirdml.errors.NonFiniteLossError` naming the culprit (embeddings, proxies,
-    flow weights). That check reads one value on the host (a sync on CUDA); with
-    ``check_finite=False`` nothing syncs, a non-finite loss is returned as is, and
-    ``last_stats["nonfinite"]`` (device tensor) counts the non-finite per-sample NLLs.
-
-    Dtypes: computed in the parameters' dtype (float32, or float64 after ``.double()``);
-    fp16/bf16 embeddings from autocast are upcast and autocast is off inside, so the proxies
-    and flow never change dtype.
-
-    Args:
-        base_loss: a :class:`ProxyLoss`, or a pytorch-metric-learning proxy loss object
-            (wrapped in :class:`PMLProxyLoss`).
-        objective: one of :data:`OBJECTIVES` (see above).
-        proxy_weight: weight of ``L_proxy`` in ``exp_nll`` (default 0.01).
-        nir_weight: weight of the NIR term in ``nll`` (default ``1 / dim``) and the bounded
-            objectives (default 1); ``exp_nll`` has none (its weight is on ``L_proxy``).
-        flow: the flow; ``None`` builds ``ConditionalFlow(*flow_dims(objective, dim))``
-            (the authors' flow; dim D-1 with a D-dim condition for the tangent forms).
-        nll_cap: where ``exp_nll`` switches to the linear continuation.
-        check_finite: raise on a non-finite loss (see above).
-        sigma: noise scale of the bounded objectives (default 0.5, relative).
-        sigma_mode: ``"relative"`` (to the running class spread) or ``"absolute"``.
-        ascend: the embeddings ascend (True) or descend (False) a bounded term; ``None``:
-            the objective's own sign (``*_spread`` ascend).
-        detach_inputs: the flow sees detached embeddings and conditions (a control).
-        noise_seed: seed of the bounded objectives' private noise generator.
-        nir_scale: multiplies the NIR term of any objective (0: the "NIR x 0" control).
-
-    Diagnostics (the inertness alarm): after ``criterion.diagnose_next = True`` (or through
-    :func:`nir_diagnostics`) the next forward also puts into ``last_stats``:
-    ``grad_ratio`` = ||T g_NIR|| / ||T g_proxy||, the two terms' gradients on the
-    embeddings (each with its weight in the loss) projected tangent to the sphere
-    (``T g = g - (g . psi_hat) psi_hat``, the part that reaches the network), their norms
-    ``grad_nir`` / ``grad_proxy``, and ``nll_min`` / ``nll_max``. All device tensors (no
-    host sync); ``grad_ratio < INERT_THRESHOLD`` (1e-6) means the regulariser is inert.
+    ``base_loss``: a :class:`ProxyLoss` or a pytorch-metric-learning proxy loss (wrapped in
+    :class:`PMLProxyLoss`); ``flow``: None builds ``ConditionalFlow(*flow_dims(objective,
+    embed_dim))``; ``noise_seed``: the bounded forms' private noise generator.
     """
 
     def __init__(
@@ -276,21 +328,10 @@ class NIRLoss(nn.Module):
         nir_scale: float = 1.0,
     ) -> None:
         super().__init__()
-        if not isinstance(base_loss, ProxyLoss):
-            if type(base_loss).__module__.startswith("pytorch_metric_learning"):
-                base_loss = PMLProxyLoss(base_loss)
-            else:
-                raise TypeError(
-                    f"base_loss must be a nirdml ProxyLoss (ProxyAnchorLoss, ProxyNCALoss, "
-                    f"SoftTripleLoss, PMLProxyLoss) or a pytorch-metric-learning proxy loss, "
-                    f"got {type(base_loss).__name__}"
-                )
-        if objective not in OBJECTIVES:
-            close = difflib.get_close_matches(str(objective), OBJECTIVES, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}.{hint}")
-        dim = base_loss.embedding_dim
-        flow_dim, cond_dim = flow_dims(objective, dim)
+        base_loss = _proxy_loss(base_loss)
+        _check_objective(objective, sigma, ascend, sigma_mode)
+        embed_dim = base_loss.embed_dim
+        flow_dim, cond_dim = flow_dims(objective, embed_dim)
         if flow is None:
             flow = ConditionalFlow(flow_dim, cond_dim=cond_dim)
         if (
@@ -298,47 +339,27 @@ class NIRLoss(nn.Module):
             or flow.dim != flow_dim
             or flow.cond_dim != cond_dim
         ):
-            raise ValueError(
+            raise InputError(
                 f"objective {objective!r} needs a ConditionalFlow of dim {flow_dim} with a "
                 f"condition of dim {cond_dim} (build it as ConditionalFlow(*flow_dims("
-                f"{objective!r}, {dim}))), got {flow!r}"
+                f"{objective!r}, {embed_dim}))), got {flow!r}"
             )
         bounded = objective in BOUNDED
-        if not bounded:
-            for name, value in (("sigma", sigma), ("ascend", ascend)):
-                if value is not None:
-                    raise ValueError(
-                        f"{name} only applies to the bounded objectives {tuple(BOUNDED)}, "
-                        f"not {objective!r}: drop it or pick one of them"
-                    )
-        if sigma_mode not in ("relative", "absolute"):
-            raise ValueError(f"sigma_mode must be 'relative' or 'absolute', got {sigma_mode!r}")
         sigma = DEFAULT_SIGMA if sigma is None else float(sigma)
-        if not (math.isfinite(sigma) and sigma > 0):
-            raise ValueError(f"sigma must be a finite number > 0, got {sigma}")
         proxy_weight = 0.01 if proxy_weight is None else float(proxy_weight)
         if nir_weight is None:
-            nir_weight = DEFAULT_BOUNDED_WEIGHT if bounded else 1.0 / dim
-        nir_weight = float(nir_weight)
-        nir_scale = float(nir_scale)
-        for name, value in (
-            ("proxy_weight", proxy_weight),
-            ("nir_weight", nir_weight),
-            ("nir_scale", nir_scale),
-        ):
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-        if not (math.isfinite(nll_cap) and nll_cap > 0):
-            raise ValueError(f"nll_cap must be a finite number > 0, got {nll_cap}")
+            nir_weight = DEFAULT_BOUNDED_WEIGHT if bounded else 1.0 / embed_dim
+        _check_weights(sigma, float(proxy_weight), float(nir_weight), float(nir_scale), nll_cap)
         self.base_loss = base_loss
         self.flow = flow
         self.objective = objective
+        self.terms: Objective = OBJECTIVE_TERMS[objective]
         self.proxy_weight = proxy_weight
-        self.nir_weight = nir_weight
+        self.nir_weight = float(nir_weight)
         self.nll_cap = float(nll_cap)
         self.check_finite = bool(check_finite)
         self.detach_inputs = bool(detach_inputs)
-        self.nir_scale = nir_scale
+        self.nir_scale = float(nir_scale)
         self.space = BOUNDED[objective][0] if bounded else None
         self.ascend = (
             (BOUNDED[objective][1] if ascend is None else bool(ascend)) if bounded else False
@@ -356,8 +377,8 @@ class NIRLoss(nn.Module):
         return self.base_loss.num_classes
 
     @property
-    def embedding_dim(self) -> int:
-        return self.base_loss.embedding_dim
+    def embed_dim(self) -> int:
+        return self.base_loss.embed_dim
 
     @property
     def proxies(self) -> Tensor:
@@ -393,54 +414,33 @@ class NIRLoss(nn.Module):
             flow_input = embeddings.detach() if self.detach_inputs else embeddings
             if self.ascend:
                 flow_input = reverse_grad(flow_input)
-            extra: dict[str, Tensor] = {}
-            capped = None
-            if self.objective in BOUNDED:
-                nll, term, extra = self._bounded(flow_input, labels, given)
-                nir_part = self.nir_weight * term
-                if self.nir_scale != 1.0:
-                    nir_part = self.nir_scale * nir_part
-                proxy_part = proxy_loss
-                nir = term.detach()
-            else:
-                nll = self._nll(flow_input, labels, given)
-            if self.objective == "exp_nll":
-                wide = torch.float64 if nll.device.type in ("cpu", "cuda") else nll.dtype
-                nll_wide = nll.to(wide)
-                nir_wide = self.capped_exp(nll_wide).mean()
-                if self.nir_scale != 1.0:  # 1.0 (the authors' form) leaves it untouched
-                    nir_wide = self.nir_scale * nir_wide
-                proxy_part = self.proxy_weight * proxy_loss
-                loss = (nir_wide + proxy_part).to(nll.dtype)
-                nir_part = nir_wide
-                nir = nir_wide.detach().to(nll.dtype)
-                capped = (nll_wide > self.nll_cap).sum()
-            elif self.objective == "nll":
-                nir_mean = nll.mean()
-                nir_part = self.nir_weight * nir_mean
-                if self.nir_scale != 1.0:
-                    nir_part = self.nir_scale * nir_part
-                proxy_part = proxy_loss
-                loss = proxy_loss + nir_part
-                nir = nir_mean.detach()
-            else:
-                loss = proxy_loss + nir_part
+            t = self.terms(self, flow_input, labels, given)
+            nir_part = t.term if t.weight is None else t.weight * t.term
+            if self.nir_scale != 1.0:  # 1.0 (every recipe but the controls) leaves it as is
+                nir_part = self.nir_scale * nir_part
+            proxy_part = proxy_loss if t.proxy_weight is None else t.proxy_weight * proxy_loss
+            loss = (proxy_part + nir_part).to(t.nll.dtype)
+            stats = dict(t.stats)
+            capped = stats.pop("capped", None)
             if capped is None:
-                capped = torch.zeros((), dtype=torch.long, device=nll.device)
+                capped = torch.zeros((), dtype=torch.long, device=t.nll.device)
+        # "nir": the term as it enters the loss when it has no weight of its own (exp_nll),
+        # else the unweighted term.
+        nir = nir_part if t.weight is None else t.term
         self.last_stats = {
             "proxy_loss": proxy_loss.detach(),
-            "nll": nll.detach().mean(),
-            "nir": nir,
+            "nll": t.nll.detach().mean(),
+            "nir": nir.detach().to(t.nll.dtype),
             "capped": capped.detach(),
-            **extra,
+            **stats,
         }
         if diagnose:
-            self.last_stats.update(self._gradient_stats(embeddings, nir_part, proxy_part, nll))
+            self.last_stats.update(self._gradient_stats(embeddings, nir_part, proxy_part, t.nll))
         if self.check_finite:
             if not bool(torch.isfinite(loss)):
-                raise NonFiniteLossError(self._diagnose(embeddings, nll, proxy_loss))
+                raise NonFiniteLossError(self._diagnose(embeddings, t.nll, proxy_loss))
         else:
-            self.last_stats["nonfinite"] = (~torch.isfinite(nll.detach())).sum()
+            self.last_stats["nonfinite"] = (~torch.isfinite(t.nll.detach())).sum()
         return loss
 
     def _gradient_stats(
@@ -472,7 +472,7 @@ class NIRLoss(nn.Module):
         stats.update(grad_ratio=g_nir / g_proxy.clamp_min(tiny), grad_nir=g_nir, grad_proxy=g_proxy)
         return stats
 
-    def _conditions(
+    def conditions(
         self, embeddings: Tensor, labels: Tensor, given: Tensor
     ) -> tuple[Tensor, Tensor | None]:
         """The flow's conditions: ``(n, D)`` rows and the row of each sample (or ``(B, D)``
@@ -482,39 +482,10 @@ class NIRLoss(nn.Module):
             cond = cond.detach()
         return cond, index
 
-    def _nll(self, embeddings: Tensor, labels: Tensor, given: Tensor) -> Tensor:
+    def flow_nll(self, embeddings: Tensor, labels: Tensor, given: Tensor) -> Tensor:
         """Per-sample NLL under the flow conditioned on each sample's class condition."""
-        cond, index = self._conditions(embeddings, labels, given)
+        cond, index = self.conditions(embeddings, labels, given)
         return self.flow.nll(embeddings, cond, index)
-
-    def _bounded(
-        self, embeddings: Tensor, labels: Tensor, given: Tensor
-    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """Per-sample flow NLL of the noised input, the bounded term ``mean_i b_i`` and the
-        noise statistics (see the class docstring)."""
-        cond, index = self._conditions(embeddings, labels, given)
-        own = cond if index is None else cond.index_select(0, index)
-        if self.space == "tangent":
-            x, dist = tangent_coordinates(embeddings, own)
-        else:
-            x = embeddings
-            dist = torch.linalg.vector_norm(embeddings.detach() - own.detach(), dim=-1)
-        d = x.shape[1]
-        if self.sigma_mode == "relative":
-            spread = dist.detach().mean()
-            if self.training:
-                spread = self.noise.update_spread(spread)
-            else:  # eval: the running value once there is one (no host sync)
-                running = self.noise.spread.to(spread.dtype)
-                spread = torch.where(running > 0, running, spread)
-            std = (self.sigma / math.sqrt(d)) * spread.to(x.dtype).clamp_min(1e-12)
-        else:
-            std = x.new_full((), self.sigma)
-        noised = x + std * self.noise.randn_like(x)
-        nll = self.flow.nll(noised, cond, index)
-        # b_i = nll_i / d + 0.5 log(2 pi) - 0.5 log(2 pi e std^2) = nll_i / d - 0.5 - log std
-        term = nll.mean() / d - 0.5 - torch.log(std.detach())
-        return nll, term, {"sigma": std.detach(), "spread": dist.detach().mean()}
 
     def _diagnose(self, embeddings: Tensor, nll: Tensor, proxy_loss: Tensor) -> str:
         def finite(t: Tensor) -> bool:
@@ -564,13 +535,13 @@ class NIRLoss(nn.Module):
         into ``flow`` (see :meth:`ConditionalFlow.load_freia_state_dict`).
         """
         if "proxies" not in state_dict:
-            raise ValueError(
+            raise InputError(
                 "no 'proxies' entry: pass the state_dict of the authors' NIR criterion"
             )
         proxies = state_dict["proxies"]
         target = self.base_loss.proxies
         if tuple(proxies.shape) != tuple(target.shape):
-            raise ValueError(
+            raise InputError(
                 f"the checkpoint's proxies have shape {tuple(proxies.shape)}, this loss's "
                 f"{tuple(target.shape)}: build the base loss with matching num_classes and dim"
             )
@@ -606,7 +577,7 @@ def nir_diagnostics(criterion: NIRLoss, embeddings: Tensor, labels: Tensor) -> d
     this batch (the generator advances as in a training step).
     """
     if not isinstance(criterion, NIRLoss):
-        raise TypeError(f"criterion must be an NIRLoss, got {type(criterion).__name__}")
+        raise InputTypeError(f"criterion must be an NIRLoss, got {type(criterion).__name__}")
     if not embeddings.requires_grad:
         embeddings = embeddings.detach().requires_grad_(True)
     with torch.enable_grad():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from nirdml.errors import InputError, InputTypeError
 from nirdml.losses.base import ProxyLoss
 from nirdml.losses.soft_triple import weighted_class_center
 
@@ -33,7 +34,7 @@ class PMLProxyLoss(ProxyLoss):
             a for a in _PROXY_ATTRIBUTES if isinstance(getattr(pml_loss, a, None), nn.Parameter)
         ]
         if not found or not hasattr(pml_loss, "num_classes"):
-            raise TypeError(
+            raise InputTypeError(
                 f"{type(pml_loss).__name__} has no class proxies: PMLProxyLoss needs a "
                 "pytorch-metric-learning loss with `num_classes` and a `proxies`, `W` or `fc` "
                 "parameter (e.g. ProxyAnchorLoss, ProxyNCALoss, SoftTripleLoss, ArcFaceLoss)"
@@ -45,7 +46,7 @@ class PMLProxyLoss(ProxyLoss):
         centers = int(getattr(pml_loss, "centers_per_class", 1))
         n_rows = param.shape[0] if rows else param.shape[1]
         if n_rows != num_classes * centers:
-            raise ValueError(
+            raise InputError(
                 f"{type(pml_loss).__name__}.{attr} has {n_rows} proxies, expected num_classes "
                 f"x centers_per_class = {num_classes * centers}"
             )
@@ -72,7 +73,7 @@ class PMLProxyLoss(ProxyLoss):
         """The PML loss's own ``get_logits``."""
         get_logits = getattr(self.pml_loss, "get_logits", None)
         if get_logits is None:
-            raise NotImplementedError(
+            raise InputTypeError(
                 f"{type(self.pml_loss).__name__} has no get_logits; compute scores from "
                 "loss.proxies instead"
             )

@@ -6,9 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nirdml.errors import InputError
 from nirdml.losses.base import ProxyLoss, init_proxies, inverse_norms, log1p_sum_exp
+from nirdml.losses.registry import LOSSES
 
-POSITIVE_MEANS = ("proxies", "samples")
+POSITIVE_MEANS = LOSSES["proxy_anchor"].choices["positive_mean"]
 
 
 class ProxyAnchorLoss(ProxyLoss):
@@ -19,7 +21,7 @@ class ProxyAnchorLoss(ProxyLoss):
 
     Args:
         num_classes: number of training classes C (one proxy each).
-        dim: embedding dimension.
+        embed_dim: embedding size.
         alpha: scale (32). delta: margin (0.1).
         positive_mean: how the positive term is averaged.
             ``"proxies"``: over the distinct proxies with a positive in the batch (Kim et al.,
@@ -27,28 +29,28 @@ class ProxyAnchorLoss(ProxyLoss):
             ``"samples"``: over the batch, each sample contributing the term of its own
             class's proxy (a class with n samples counts n times) -- the authors' NIR code
             (``criteria/nir.py: panc``), which produced the published NIR numbers.
-        generator: draws the initial proxies ``randn(C, dim) / 8`` (authors' init).
+        generator: draws the initial proxies ``randn(C, embed_dim) / 8`` (authors' init).
     """
 
     def __init__(
         self,
         num_classes: int,
-        dim: int,
+        embed_dim: int,
         alpha: float = 32.0,
         delta: float = 0.1,
         positive_mean: str = "proxies",
         *,
         generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__(num_classes, dim)
+        super().__init__(num_classes, embed_dim)
         if positive_mean not in POSITIVE_MEANS:
-            raise ValueError(
+            raise InputError(
                 f"positive_mean must be one of {POSITIVE_MEANS}, got {positive_mean!r}"
             )
         self.alpha = float(alpha)
         self.delta = float(delta)
         self.positive_mean = positive_mean
-        self.proxies = init_proxies(num_classes, dim, generator)
+        self.proxies = init_proxies(num_classes, embed_dim, generator)
 
     def compute(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         x = F.normalize(embeddings, dim=-1)
@@ -81,6 +83,6 @@ class ProxyAnchorLoss(ProxyLoss):
 
     def extra_repr(self) -> str:
         return (
-            f"num_classes={self.num_classes}, dim={self.embedding_dim}, alpha={self.alpha}, "
+            f"num_classes={self.num_classes}, embed_dim={self.embed_dim}, alpha={self.alpha}, "
             f"delta={self.delta}, positive_mean={self.positive_mean!r}"
         )

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nirdml.errors import InputError
 from nirdml.losses.base import ProxyLoss, init_proxies, inverse_norms
 
 
@@ -16,7 +17,7 @@ class ProxyNCALoss(ProxyLoss):
     over the batch, with ``d`` the squared Euclidean distance (``2 - 2 cos`` on the sphere).
 
     Args:
-        num_classes, dim: number of classes (one proxy each) and embedding dimension.
+        num_classes, embed_dim: number of classes (one proxy each) and embedding size.
         scale: multiplies the squared distances. 9 is the usual setting for normalised
             vectors (Kim et al. 2020's ProxyNCA baseline scales both vectors by 3;
             ProxyNCA++ uses temperature 1/9); pytorch-metric-learning calls it
@@ -25,7 +26,7 @@ class ProxyNCALoss(ProxyLoss):
             form of pytorch-metric-learning's ``ProxyNCALoss`` (equal to it with
             ``softmax_scale=scale``), ProxyNCA++ and Kim et al.'s code. ``True``: ``Z`` is the
             other classes' proxies only, the original paper's NCA denominator.
-        generator: draws the initial proxies ``randn(C, dim) / 8``.
+        generator: draws the initial proxies ``randn(C, embed_dim) / 8``.
 
     Unlike pytorch-metric-learning, the log-softmax is computed stably, so no sample is
     dropped when its probability underflows.
@@ -34,20 +35,20 @@ class ProxyNCALoss(ProxyLoss):
     def __init__(
         self,
         num_classes: int,
-        dim: int,
+        embed_dim: int,
         scale: float = 9.0,
         exclude_positive: bool = False,
         *,
         generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__(num_classes, dim)
+        super().__init__(num_classes, embed_dim)
         if not scale > 0:
-            raise ValueError(f"scale must be > 0, got {scale}")
+            raise InputError(f"scale must be > 0, got {scale}")
         if exclude_positive and num_classes < 2:
-            raise ValueError("exclude_positive=True needs num_classes >= 2 (negative proxies)")
+            raise InputError("exclude_positive=True needs num_classes >= 2 (negative proxies)")
         self.scale = float(scale)
         self.exclude_positive = bool(exclude_positive)
-        self.proxies = init_proxies(num_classes, dim, generator)
+        self.proxies = init_proxies(num_classes, embed_dim, generator)
 
     def logits(self, embeddings: Tensor) -> Tensor:
         """(B, C) logits of the softmax, ``-scale * ||x - p||^2`` on the sphere.
@@ -67,6 +68,6 @@ class ProxyNCALoss(ProxyLoss):
 
     def extra_repr(self) -> str:
         return (
-            f"num_classes={self.num_classes}, dim={self.embedding_dim}, scale={self.scale}, "
+            f"num_classes={self.num_classes}, embed_dim={self.embed_dim}, scale={self.scale}, "
             f"exclude_positive={self.exclude_positive}"
         )

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nirdml.errors import InputError
 from nirdml.losses.base import ProxyLoss, init_proxies
 
 
@@ -33,7 +34,7 @@ class SoftTripleLoss(ProxyLoss):
     Cosine similarities throughout.
 
     Defaults are the paper's: ``centers_per_class=10, la=20, gamma=0.1, tau=0.2,
-    margin=0.01``. ``proxies`` is ``(num_classes * centers_per_class, dim)``. With ``tau=0``
+    margin=0.01``. ``proxies`` is ``(num_classes * centers_per_class, embed_dim)``. With ``tau=0``
     it equals pytorch-metric-learning's ``SoftTripleLoss``; with ``tau`` it equals PML's
     with ``weight_regularizer=SparseCentersRegularizer`` and ``weight_reg_weight=tau`` (up to
     PML's epsilon, 1e-38 instead of 1e-5). For NIR the condition of a sample is its class's
@@ -45,7 +46,7 @@ class SoftTripleLoss(ProxyLoss):
     def __init__(
         self,
         num_classes: int,
-        dim: int,
+        embed_dim: int,
         centers_per_class: int = 10,
         la: float = 20.0,
         gamma: float = 0.1,
@@ -54,17 +55,17 @@ class SoftTripleLoss(ProxyLoss):
         *,
         generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__(num_classes, dim)
+        super().__init__(num_classes, embed_dim)
         if centers_per_class < 1:
-            raise ValueError(f"centers_per_class must be >= 1, got {centers_per_class}")
+            raise InputError(f"centers_per_class must be >= 1, got {centers_per_class}")
         if not (la > 0 and gamma > 0 and tau >= 0):
-            raise ValueError(f"need la > 0, gamma > 0, tau >= 0; got {la}, {gamma}, {tau}")
+            raise InputError(f"need la > 0, gamma > 0, tau >= 0; got {la}, {gamma}, {tau}")
         self.centers_per_class = int(centers_per_class)
         self.la = float(la)
         self.gamma = float(gamma)
         self.tau = float(tau)
         self.margin = float(margin)
-        self.proxies = init_proxies(num_classes * centers_per_class, dim, generator)
+        self.proxies = init_proxies(num_classes * centers_per_class, embed_dim, generator)
 
     def logits(self, embeddings: Tensor) -> Tensor:
         """(B, C) class similarities ``S_c(x)`` (pytorch-metric-learning's
@@ -99,7 +100,7 @@ class SoftTripleLoss(ProxyLoss):
 
     def extra_repr(self) -> str:
         return (
-            f"num_classes={self.num_classes}, dim={self.embedding_dim}, "
+            f"num_classes={self.num_classes}, embed_dim={self.embed_dim}, "
             f"centers_per_class={self.centers_per_class}, la={self.la}, gamma={self.gamma}, "
             f"tau={self.tau}, margin={self.margin}"
         )

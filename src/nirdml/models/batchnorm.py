@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nirdml.errors import DistributedSetupError
+from nirdml.errors import DistributedSetupError, InputError
 
 __all__ = ["FrozenBatchNorm2d", "FrozenBatchNormAct2d", "freeze_batchnorm"]
 
@@ -167,7 +167,7 @@ def _freeze_one(bn: nn.modules.batchnorm._BatchNorm, freeze_affine: bool) -> nn.
         return FrozenBatchNormAct2d.from_batchnorm(bn, freeze_affine=freeze_affine)
     if type(bn) is nn.BatchNorm2d:
         return FrozenBatchNorm2d.from_batchnorm(bn, freeze_affine=freeze_affine)
-    raise ValueError(
+    raise InputError(
         f"Cannot freeze the BatchNorm layer of type {type(bn).__module__}.{type(bn).__name__}: "
         "only nn.BatchNorm2d and timm's BatchNormAct2d are supported. "
         "Build the model with freeze_bn=False to train it with ordinary BatchNorm."
@@ -207,7 +207,7 @@ class DistributedBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
-            raise ValueError(f"expected at least 2-D input (N, C, ...), got {input.dim()}-D")
+            raise InputError(f"expected at least 2-D input (N, C, ...), got {input.dim()}-D")
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from nirdml.errors import InputError, MissingFileError
+
 from .batchnorm import freeze_batchnorm
 from .embedding import EmbeddingModel
 from .pooling import build_pooling
@@ -64,15 +66,15 @@ def build_model(
         seed: seed of the random initialisation (a local RNG: the global one is untouched).
     """
     if not isinstance(embed_dim, int) or isinstance(embed_dim, bool) or embed_dim < 1:
-        raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r}.")
+        raise InputError(f"embed_dim must be a positive int, got {embed_dim!r}.")
     if not isinstance(in_channels, int) or in_channels < 1:
-        raise ValueError(f"in_channels must be a positive int, got {in_channels!r}.")
+        raise InputError(f"in_channels must be a positive int, got {in_channels!r}.")
     pool = build_pooling(pooling)
     entry = backbone(arch)
     if weights is not None:
         weights = Path(weights).expanduser()
         if not weights.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"weights={str(weights)!r} does not exist: pass the path of a saved state_dict "
                 "(or weights=None to use pretrained= instead)."
             )
@@ -80,16 +82,16 @@ def build_model(
     if freeze_bn is None:
         freeze_bn = entry.has_pretrained and (bool(pretrained) or weights is not None)
     if freeze_bn_affine and not freeze_bn:
-        raise ValueError(
+        raise InputError(
             "freeze_bn_affine=True only applies to frozen BatchNorm: pass freeze_bn=True as well."
         )
     if in_channels != 3 and pretrained and not entry.any_channels:
-        raise ValueError(
+        raise InputError(
             f"Pretrained {arch} takes 3-channel RGB input, got in_channels={in_channels}: convert "
             "grey images to RGB in the transform, or pass pretrained=False."
         )
     if entry.rgb_only and in_channels != 3:
-        raise ValueError(
+        raise InputError(
             f"{arch} takes 3-channel RGB input (its input re-normalisation is per RGB "
             f"channel), got in_channels={in_channels}: convert the images to RGB."
         )
@@ -141,7 +143,7 @@ def model_from_spec(
     unknown = set(spec) - set(_SPEC_KEYS)
     missing = {"arch", "embed_dim"} - set(spec)
     if unknown or missing:
-        raise ValueError(
+        raise InputError(
             f"Not a model spec (unknown keys {sorted(unknown)}, missing {sorted(missing)}): pass "
             "the dict stored as model.spec by build_model."
         )
@@ -169,12 +171,12 @@ def _resolve_pretrained(arch: str, pretrained: bool | str | None, *, from_file: 
     if pretrained is None:
         pretrained = entry.has_pretrained
     if pretrained and not entry.has_pretrained:
-        raise ValueError(
+        raise InputError(
             f"{arch} has no pretrained weights: pass pretrained=False (or leave it None)."
         )
     if isinstance(pretrained, str):
         if not entry.weight_versions:
-            raise ValueError(
+            raise InputError(
                 f"pretrained={pretrained!r}: named weight versions are for the torchvision "
                 f"ResNets; for {arch} pass pretrained=True (timm: put the tag in the name, "
                 "e.g. 'timm:resnet50.a1_in1k')."
@@ -183,7 +185,7 @@ def _resolve_pretrained(arch: str, pretrained: bool | str | None, *, from_file: 
 
         return torchvision_weights(arch, pretrained).name
     if not isinstance(pretrained, bool):
-        raise ValueError(f"pretrained must be a bool, a weights name or None, got {pretrained!r}.")
+        raise InputError(f"pretrained must be a bool, a weights name or None, got {pretrained!r}.")
     if pretrained and entry.weight_versions:
         return "IMAGENET1K_V1"
     return pretrained

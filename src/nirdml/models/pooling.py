@@ -8,7 +8,17 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["POOLINGS", "GlobalAvgPool", "GlobalMaxPool", "GlobalAvgMaxPool", "build_pooling"]
+from nirdml.errors import InputError
+from nirdml.models.registry import POOLINGS
+
+__all__ = [
+    "POOLINGS",
+    "POOLING_CLASSES",
+    "GlobalAvgPool",
+    "GlobalMaxPool",
+    "GlobalAvgMaxPool",
+    "build_pooling",
+]
 
 
 class GlobalAvgPool(nn.Module):
@@ -32,19 +42,18 @@ class GlobalAvgMaxPool(nn.Module):
         return x.mean(dim=(-2, -1)) + x.amax(dim=(-2, -1))
 
 
-POOLINGS: dict[str, type[nn.Module]] = {
-    "avg": GlobalAvgPool,
-    "max": GlobalMaxPool,
-    "avg+max": GlobalAvgMaxPool,
-}
+POOLING_CLASSES: dict[str, type[nn.Module]] = dict(
+    zip(POOLINGS, (GlobalAvgPool, GlobalMaxPool, GlobalAvgMaxPool), strict=True)
+)
+"""The module of each pooling of the table (:data:`nirdml.models.registry.POOLINGS`)."""
 
 
 def build_pooling(name: str) -> nn.Module:
     """The pooling module called ``name`` (one of :data:`POOLINGS`)."""
     try:
-        return POOLINGS[name]()
+        return POOLING_CLASSES[name]()
     except KeyError:
-        raise ValueError(
+        raise InputError(
             f"Unknown pooling {name!r}: use one of {', '.join(repr(k) for k in POOLINGS)} "
             "('avg+max' is the authors' 'double' pooling)."
         ) from None

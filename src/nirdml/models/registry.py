@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from nirdml.errors import ConfigError
+from nirdml.errors import ConfigError, InputError
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,13 @@ FAMILIES: dict[str, Backbone] = {
 }
 """Backbones named ``<prefix><name>`` (e.g. ``timm:resnet50.a1_in1k``)."""
 ARCHS = (*BACKBONES, *(f"{prefix}<name>" for prefix in FAMILIES))
+POOLINGS = ("avg", "max", "avg+max")
+"""Global poolings of the feature map: mean, max, or their sum ("avg+max", the authors'
+"double" pooling)."""
+HEADS = ("linear", "mlp")
+"""Heads on the pooled features: Linear(F, D) (the paper's) or an MLP (cached features)."""
+HEAD_NORMS = ("none", "layer", "batch")
+"""Normalisation after each hidden layer of an ``mlp`` head."""
 
 
 def backbone(arch: str) -> Backbone:
@@ -99,7 +106,7 @@ def backbone(arch: str) -> Backbone:
                 return entry
     close = difflib.get_close_matches(str(arch), list(BACKBONES), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"Unknown arch {arch!r}: use one of {', '.join(ARCHS)}.{hint}")
+    raise InputError(f"Unknown arch {arch!r}: use one of {', '.join(ARCHS)}.{hint}")
 
 
 def check_cut(arch: str, cut: str | None, known: tuple[str, ...] | None = None) -> None:

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
 
+from nirdml.errors import InputError
+
 from .weights import load_matching
 
 __all__ = ["SmallCNN"]
@@ -24,7 +26,7 @@ class SmallCNN(nn.Module):
     def __init__(self, in_channels: int = 1, widths: Sequence[int] = (32, 64, 128, 256)) -> None:
         super().__init__()
         if len(widths) == 0 or any(int(w) < 1 for w in widths):
-            raise ValueError(f"widths must be a non-empty list of positive ints, got {widths!r}.")
+            raise InputError(f"widths must be a non-empty list of positive ints, got {widths!r}.")
         blocks = []
         c_in = in_channels
         for w in widths:

@@ -24,7 +24,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from nirdml.errors import WeightsUnavailableError
+from nirdml.errors import (
+    InputError,
+    MissingDependencyError,
+    MissingFileError,
+    WeightsUnavailableError,
+)
 
 __all__ = [
     "WeightsUnavailableError",
@@ -78,7 +83,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """The tensors stored in a weights file (a state_dict or a checkpoint holding one)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"Weights file {str(path)!r} does not exist: pass the path of a state_dict saved "
             "with torch.save (.pth/.pt) or a .safetensors file."
         )
@@ -86,7 +91,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         try:
             from safetensors.torch import load_file
         except ImportError as err:
-            raise ImportError(
+            raise MissingDependencyError(
                 f"Reading {path.name} needs the safetensors package: pip install safetensors"
             ) from err
         obj: object = load_file(str(path), device="cpu")
@@ -94,7 +99,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-            raise ValueError(
+            raise InputError(
                 f"Could not read {str(path)!r} as a weights file ({type(err).__name__}: {err}). "
                 "It must hold plain tensors (loaded with weights_only=True): save it with "
                 "torch.save(model.state_dict(), path) or as .safetensors."
@@ -118,12 +123,12 @@ def _unwrap(obj: object, path: Path) -> dict[str, Tensor]:
             if _is_state_dict(obj.get(key)):
                 return dict(obj[key])
         found = ", ".join(repr(k) for k in list(obj)[:10])
-        raise ValueError(
+        raise InputError(
             f"{str(path)!r} is neither a state_dict nor a checkpoint holding one: its top-level "
             f"keys are {found}. Save the model's state_dict, or put it under one of "
             f"{', '.join(repr(k) for k in CHECKPOINT_KEYS)}."
         )
-    raise ValueError(
+    raise InputError(
         f"{str(path)!r} holds a {type(obj).__name__}, not a state_dict: "
         "save it with torch.save(model.state_dict(), path)."
     )
@@ -176,7 +181,7 @@ def load_matching(
                 more = f"; ... ({len(items)} in all)" if len(items) > 5 else ""
                 shown = "; ".join(items[:5]) + more
                 parts.append(f"{label}: {shown}")
-        raise ValueError(
+        raise InputError(
             f"The weights do not fit {what} ({' | '.join(parts)}). Check that the file was saved "
             "from the same architecture (arch, embed_dim, in_channels) as the model being built."
         )

@@ -10,37 +10,49 @@ import numpy as np
 import torch
 from torch import nn
 
+from nirdml.errors import InputError
 from nirdml.losses import ProxyCriterion
 from nirdml.runtime import atomic_write, resolve_device
 from nirdml.training.build import eval_metrics, evaluate_model, load_splits, run_loss
-from nirdml.training.checkpoint import load_checkpoint
-from nirdml.training.config import RunConfig, load_config
+from nirdml.training.checkpoint import load_checkpoint, resolve_checkpoint
+from nirdml.training.config import RunConfig, load_config, transform_preset
 
 
 @dataclass
 class TrainedRun:
-    """A checkpoint's model (eval mode), loss module (proxies, flow) and config."""
+    """A checkpoint's model (eval mode), loss module (proxies, flow; None when loaded
+    without it), config, state and the checkpoint file it came from."""
 
     model: nn.Module
-    loss: ProxyCriterion
+    loss: ProxyCriterion | None
     config: RunConfig
     state: dict[str, Any]
+    path: Path
 
 
-def load_trained(checkpoint: str | Path, device: str | torch.device = "cpu") -> TrainedRun:
-    """Rebuild model and loss from a checkpoint (a .pt file or a run folder) and load weights.
+def load_trained(
+    checkpoint: str | Path, device: str | torch.device = "cpu", *, with_loss: bool = True
+) -> TrainedRun:
+    """Rebuild the model (and with ``with_loss`` the loss: proxies, flow) from a checkpoint
+    and load their weights. ``checkpoint``: a .pt file or a run folder
+    (:func:`~nirdml.training.checkpoint.resolve_checkpoint`: its best.pt, else last.pt).
 
-    Nothing is downloaded: the model is rebuilt from its stored spec, then loaded.
+    Nothing is downloaded: the model is rebuilt from its stored spec, then loaded. Evaluating,
+    embedding and exporting need the model only (``with_loss=False``).
     """
     from nirdml.models import model_from_spec
 
-    state = load_checkpoint(checkpoint)
+    path = resolve_checkpoint(checkpoint)
+    state = load_checkpoint(path)
     cfg = load_config(state["config"])
     model = model_from_spec(state["model_spec"], state["model"])
-    loss = run_loss(cfg, int(state["num_classes"]))
-    loss.load_state_dict(state["loss"])
     device = torch.device(device) if not isinstance(device, torch.device) else device
-    return TrainedRun(model.to(device).eval(), loss.to(device).eval(), cfg, state)
+    loss = None
+    if with_loss:
+        loss = run_loss(cfg, int(state["num_classes"]))
+        loss.load_state_dict(state["loss"])
+        loss = loss.to(device).eval()
+    return TrainedRun(model.to(device).eval(), loss, cfg, state, path)
 
 
 def evaluate_checkpoint(
@@ -64,14 +76,12 @@ def evaluate_checkpoint(
     ``info``, when given, is filled with what was evaluated: ``checkpoint`` (the file),
     ``epoch``, ``dataset``, ``split``, ``items`` and ``classes``.
     """
-    from nirdml.analysis.search import checkpoint_file
-
     dev = resolve_device(device)
-    run = load_trained(checkpoint, dev)
+    run = load_trained(checkpoint, dev, with_loss=False)
     cfg, data, _ = checkpoint_data(run, split, dataset=dataset, root=root)
     if info is not None:
         info.update(
-            checkpoint=str(checkpoint_file(checkpoint)),
+            checkpoint=str(run.path),
             epoch=int(run.state["epoch"]) + 1,
             dataset=cfg.data.name,
             split=split,
@@ -94,10 +104,10 @@ def evaluate_checkpoint(
 
 def test_transform(cfg: RunConfig) -> Any:
     """The run's evaluation transform (its ``data.transform`` preset or the dataset's)."""
-    from nirdml.data import build_transforms, default_transform_preset
+    from nirdml.data import build_transforms
 
     return build_transforms(
-        cfg.data.transform or default_transform_preset(cfg.data.name),
+        transform_preset(cfg.data),
         train=False,
         image_size=cfg.data.image_size,
     )
@@ -124,7 +134,7 @@ def checkpoint_data(
     splits = load_splits(cfg)
     data = {"test": splits.test, "val": splits.val, "train": splits.train}.get(split)
     if data is None:
-        raise ValueError(
+        raise InputError(
             f"split {split!r} is not available (choose test or train; val exists only when the "
             "run used data.val_classes > 0)"
         )
@@ -152,7 +162,7 @@ def embed_folder(
     from nirdml.evaluation import compute_embeddings
 
     dev = resolve_device(device)
-    run = load_trained(checkpoint, dev)
+    run = load_trained(checkpoint, dev, with_loss=False)
     transform = test_transform(run.config)
     data = load_image_folder(folder, transform=transform, convert=file_reader(run.config.data.name))
     emb, labels = compute_embeddings(
@@ -179,5 +189,5 @@ def embed_folder(
     elif out_file.suffix == ".npz":
         atomic_write(out_file, lambda f: np.savez(f, **payload))
     else:
-        raise ValueError(f"output {out_file} must end in .npz or .pt")
+        raise InputError(f"output {out_file} must end in .npz or .pt")
     return out_file

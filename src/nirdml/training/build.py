@@ -22,14 +22,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from nirdml.data.registry import DATASETS, dataset_name
+from nirdml.data.registry import DATASETS, SAMPLERS, dataset_name
 from nirdml.data.samplers import slice_bounds
 from nirdml.errors import ConfigError
 from nirdml.losses import ProxyCriterion
 from nirdml.losses.registry import LOSSES
 from nirdml.models.batchnorm import convert_sync_batchnorm
 from nirdml.training.compiled import CompiledOrEager
-from nirdml.training.config import DataConfig, LossConfig, RunConfig
+from nirdml.training.config import AMP_DTYPES, DataConfig, LossConfig, RunConfig
 from nirdml.training.datacheck import check_images
 from nirdml.training.distributed import DistContext
 from nirdml.training.loader import SeededBatchSampler, train_loader
@@ -58,13 +58,15 @@ def seeded(seed: int) -> Iterator[None]:
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``amp`` ("none", "bf16", "fp16"); None off CUDA (with a warning)."""
-    if amp == "none":
+    """The autocast dtype of ``amp`` (:data:`~nirdml.training.config.AMP_DTYPES`); None for
+    "none", and off CUDA (with a warning)."""
+    name = AMP_DTYPES[amp]
+    if name is None:
         return None
     if device.type != "cuda":
         warnings.warn(f"amp={amp} is only used on CUDA; running in fp32 on {device}", stacklevel=3)
         return None
-    return torch.bfloat16 if amp == "bf16" else torch.float16
+    return getattr(torch, name)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -80,7 +82,7 @@ def build_loss(cfg: LossConfig, num_classes: int, embed_dim: int, seed: int = 0)
     try:
         base = LOSSES[cfg.name].load()(num_classes, embed_dim, **cfg.params)
     except TypeError as exc:
-        raise ValueError(f"loss.params for {cfg.name}: {exc}") from exc
+        raise ConfigError(f"loss.params for {cfg.name}: {exc}") from exc
     if not cfg.nir.enabled:
         return base
     flow_dim, cond_dim = flow_dims(cfg.nir.objective, embed_dim)
@@ -250,7 +252,7 @@ def train_batches(
         train_set.labels,
         d.batch_size,
         d.samples_per_class,
-        replacement=d.sampler == "authors",
+        replacement=SAMPLERS[d.sampler],
         seed=seed,
         num_replicas=1,  # the GLOBAL batches; each rank takes its slice of every one
         rank=0,
@@ -266,6 +268,12 @@ def train_batches(
 
 
 # ----------------------------------------------------------------------------- evaluation
+
+
+def eval_num_clusters(cfg: RunConfig, num_train_classes: int) -> int | None:
+    """k of k-means (``eval.num_clusters``): the training classes (the authors' code), or
+    None: the classes of the evaluated split (the standard)."""
+    return num_train_classes if cfg.eval.num_clusters == "train_classes" else None
 
 
 def eval_metrics(cfg: RunConfig) -> list[str]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from nirdml.errors import CheckpointError, InputTypeError, MissingFileError
 from nirdml.runtime import atomic_write
 
 CHECKPOINT_FORMAT = 1
@@ -29,7 +30,7 @@ def _plain(obj: Any) -> Any:
         return [_plain(v) for v in obj]
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
-    raise TypeError(
+    raise InputTypeError(
         f"cannot store {type(obj).__name__} in a weights_only checkpoint; "
         "convert it to tensors / numbers / strings first"
     )
@@ -41,29 +42,46 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> Path:
     return atomic_write(path, lambda f: torch.save(payload, f))
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``."""
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint file ``path`` stands for, by the one rule every command follows: a file
+    is used as given; a run folder (or its ``checkpoints/`` folder) means
+    ``checkpoints/best.pt``, the epoch model selection kept, when it exists, else
+    ``checkpoints/last.pt`` (a run stopped before its first evaluation)."""
     path = Path(path)
     if path.is_dir():
-        candidates = [path / "checkpoints" / "last.pt", path / "last.pt"]
-        found = next((c for c in candidates if c.is_file()), None)
-        if found is None:
-            raise FileNotFoundError(
-                f"{path} is a folder without checkpoints/last.pt; pass a run folder written by "
-                "`nirdml train` or the path of a .pt checkpoint"
-            )
-        path = found
+        for folder in (path / "checkpoints", path):
+            for name in ("best.pt", "last.pt"):
+                if (folder / name).is_file():
+                    return folder / name
+        raise MissingFileError(
+            f"{path} is a folder without checkpoints/best.pt or checkpoints/last.pt; pass a "
+            "run folder written by `nirdml train` or the path of a .pt checkpoint"
+        )
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise MissingFileError(
+            f"checkpoint {path} does not exist; pass a run folder written by `nirdml train` or "
+            "the path of a .pt checkpoint"
+        )
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``
+    (``path``: a file, or a run folder resolved by :func:`resolve_checkpoint`)."""
+    path = resolve_checkpoint(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # corrupt / truncated / not ours
-        raise ValueError(
+        raise CheckpointError(
             f"could not read checkpoint {path} ({type(exc).__name__}: {exc}); the file is "
-            "corrupt or not an nirdml checkpoint. Use checkpoints/best.pt or retrain."
+            "corrupt or not an nirdml checkpoint. Use the run's other checkpoint "
+            "(checkpoints/best.pt or last.pt) or retrain."
         ) from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not an nirdml checkpoint (format {CHECKPOINT_FORMAT})")
+        raise CheckpointError(
+            f"{path} is not an nirdml checkpoint (format {CHECKPOINT_FORMAT}); pass a .pt file "
+            "written by `nirdml train`"
+        )
     return state
 
 

@@ -13,7 +13,7 @@ import difflib
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -21,18 +21,40 @@ from typing import Any
 
 import yaml
 
-from nirdml.data.registry import DATASETS, TRANSFORMS, dataset_choices, dataset_name
+from nirdml.data.registry import (
+    DATASETS,
+    SAMPLERS,
+    TRANSFORMS,
+    VAL_CARVES,
+    dataset_choices,
+    dataset_name,
+    default_transform_preset,
+    image_size_problem,
+    option_problem,
+)
 from nirdml.errors import ConfigError
+from nirdml.evaluation import registry as metric_table
+from nirdml.flow.registry import CONDITION_BLOCKS, CONDITION_MODES
 from nirdml.losses.registry import (
     BOUNDED_OBJECTIVES,
-    FLOW_CONDITION_BLOCKS,
-    FLOW_CONDITIONS,
     LOSS_NAMES,
     NIR_OBJECTIVES,
     SIGMA_MODES,
-    unknown_params,
+    params_problem,
 )
-from nirdml.models.registry import backbone, check_cut
+from nirdml.models.registry import HEAD_NORMS, HEADS, POOLINGS, backbone, check_cut
+from nirdml.runtime import DEVICE_TYPES
+
+OPTIMIZERS: dict[str, str] = {"adam": "Adam", "adamw": "AdamW"}
+"""``optim.name`` -> the ``torch.optim`` class: Adam (L2 decay, as the authors) or AdamW."""
+AMP_DTYPES: dict[str, str | None] = {"none": None, "bf16": "bfloat16", "fp16": "float16"}
+"""``amp`` -> the autocast dtype (a ``torch`` attribute name) of the backbone on CUDA."""
+FEATURE_DTYPES = ("float16", "float32")
+"""``data.feature_dtype``: storage dtypes of the frozen-feature cache."""
+NUM_CLUSTERS = ("test_classes", "train_classes")
+"""``eval.num_clusters``: k of k-means, the classes of the evaluated split (standard) or of
+the training split (the authors' code)."""
+WANDB_MODES = ("offline", "online", "disabled")
 
 
 @dataclass
@@ -483,27 +505,64 @@ def _check(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _check_choice(value: Any, choices: Iterable[str], field: str) -> None:
+    """A ConfigError unless ``value`` is one of ``choices`` (a table's names), naming them and
+    the closest one."""
+    names = list(choices)
+    if value in names:
+        return
+    listed = ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
+    close = difflib.get_close_matches(str(value), names, n=1)
+    hint = f". Did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"{field} must be {listed}, not {value!r}{hint}")
+
+
+def transform_preset(d: DataConfig) -> str:
+    """The transform preset a run uses: ``data.transform``, else the dataset's default."""
+    return d.transform or default_transform_preset(d.name)
+
+
 def validate(cfg: RunConfig) -> None:
-    """Range and consistency checks; each message names the field and the fix. A dataset
-    alias (``cub``) becomes its table name (``cub200``)."""
-    d, m, o, n = cfg.data, cfg.model, cfg.optim, cfg.loss.nir
+    """Range, choice and consistency checks of every field, before anything is built or
+    written. Choices come from their one table (datasets, transforms, samplers, backbones,
+    poolings, heads, losses, NIR objectives, flow options, metrics; optimizers, amp and the
+    other loop options above); each message names the field and the fix. A dataset alias
+    (``cub``) becomes its table name (``cub200``)."""
+    _validate_run(cfg)
+    _validate_data(cfg.data)
+    _validate_model(cfg.model)
+    _validate_frozen(cfg)
+    _check_transform_fits_model(cfg)
+    _validate_loss(cfg.loss)
+    _validate_optim(cfg.optim, cfg.epochs)
+    _validate_eval(cfg.eval, cfg.data)
+    _check_choice(cfg.log.wandb_mode, WANDB_MODES, "log.wandb_mode")
+
+
+def _validate_run(cfg: RunConfig) -> None:
+    """epochs, seed, amp, device."""
     _check(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
     _check(cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}")
-    _check(cfg.amp in ("none", "bf16", "fp16"), f"amp must be none, bf16 or fp16, not {cfg.amp!r}")
+    _check_choice(cfg.amp, AMP_DTYPES, "amp")
+    kind, _, index = cfg.device.partition(":")
     _check(
-        cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"),
+        cfg.device == "auto"
+        or (kind in DEVICE_TYPES and (not index or (kind == "cuda" and index.isdigit()))),
         f"device must be auto, cpu, cuda[:N] or mps, not {cfg.device!r}",
     )
+
+
+def _validate_data(d: DataConfig) -> None:
+    """data.*: the dataset and its layout options, the split, batches, the image size."""
     try:  # aliases (cub -> cub200) are accepted as load_dataset accepts them
         d.name = dataset_name(d.name)
     except ValueError:
         raise ConfigError(
             f"data.name {d.name!r} is not a known dataset; use {dataset_choices(d.name)}"
         ) from None
-    _check(
-        d.val_carve in ("random", "last"),
-        f"data.val_carve must be random or last, not {d.val_carve!r}",
-    )
+    problem = option_problem(d.name, d.options, d.download)
+    _check(problem is None, f"data.options: {problem}")
+    _check_choice(d.val_carve, VAL_CARVES, "data.val_carve")
     _check(d.batch_size >= 2, f"data.batch_size must be >= 2, got {d.batch_size}")
     _check(d.samples_per_class >= 1, "data.samples_per_class must be >= 1")
     _check(
@@ -512,34 +571,53 @@ def validate(cfg: RunConfig) -> None:
         f"({d.samples_per_class}); e.g. batch_size="
         f"{d.batch_size // d.samples_per_class * d.samples_per_class}",
     )
-    _check(d.sampler in ("authors", "m_per_class"), "data.sampler must be authors or m_per_class")
+    _check_choice(d.sampler, SAMPLERS, "data.sampler")
     _check(d.num_workers >= 0, "data.num_workers must be >= 0")
     _check(
         d.val_classes == "auto" if isinstance(d.val_classes, str) else d.val_classes >= 0,
         f"data.val_classes must be auto, a fraction < 1 or a class count >= 0, "
         f"not {d.val_classes!r}",
     )
-    _validate_image_size(d)
+    _check(d.feature_views >= 1, f"data.feature_views must be >= 1, got {d.feature_views}")
+    _check_choice(d.feature_dtype, FEATURE_DTYPES, "data.feature_dtype")
+    if d.transform is not None:  # None: the dataset's default
+        _check_choice(d.transform, TRANSFORMS, "data.transform")
+    problem = image_size_problem(transform_preset(d), d.image_size)
+    _check(problem is None, str(problem))
+
+
+def _validate_model(m: ModelConfig) -> None:
+    """model.*: backbone, embedding size, pooling, head, weights."""
     _check(m.embed_dim >= 2, f"model.embed_dim must be >= 2, got {m.embed_dim}")
     _check(
         not isinstance(m.pretrained, str) or m.pretrained.startswith("IMAGENET1K_V"),
         f"model.pretrained must be true, false or a torchvision weights version such as "
         f"IMAGENET1K_V1 / IMAGENET1K_V2, not {m.pretrained!r}",
     )
-    _check(m.pooling in ("avg", "max", "avg+max"), "model.pooling must be avg, max or avg+max")
-    _check(m.in_channels in (1, 3), "model.in_channels must be 1 or 3")
+    _check_choice(m.pooling, POOLINGS, "model.pooling")
+    _check(m.in_channels in (1, 3), f"model.in_channels must be 1 or 3, got {m.in_channels}")
     try:
         backbone(m.arch)
     except ValueError as exc:
         raise ConfigError(f"model.arch: {exc}") from None
-    _validate_frozen(cfg)
-    _check_transform_fits_model(cfg)
+    _check_choice(m.head, HEADS, "model.head")
     _check(
-        cfg.loss.name in LOSS_NAMES,
-        f"loss.name {cfg.loss.name!r} is unknown; use one of {', '.join(LOSS_NAMES)}",
+        all(w >= 1 for w in m.head_hidden) and (m.head != "mlp" or len(m.head_hidden) >= 1),
+        f"model.head_hidden must list one or more widths >= 1 for head=mlp, got {m.head_hidden}",
     )
-    params_error = unknown_params(cfg.loss.name, cfg.loss.params)
+    _check_choice(m.head_norm, HEAD_NORMS, "model.head_norm")
+    _check(0 <= m.head_dropout < 1, f"model.head_dropout must be in [0, 1), got {m.head_dropout}")
+
+
+def _validate_loss(loss: LossConfig) -> None:
+    """loss.*: the proxy loss and its params, NIR's options and its flow."""
+    _check(
+        loss.name in LOSS_NAMES,
+        f"loss.name {loss.name!r} is unknown; use one of {', '.join(LOSS_NAMES)}",
+    )
+    params_error = params_problem(loss.name, loss.params)
     _check(params_error is None, str(params_error))
+    n = loss.nir
     close = difflib.get_close_matches(n.objective, NIR_OBJECTIVES, n=1)
     _check(
         n.objective in NIR_OBJECTIVES,
@@ -553,10 +631,7 @@ def validate(cfg: RunConfig) -> None:
         f"({', '.join(BOUNDED_OBJECTIVES)}), not {n.objective}: drop them",
     )
     _check(n.sigma is None or n.sigma > 0, f"loss.nir.sigma must be > 0, got {n.sigma}")
-    _check(
-        n.sigma_mode in SIGMA_MODES,
-        f"loss.nir.sigma_mode must be relative or absolute, not {n.sigma_mode!r}",
-    )
+    _check_choice(n.sigma_mode, SIGMA_MODES, "loss.nir.sigma_mode")
     _check(n.alarm_threshold >= 0, "loss.nir.alarm_threshold must be >= 0")
     _check(n.nir_scale >= 0, f"loss.nir.nir_scale must be >= 0, got {n.nir_scale}")
     _check(
@@ -570,15 +645,13 @@ def validate(cfg: RunConfig) -> None:
         "loss.nir.flow needs num_blocks >= 1, hidden_layers >= 2, hidden_width >= 1",
     )
     _check(f.clamp > 0, "loss.nir.flow.clamp must be > 0")
-    _check(
-        f.condition in FLOW_CONDITIONS,
-        "loss.nir.flow.condition must be dense, embed or embed_per_block",
-    )
-    _check(
-        f.condition_blocks in FLOW_CONDITION_BLOCKS,
-        "loss.nir.flow.condition_blocks must be all, first, middle or last",
-    )
-    _check(o.name in ("adam", "adamw"), f"optim.name must be adam or adamw, not {o.name!r}")
+    _check_choice(f.condition, CONDITION_MODES, "loss.nir.flow.condition")
+    _check_choice(f.condition_blocks, CONDITION_BLOCKS, "loss.nir.flow.condition_blocks")
+
+
+def _validate_optim(o: OptimConfig, epochs: int) -> None:
+    """optim.*: optimizer, learning rates, schedule, warmup."""
+    _check_choice(o.name, OPTIMIZERS, "optim.name")
     _check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     _check(o.weight_decay >= 0, "optim.weight_decay must be >= 0")
     _check(o.proxy_lr_mult > 0 and o.flow_lr_mult > 0, "optim lr multipliers must be > 0")
@@ -588,17 +661,16 @@ def validate(cfg: RunConfig) -> None:
         f"optim.milestones must be increasing positive epochs, got {o.milestones}",
     )
     _check(
-        0 <= o.warmup_epochs < cfg.epochs or o.warmup_epochs == 0,
-        f"optim.warmup_epochs ({o.warmup_epochs}) must be smaller than epochs ({cfg.epochs})",
+        0 <= o.warmup_epochs < epochs or o.warmup_epochs == 0,
+        f"optim.warmup_epochs ({o.warmup_epochs}) must be smaller than epochs ({epochs})",
     )
-    e = cfg.eval
-    _check(e.every >= 1, "eval.every must be >= 1")
-    _check(
-        e.num_clusters in ("test_classes", "train_classes"),
-        "eval.num_clusters must be test_classes or train_classes",
-    )
-    from nirdml.evaluation import registry as metric_table  # torch-free
 
+
+def _validate_eval(e: EvalConfig, d: DataConfig) -> None:
+    """eval.*: the metric names (the metric table), the selection metric, the options."""
+    _check(e.every >= 1, "eval.every must be >= 1")
+    _check(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
+    _check_choice(e.num_clusters, NUM_CLUSTERS, "eval.num_clusters")
     if e.metrics is not None:
         e.metrics = [metric_table.normalise_metric_name(x) for x in e.metrics]
         for name in e.metrics:
@@ -617,31 +689,15 @@ def validate(cfg: RunConfig) -> None:
         f"eval.select_metric {e.select_metric!r} is not among the computed metrics "
         f"({', '.join(computed)}); add it to eval.metrics or select one of them",
     )
-    _check(
-        e.no_relevant in metric_table.NO_RELEVANT_POLICIES,
-        f"eval.no_relevant must be skip or zero, not {e.no_relevant!r}",
-    )
-    _check(
-        e.average in metric_table.AVERAGES,
-        f"eval.average must be queries or classes, not {e.average!r}",
-    )
-    _check(
-        cfg.log.wandb_mode in ("offline", "online", "disabled"),
-        "log.wandb_mode must be offline, online or disabled",
-    )
+    _check_choice(e.no_relevant, metric_table.NO_RELEVANT_POLICIES, "eval.no_relevant")
+    _check_choice(e.average, metric_table.AVERAGES, "eval.average")
 
 
 def _check_transform_fits_model(cfg: RunConfig) -> None:
     """The images the transform makes must fit the model's first layer (checked before
     anything is built or written, with the settings that fix it)."""
     d, m = cfg.data, cfg.model
-    names = ", ".join(TRANSFORMS)
-    _check(
-        d.transform is None or d.transform in TRANSFORMS,
-        f"data.transform {d.transform!r} is not a transform preset; use one of {names} "
-        "(or leave it unset for the dataset's default)",
-    )
-    preset = d.transform or DATASETS[d.name].transform
+    preset = transform_preset(d)
     where = f"data.transform={d.transform}" if d.transform else f"data.name={d.name}"
     _check(
         preset != "digits" or d.name == "digits",
@@ -683,41 +739,9 @@ def _check_transform_fits_model(cfg: RunConfig) -> None:
     )
 
 
-def _validate_image_size(d: DataConfig) -> None:
-    """data.image_size: an RGB-transform option (light check: no torchvision import)."""
-    if d.image_size is None:
-        return
-    preset = d.transform or DATASETS[d.name].transform
-    _check(
-        preset == "resnet",
-        f"data.image_size={d.image_size} applies to the RGB 'resnet' transform only; the "
-        f"{preset!r} transform has a fixed size (omniglot 28, digits 8): drop data.image_size",
-    )
-    _check(
-        d.image_size >= 16,
-        f"data.image_size must be >= 16 pixels (the square crop), got {d.image_size}; e.g. 224 "
-        "(the paper), 160 or 128",
-    )
-
-
 def _validate_frozen(cfg: RunConfig) -> None:
     """model.frozen / data.features / head options (see nirdml.training.features)."""
     d, m = cfg.data, cfg.model
-    _check(m.head in ("linear", "mlp"), f"model.head must be linear or mlp, not {m.head!r}")
-    _check(
-        all(w >= 1 for w in m.head_hidden) and (m.head != "mlp" or len(m.head_hidden) >= 1),
-        f"model.head_hidden must list one or more widths >= 1 for head=mlp, got {m.head_hidden}",
-    )
-    _check(
-        m.head_norm in ("none", "layer", "batch"),
-        f"model.head_norm must be none, layer or batch, not {m.head_norm!r}",
-    )
-    _check(0 <= m.head_dropout < 1, f"model.head_dropout must be in [0, 1), got {m.head_dropout}")
-    _check(d.feature_views >= 1, f"data.feature_views must be >= 1, got {d.feature_views}")
-    _check(
-        d.feature_dtype in ("float16", "float32"),
-        f"data.feature_dtype must be float16 or float32, not {d.feature_dtype!r}",
-    )
     if m.cut is not None:
         _check(
             m.frozen,

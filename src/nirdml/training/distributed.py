@@ -55,7 +55,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from nirdml.data.samplers import BatchSlicer, slice_sizes
-from nirdml.errors import DistributedSetupError
+from nirdml.errors import DistributedSetupError, InputError
 from nirdml.evaluation.embed import compute_embeddings_sharded, gather_rows
 from nirdml.models.batchnorm import trainable_batchnorm_count
 
@@ -95,7 +95,7 @@ def gather_batch(
     if sizes is None:
         sizes = [embeddings.shape[0]] * dist.get_world_size()
     if embeddings.shape[0] != sizes[dist.get_rank()]:
-        raise ValueError(
+        raise InputError(
             f"rank {dist.get_rank()} holds {embeddings.shape[0]} rows, expected "
             f"{sizes[dist.get_rank()]} (sizes {sizes})"
         )

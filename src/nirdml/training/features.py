@@ -48,9 +48,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from nirdml.errors import InsufficientDiskError
+from nirdml.errors import InputError, InsufficientDiskError, MissingFileError
 from nirdml.runtime import atomic_write_json
-from nirdml.training.config import ConfigError, RunConfig, load_config
+from nirdml.training.config import ConfigError, RunConfig, load_config, transform_preset
 
 FEATURE_FORMAT = 1
 META = "meta.json"
@@ -81,7 +81,7 @@ def split_fingerprint(split: Any, root: str | None) -> dict[str, Any]:
     else:
         array = getattr(split.storage, "array", None)
         if array is None:
-            raise ValueError(f"cannot fingerprint {split.describe()}: no file paths or arrays")
+            raise InputError(f"cannot fingerprint {split.describe()}: no file paths or arrays")
         h.update(np.ascontiguousarray(array[split.index]).tobytes())
     h.update(np.asarray(split.labels, dtype=np.int64).tobytes())
     h.update("\n".join(split.class_names).encode())
@@ -132,11 +132,11 @@ def _image_splits(cfg: RunConfig):
 
 def expected_meta(cfg: RunConfig, splits: Any | None = None) -> dict[str, Any]:
     """What ``meta.json`` of a cache for ``cfg`` must say (minus the build statistics)."""
-    from nirdml.data import build_transforms, default_transform_preset
+    from nirdml.data import build_transforms
 
     d = cfg.data
     splits = _image_splits(cfg) if splits is None else splits
-    preset = d.transform or default_transform_preset(d.name)
+    preset = transform_preset(d)
     return {
         "format": FEATURE_FORMAT,
         "backbone": cache_identity(backbone_spec(cfg)),
@@ -223,7 +223,7 @@ class FeatureCache:
         path = Path(path)
         meta_file = path / META
         if not meta_file.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{path} is not a finished feature cache (no {META}); build it with "
                 "`nirdml features CONFIG --out DIR` or build_feature_cache(cfg, DIR)"
             )
@@ -297,68 +297,92 @@ def build_feature_cache(
     wanted = expected_meta(cfg, splits)
     if (out / META).is_file():
         return FeatureCache.open(out, wanted)
-    partial = out / PARTIAL
-    view_seed = _resumable_view_seed(partial, wanted, view_seed)
-    dev = torch.device(device)
-    extractor = _extractor(wanted["backbone"]).to(dev).eval()
-    jobs = _extraction_jobs(cfg, splits, wanted)
-    items = _ExtractionItems(jobs, view_seed)
-    with torch.inference_mode():
-        item_shape = tuple(extractor(items[0][0][None].to(dev)).shape[1:])
-    shapes = _array_shapes(jobs, item_shape)
-    dtype = np.dtype(cfg.data.feature_dtype)
-    _check_disk(out, partial, shapes, dtype, echo=progress)
-    # Nothing was written before this line.
-    done = _start_partial(partial, wanted, view_seed)
-    arrays = {
+    workers = cfg.data.num_workers if num_workers is None else num_workers
+    extraction = _Extraction(out, wanted, torch.device(device), batch_size, workers, on_batch)
+    return extraction.run(cfg, splits, view_seed, progress)
+
+
+@dataclass
+class _Extraction:
+    """One extraction into ``out``: into its partial folder (resumed where a killed one
+    stopped), then moved into place."""
+
+    out: Path
+    wanted: Mapping[str, Any]
+    device: torch.device
+    batch_size: int
+    workers: int
+    on_batch: Callable[[int], None] | None
+
+    def run(self, cfg: RunConfig, splits: Any, view_seed: int, progress: bool) -> FeatureCache:
+        out, wanted, dev = self.out, self.wanted, self.device
+        partial = out / PARTIAL
+        view_seed = _resumable_view_seed(partial, wanted, view_seed)
+        extractor = _extractor(wanted["backbone"]).to(dev).eval()
+        jobs = _extraction_jobs(cfg, splits, wanted)
+        items = _ExtractionItems(jobs, view_seed)
+        with torch.inference_mode():
+            item_shape = tuple(extractor(items[0][0][None].to(dev)).shape[1:])
+        shapes = _array_shapes(jobs, item_shape)
+        dtype = np.dtype(cfg.data.feature_dtype)
+        _check_disk(out, partial, shapes, dtype, echo=progress)
+        # Nothing was written before this line.
+        done = _start_partial(partial, wanted, view_seed)
+        arrays = _open_arrays(partial, shapes, dtype, resume=done > 0)
+        start = time.perf_counter()
+        extracted = _extract(
+            extractor,
+            items,
+            _fixed_batches(items, jobs, self.batch_size),
+            arrays,
+            partial,
+            done,
+            dev,
+            workers=self.workers,
+            label=_progress_label(cfg, wanted) if progress else None,
+            on_batch=self.on_batch,
+        )
+        elapsed = time.perf_counter() - start
+        del arrays
+        meta = {**wanted, "view_seed": view_seed, "item_shape": item_shape}
+        meta.update(
+            num_features=int(item_shape[0]), stats=self._stats(len(items), extracted, elapsed)
+        )
+        _finish(out, partial, shapes, meta)
+        return FeatureCache.open(out)
+
+    def _stats(self, images: int, extracted: int, elapsed: float) -> dict[str, Any]:
+        """How fast this session extracted (recorded in meta.json)."""
+        return {
+            "images": images,
+            "seconds_this_session": round(elapsed, 3),
+            "images_per_s_this_session": round(extracted / max(elapsed, 1e-9), 2),
+            "threads": torch.get_num_threads(),
+            "batch_size": self.batch_size,
+            "device": str(self.device),
+        }
+
+
+def _open_arrays(
+    partial: Path, shapes: Mapping[str, tuple[int, ...]], dtype: np.dtype, *, resume: bool
+) -> dict[str, np.ndarray]:
+    """The cache's arrays as memory maps in the partial folder (kept when resuming)."""
+    return {
         name: np.lib.format.open_memmap(
             partial / f"{name}.npy",
-            mode="r+" if (partial / f"{name}.npy").is_file() and done > 0 else "w+",
+            mode="r+" if (partial / f"{name}.npy").is_file() and resume else "w+",
             dtype=dtype,
             shape=shape,
         )
         for name, shape in shapes.items()
     }
-    workers = cfg.data.num_workers if num_workers is None else num_workers
+
+
+def _progress_label(cfg: RunConfig, wanted: Mapping[str, Any]) -> str:
     label = f"features {cfg.model.arch} {wanted['transform']['image_size'] or 224}px"
     if cfg.model.cut is not None:
         label += f" (before {cfg.model.cut})"
-    start = time.perf_counter()
-    extracted = _extract(
-        extractor,
-        items,
-        _fixed_batches(items, jobs, batch_size),
-        arrays,
-        partial,
-        done,
-        dev,
-        workers=workers,
-        label=label if progress else None,
-        on_batch=on_batch,
-    )
-    elapsed = time.perf_counter() - start
-    stats = {
-        "images": len(items),
-        "seconds_this_session": round(elapsed, 3),
-        "images_per_s_this_session": round(extracted / max(elapsed, 1e-9), 2),
-        "threads": torch.get_num_threads(),
-        "batch_size": batch_size,
-        "device": str(dev),
-    }
-    del arrays
-    _finish(
-        out,
-        partial,
-        shapes,
-        {
-            **wanted,
-            "view_seed": view_seed,
-            "item_shape": item_shape,
-            "num_features": int(item_shape[0]),
-            "stats": stats,
-        },
-    )
-    return FeatureCache.open(out)
+    return label
 
 
 def _cache_folder(cfg: RunConfig, out_dir: str | Path | None) -> Path:
@@ -440,11 +464,11 @@ def _fixed_batches(
 
 
 def _human(nbytes: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if nbytes < 1000 or unit == "TB":
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1000:
             return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
         nbytes /= 1000
-    raise AssertionError
+    return f"{nbytes:.1f} TB"
 
 
 def _check_disk(

@@ -11,7 +11,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from nirdml.training.config import OptimConfig
+from nirdml.errors import InputError
+from nirdml.training.config import OPTIMIZERS, OptimConfig
 
 
 def _trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
@@ -41,14 +42,14 @@ def param_groups(model: nn.Module, loss: nn.Module, cfg: OptimConfig) -> list[di
         group["params"] = list(group["params"])
         for p in group["params"]:
             if id(p) in seen:
-                raise ValueError(f"parameter appears in two optimizer groups ({group['name']})")
+                raise InputError(f"parameter appears in two optimizer groups ({group['name']})")
             seen.add(id(p))
     return groups
 
 
 def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
     """Adam (L2 decay, as the authors) or AdamW (decoupled), fused where the build allows."""
-    cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+    cls = getattr(torch.optim, OPTIMIZERS[cfg.name])
     try:
         return cls(groups, lr=cfg.lr, fused=True)
     except (RuntimeError, TypeError, ValueError):  # older torch / unsupported device

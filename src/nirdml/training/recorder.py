@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from nirdml.errors import MissingDependencyError, SetupError
 from nirdml.runtime import atomic_write, atomic_write_text
 
 
@@ -89,7 +90,7 @@ class ExternalLoggers:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:
-                raise ImportError(
+                raise MissingDependencyError(
                     "log.tensorboard=true needs the tensorboard package: "
                     "pip install 'nirdml[tensorboard]'"
                 ) from exc
@@ -98,13 +99,13 @@ class ExternalLoggers:
             try:
                 import wandb as wandb_lib
             except ImportError as exc:
-                raise ImportError(
+                raise MissingDependencyError(
                     "log.wandb=true needs the wandb package: pip install 'nirdml[wandb]'"
                 ) from exc
             if wandb_mode == "online" and not os.environ.get("WANDB_API_KEY"):
                 netrc = Path.home() / ".netrc"
                 if not (netrc.is_file() and "api.wandb.ai" in netrc.read_text()):
-                    raise RuntimeError(
+                    raise SetupError(
                         "log.wandb_mode=online needs W&B credentials: run `wandb login` or set "
                         "WANDB_API_KEY in the environment (never on the command line); or use "
                         "log.wandb_mode=offline and `wandb sync` later"

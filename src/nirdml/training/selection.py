@@ -37,6 +37,20 @@ def rank(row: Mapping[str, Any], split: str, metric: str) -> tuple[float, float]
     return _value(row, f"{split}/{metric}"), tie
 
 
+def best_row(
+    history: Sequence[Mapping[str, Any]], split: str, metric: str
+) -> Mapping[str, Any] | None:
+    """The evaluated epoch the rule keeps (what a finished run's best.pt holds); None when
+    no epoch evaluated ``split/metric``."""
+    best = None
+    for row in history:
+        if f"{split}/{metric}" in row and (
+            best is None or rank(row, split, metric) >= rank(best, split, metric)
+        ):
+            best = row
+    return best
+
+
 def rule(split: str, metric: str, row: Mapping[str, Any] | None = None) -> str:
     """The rule in words (``row``: an evaluated epoch, to say whether the tie-break exists)."""
     tie = metric != TIE_BREAK and (row is None or f"{split}/{TIE_BREAK}" in row)

@@ -28,9 +28,13 @@ from torch import Tensor, nn
 
 import nirdml
 from nirdml.errors import (
+    ConfigError,
+    InputError,
+    MissingFileError,
     NIRInertWarning,
     NoImprovementWarning,
     NonFiniteLossError,
+    OutputExistsError,
     SelectionWarning,
 )
 from nirdml.losses import ProxyCriterion
@@ -41,6 +45,7 @@ from nirdml.training.build import (
     Criterion,
     amp_dtype,
     eval_metrics,
+    eval_num_clusters,
     evaluate_model,
     load_run_data,
     place_model,
@@ -135,11 +140,18 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return module.module if hasattr(module, "module") else module
 
 
+def last_checkpoint(out_dir: str | Path) -> Path:
+    """``out_dir/checkpoints/last.pt``: the file that makes a folder hold a run (what resume
+    continues from). A run that fails before it is written leaves nothing that blocks the
+    same folder next time."""
+    return Path(out_dir) / "checkpoints" / "last.pt"
+
+
 def default_out_dir(cfg: RunConfig, root: str | Path = "runs") -> Path:
     """``runs/<name>``, or ``runs/<name>-N`` if that folder already holds a run."""
     base = Path(root) / cfg.name
     candidate, n = base, 1
-    while candidate.exists() and any(candidate.iterdir()):
+    while last_checkpoint(candidate).exists():
         candidate = Path(f"{base}-{n}")
         n += 1
     return candidate
@@ -157,16 +169,21 @@ def train(
     dist = DistContext.from_env()
     if resume:
         if out_dir is None:
-            raise ValueError("resume=True needs the run folder to resume (out_dir)")
+            raise InputError("resume=True needs the run folder to resume (out_dir)")
         out_dir = Path(out_dir)
-        state = load_checkpoint(out_dir)
+        if not last_checkpoint(out_dir).is_file():
+            raise MissingFileError(
+                f"{out_dir} holds no checkpoints/last.pt to resume; pass the folder of a run "
+                "that saved at least one epoch, or start it again without --resume"
+            )
+        state = load_checkpoint(last_checkpoint(out_dir))
         cfg = load_config(state["config"])
     else:
         cfg = config if isinstance(config, RunConfig) else load_config(config)
         state = None
         out_dir = Path(out_dir) if out_dir is not None else default_out_dir(cfg)
-        if (out_dir / "checkpoints" / "last.pt").exists():
-            raise FileExistsError(
+        if last_checkpoint(out_dir).exists():
+            raise OutputExistsError(
                 f"{out_dir} already holds a run; resume it with `nirdml train --resume {out_dir}` "
                 "or choose another --out folder"
             )
@@ -410,11 +427,6 @@ class _Run:
 
     # -- evaluation and selection
 
-    def _num_clusters(self, split: str) -> int | None:
-        if self.cfg.eval.num_clusters == "train_classes":
-            return self.splits.train.num_classes
-        return None  # evaluate() uses the number of classes in the evaluated split
-
     def _evaluate(self, reference: bool = False) -> dict[str, float]:
         """Metrics of the test (and val) split, keyed ``test/...`` / ``val/...``; with
         ``reference``, of the model's pooled backbone features (no head) instead."""
@@ -433,7 +445,7 @@ class _Run:
                 model,
                 dataset,
                 metrics=self.metrics,
-                num_clusters=self._num_clusters(name),
+                num_clusters=eval_num_clusters(self.cfg, self.splits.train.num_classes),
                 batch_size=self.cfg.eval.batch_size,
                 num_workers=self.cfg.data.num_workers,
                 device=self.device,
@@ -454,7 +466,7 @@ class _Run:
         (nirdml.training.selection: ties go to the tie-break metric, then the later epoch)."""
         split, metric = self._selection_split(), self.cfg.eval.select_metric
         if f"{split}/{metric}" not in row:
-            raise ValueError(
+            raise ConfigError(
                 f"eval.select_metric {metric!r} is not among the "
                 f"computed metrics {self.metrics}; add it to eval.metrics"
             )
