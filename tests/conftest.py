@@ -61,3 +61,50 @@ def omniglot_small(omniglot_dir: Path, tmp_path_factory) -> Path:
                 out / f"{name}.npz", images=z["images"][:classes], labels=z["labels"][:classes]
             )
     return out
+
+
+def colour_photos(root: Path, size: tuple[int, int], seed: int) -> Path:
+    """6 classes x 4 small colour JPEGs of ``size`` (H, W) in class folders under ``root``
+    (a folder dataset: 3 classes train, 3 test)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in range(6):
+        (root / f"c{c}").mkdir(parents=True)
+        base = rng.integers(0, 255, 3)
+        for i in range(4):
+            a = np.clip(base + rng.normal(0, 40, (*size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(a).save(root / f"c{c}" / f"{i}.jpg")
+    return root
+
+
+def cached_config(root: Path, features: Path, image_size: int, model: dict, **over):
+    """A tiny cached-feature run on ``colour_photos``: EfficientNet-Lite0 (``model`` adds to
+    the model section), 2 views, float32 cache; ``over`` sets dotted keys."""
+    from nirdml.training.config import load_config
+
+    raw = {
+        "name": "tiny-cached",
+        "epochs": 2,
+        "data": {
+            "name": "folder",
+            "root": str(root),
+            "image_size": image_size,
+            "features": str(features),
+            "feature_views": 2,
+            "feature_dtype": "float32",
+            "batch_size": 6,
+            "samples_per_class": 2,
+        },
+        "model": {"arch": "efficientnet_lite0", "embed_dim": 16, "frozen": True, **model},
+        "optim": {"lr": 1e-3, "proxy_lr_mult": 10.0},
+        "log": {"progress": False},
+    }
+    for key, value in over.items():
+        node = raw
+        *parts, last = key.split(".")
+        for p in parts:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return load_config(raw)

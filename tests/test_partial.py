@@ -6,13 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from conftest import cached_config, colour_photos
 from nirdml.errors import ConfigError, InsufficientDiskError
-from nirdml.training.config import load_config
 
 pytest.importorskip("efficientnet_lite_pytorch")
 
@@ -27,43 +25,11 @@ from nirdml.training.features import (  # noqa: E402
 
 @pytest.fixture(scope="module")
 def image_root(tmp_path_factory) -> Path:
-    """6 classes x 4 small colour JPEGs (3 classes train, 3 test)."""
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(1)
-    for c in range(6):
-        (root / f"c{c}").mkdir()
-        base = rng.integers(0, 255, 3)
-        for i in range(4):
-            a = np.clip(base + rng.normal(0, 40, (72, 80, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(a).save(root / f"c{c}" / f"{i}.jpg")
-    return root
+    return colour_photos(tmp_path_factory.mktemp("imgs") / "photos", (72, 80), seed=1)
 
 
 def _cfg(root: Path, features: Path, **over):
-    raw = {
-        "name": "tiny-partial",
-        "epochs": 2,
-        "data": {
-            "name": "folder",
-            "root": str(root),
-            "image_size": 64,
-            "features": str(features),
-            "feature_views": 2,
-            "feature_dtype": "float32",
-            "batch_size": 6,
-            "samples_per_class": 2,
-        },
-        "model": {"arch": "efficientnet_lite0", "embed_dim": 16, "frozen": True, "cut": "stage7"},
-        "optim": {"lr": 1e-3, "proxy_lr_mult": 10.0},
-        "log": {"progress": False},
-    }
-    for key, value in over.items():
-        node = raw
-        *parts, last = key.split(".")
-        for p in parts:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return load_config(raw)
+    return cached_config(root, features, 64, {"cut": "stage7"}, **over)
 
 
 @pytest.fixture(scope="module")
