@@ -41,7 +41,7 @@ BASE = "cars98-frozen-proxyanchor-baseline"
 TUNE_SEED = 100
 PROXY_LR = 2e-2
 """Absolute proxy lr of every sweep point (the paper's 1e-5 x 2000)."""
-COMMON = (
+COMMON = (  # every knob the sweep does not vary, pinned against later preset changes
     "data.val_classes=9",
     "data.val_carve=last",
     "eval.metrics=[recall@1,map@r]",
@@ -56,6 +56,7 @@ def point(size: int, cut: str | None, lr: float, *more: str) -> tuple[str, tuple
     sets = (
         f"data.image_size={size}",
         f"model.cut={'null' if cut is None else cut}",
+        "model.embed_dim=128",  # pinned: the base preset's own size may change
         f"optim.lr={lr}",
         f"optim.proxy_lr_mult={PROXY_LR / lr:g}",
         *more,
@@ -116,7 +117,7 @@ def _ablation_specs(args: argparse.Namespace) -> list[tuple[str, grid.RunSpec]]:
             f"optim.lr={lr}",
             f"optim.proxy_lr_mult={proxy_lr / lr:g}",
             f"data.features={folder}",
-            *((f"model.embed_dim={embed}",) if dim else ()),
+            f"model.embed_dim={embed}",
         )
         group = f"ablate-{size}px-{carve}-lr{lr:g}" + (f"-{embed}d" if dim else "")
         out += [(label, grid.RunSpec(group, seed, BASE, sets)) for seed in ABLATION_SEEDS]
