@@ -44,7 +44,7 @@ def test_digits_run_learns_and_writes_every_output(tmp_path, preset):
         assert "train/nll" in rows[0] and rows[-1]["train/nll"] < rows[0]["train/nll"]
     # Retrieval of the unseen digits works (chance is ~0.2). Digits cannot show learning
     # beyond raw pixels (R@1 0.989) or an untrained CNN (0.967): 5 training classes are too
-    # few; the Omniglot end-to-end test shows learning (README, "Results").
+    # few; the Omniglot end-to-end test shows learning (docs/guide/results.md).
     assert summary["best"]["value"] > 0.85
     assert summary["best"]["metrics"]["test/recall@1"] > 0.85
 
