@@ -60,8 +60,9 @@ def test_equals_the_authors_criterion_with_their_weights(dim: int) -> None:
 
     Tolerances: float32 rounding through 5 coupling blocks of 8 layers; ours measures
     < 1e-6 relative on values and gradients (docs/guide/core.md, the exactness table). The
-    authors' own float32 run is up to 4.7e-4 (embedding grads) / 7.8e-3 (proxy grads) off float64 on some CPUs, so it is
-    checked against float64 by its own error, not used as the oracle (float64_copy).
+    authors' own float32 run is up to 4.7e-4 (embedding grads) / 7.8e-3 (proxy grads) off
+    float64 on some CPUs, so it is checked against float64 by its own error, not used as the
+    oracle (float64_copy).
     """
     torch.manual_seed(dim)
     authors = AuthorsNIR(100, dim, w_align=0.01)
