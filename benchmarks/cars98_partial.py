@@ -2,7 +2,8 @@
 
     python benchmarks/cars98_partial.py tune   --data-root DIR --features DIR [--shard I/N]
     python benchmarks/cars98_partial.py report --data-root DIR --features DIR --out FILE.md
-    python benchmarks/cars98_partial.py losses --out DIR   # ProxyNCA / SoftTriple YAMLs
+    python benchmarks/cars98_partial.py losses --out DIR [--nir-weight LOSS=W ...]
+    python benchmarks/cars98_partial.py ratio --data-root DIR --features DIR --out DIR
     python benchmarks/cars98_partial.py ablate --data-root DIR --features DIR [--shard I/N]
     python benchmarks/cars98_partial.py ablation-report --data-root DIR --features DIR
 
@@ -25,6 +26,7 @@ hash: finished runs are skipped, killed ones resumed. Run ONE process per core w
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -212,10 +214,11 @@ def report(args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_loss_variants(out: Path) -> list[Path]:
+def write_loss_variants(out: Path, nir_weights: dict[str, float] | None = None) -> list[Path]:
     """``cars98-partial-{proxynca,softtriple}-{baseline,nir}.yaml`` in ``out``: the partial
-    ProxyAnchor presets with the loss replaced (its default options; the optimizer, data
-    and NIR settings unchanged, not tuned for these losses), for the NIR study."""
+    ProxyAnchor presets with the loss replaced (its paper options; the optimizer, data and
+    NIR settings unchanged, not tuned for these losses), for the NIR study; ``nir_weights``
+    sets ``loss.nir.nir_weight`` of a loss's + NIR file (see ``ratio``)."""
     import yaml
 
     from nirdml.losses.registry import LOSSES
@@ -231,16 +234,67 @@ def write_loss_variants(out: Path) -> list[Path]:
             raw["description"] = raw["description"].replace("ProxyAnchor", LOSSES[name].title)
             raw["loss"]["name"] = name
             raw["loss"]["params"] = dict(LOSSES[name].paper_params)
+            if kind == "nir" and nir_weights and name in nir_weights:
+                raw["loss"]["nir"]["nir_weight"] = nir_weights[name]
             path = out / f"{raw['name']}.yaml"
             path.write_text(yaml.safe_dump(raw, sort_keys=False))
             written.append(path)
     return written
 
 
+RATIO_EPOCHS = 3
+
+
+def gradient_ratios(args: argparse.Namespace) -> dict[str, float]:
+    """The NIR/proxy gradient ratio (the alarm's, geometric mean over ``RATIO_EPOCHS``
+    epochs on the tuning seed) of each loss's + NIR preset at its default ``nir_weight``,
+    and the weight that gives ProxyNCA and SoftTriple ProxyAnchor's ratio (the ratio is
+    linear in the weight: the proxy loss's gradient does not depend on it)."""
+    from nirdml.training.config import load_config
+    from nirdml.training.trainer import train
+
+    variants = {p.stem: p for p in write_loss_variants(args.out / "configs")}
+    presets = {
+        "proxy_anchor": "cars98-partial-proxyanchor-nir",
+        "proxy_nca": str(variants["cars98-partial-proxynca-nir"]),
+        "soft_triple": str(variants["cars98-partial-softtriple-nir"]),
+    }
+    ratios = {}
+    for loss, preset in presets.items():
+        sets = [
+            f"data.root={args.data_root}",
+            f"data.features={Path(args.features) / 'cars98-lite0-224px-stage7'}",
+            f"seed={TUNE_SEED}",
+            f"epochs={RATIO_EPOCHS}",
+            f"eval.every={RATIO_EPOCHS}",
+            "eval.metrics=[recall@1]",
+            "eval.reference=false",
+            "log.progress=false",
+        ]
+        folder = args.out / f"ratio-{loss}"
+        if (folder / "summary.json").is_file():
+            history = [
+                json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()
+            ]
+        else:
+            history = train(load_config(preset, sets), folder, progress=False).history
+        values = [row["train/nir_grad_ratio"] for row in history]
+        ratios[loss] = math.exp(sum(math.log(v) for v in values) / len(values))
+        print(f"{loss}: ratio per epoch {[f'{v:.3g}' for v in values]}", flush=True)
+    weights = {k: ratios["proxy_anchor"] / v for k, v in ratios.items() if k != "proxy_anchor"}
+    result = {"ratios": ratios, "matched_nir_weight": weights, "epochs": RATIO_EPOCHS}
+    (args.out / "ratios.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "command", choices=("tune", "report", "losses", "ablate", "ablation-report")
+        "command",
+        choices=("tune", "report", "losses", "ablate", "ablation-report", "ratio"),
+    )
+    parser.add_argument(
+        "--nir-weight", action="append", default=[], metavar="LOSS=W", help="losses: weight"
     )
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--features", default=None, help="folder of the feature caches")
@@ -250,11 +304,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.command == "losses":
-        for path in write_loss_variants(args.out or Path("cars98_partial_losses")):
+        weights = {k: float(v) for k, v in (item.split("=") for item in args.nir_weight)}
+        for path in write_loss_variants(args.out or Path("cars98_partial_losses"), weights):
             print(path)
         return 0
     if args.data_root is None or args.features is None:
         parser.error(f"{args.command} needs --data-root and --features")
+    if args.command == "ratio":
+        if args.out is None:
+            parser.error("ratio needs --out DIR")
+        print(json.dumps(gradient_ratios(args), indent=1))
+        return 0
     if args.command == "ablate":
         index, count = (int(v) for v in args.shard.split("/"))
         specs = grid.shard([s for _, s in _ablation_specs(args)], args.data_root, index, count)
