@@ -134,8 +134,8 @@ def test_missing_pretrained_weights_is_a_one_paragraph_error(tmp_path, capsys, m
     images = _folder(tmp_path / "photos", classes=4, per_class=2)
     out = tmp_path / "run"
     argv = ["train", "cub200-r128-avg-proxyanchor-nir", "--set", "data.name=folder"]
-    argv += ["--set", f"data.root={images}", "--out", str(out), "--quiet"]
-    assert main(argv) == 2
+    argv += ["--set", f"data.root={images}", "--set", "data.batch_size=4"]  # 4 images train
+    assert main([*argv, "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err
     assert "--set model.weights=/path/to/resnet50-0676ba61.pth" in err

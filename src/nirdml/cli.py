@@ -12,23 +12,26 @@ from nirdml import __version__
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from nirdml.training.config import load_config
+    from nirdml.training.config import check_data_root, load_config
 
     progress = not args.quiet
-    # The config is resolved and validated before torch is imported: config errors are quick.
+    if args.resume and (args.config or args.set):
+        print(
+            "nirdml train: error: --resume continues a run with its saved config; drop PRESET "
+            "and --set.",
+            file=sys.stderr,
+        )
+        return 2
+    # The config and its data paths are checked before torch is imported: config errors are
+    # quick.
     cfg = None if args.resume else load_config(args.config, args.set)
+    if cfg is not None:
+        check_data_root(cfg.data)
     from nirdml.training.quickstart import compare_table, run_default
     from nirdml.training.trainer import train
 
     if args.resume:
-        if args.config or args.set:
-            print(
-                "--resume continues a run with its saved config; drop PRESET and --set.",
-                file=sys.stderr,
-            )
-            return 2
-        result = train(out_dir=args.resume, resume=True, progress=progress)
-        results = [result]
+        results = [train(out_dir=args.resume, resume=True, progress=progress)]
     elif args.config is None:
         results = run_default(args.out or "runs", overrides=args.set, progress=progress)
         if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
@@ -46,8 +49,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             print(f"{r.summary['name']}: {r.out_dir}{verdict}")
         return 0
     else:
-        result = train(cfg, args.out, progress=progress)
-        results = [result]
+        results = [train(cfg, args.out, progress=progress)]
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
         return 0
     for r in results:
@@ -56,6 +58,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if found is not None:  # the last line: did training beat the untrained features?
         print(("" if found["beats"] else "WARNING: ") + found["message"])
     return 0
+
+
+def follow_up(command: str, config: str | None, settings: Sequence[str], *extra: str) -> str:
+    """The command line of a follow-up command (``nirdml train PRESET --set ...``) carrying
+    the ``--set`` settings this command was given, then ``extra`` settings, which replace a
+    given setting of the same key; shell-quoted, ready to paste."""
+    import shlex
+
+    keys = {e.split("=", 1)[0].strip() for e in extra}
+    kept = [s for s in settings if s.split("=", 1)[0].strip() not in keys]
+    words = ["nirdml", command, *([config] if config else [])]
+    for setting in [*kept, *extra]:
+        words += ["--set", setting]
+    return shlex.join(words)
 
 
 def summary_line(summary: dict, out_dir: str) -> str:
@@ -76,10 +92,12 @@ def summary_line(summary: dict, out_dir: str) -> str:
 
 
 def _cmd_features(args: argparse.Namespace) -> int:
-    from nirdml.training.config import load_config
-    from nirdml.training.features import build_feature_cache
+    from nirdml.training.config import check_data_root, load_config
 
     cfg = load_config(args.config, args.set)
+    check_data_root(cfg.data)
+    from nirdml.training.features import build_feature_cache
+
     cache = build_feature_cache(
         cfg,
         args.out,
@@ -97,7 +115,8 @@ def _cmd_features(args: argparse.Namespace) -> int:
         f"{cache.train_views.shape[1]:,} train + {cache.test.shape[0]:,} test images, "
         f"{what} {item} ({cache.meta['dtype']}), {cache.nbytes / 2**20:.1f} MiB; "
         f"{stats.get('images_per_s_this_session', 0):.1f} images/s when built. Train on it: "
-        f"nirdml train {args.config} --set data.features={cache.path} [--set seed=N ...]"
+        + follow_up("train", args.config, args.set, f"data.features={cache.path}")
+        + " [--set seed=N ...]"
     )
     return 0
 
@@ -454,6 +473,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+INTERRUPTED = {
+    "features": "interrupted; run the same command again: the extraction continues at its "
+    "next batch",
+}
+"""What an interrupted command says beyond "interrupted" (``train`` says it itself)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -461,6 +487,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt as exc:  # Ctrl-C: one line (a run says how to resume), no trace
+        said = " ".join(str(exc).split()) if isinstance(exc, NirdmlError) else ""
+        print(
+            f"nirdml {args.command}: {said or INTERRUPTED.get(args.command, 'interrupted')}",
+            file=sys.stderr,
+        )
+        return 130
     except WeightsUnavailableError as exc:
         print(f"nirdml {args.command}: error: {exc.cli_message()}", file=sys.stderr)
         return 2

@@ -40,6 +40,11 @@ class OutputExistsError(NirdmlError, FileExistsError):
     where a folder goes); the message says how to resume or where else to write."""
 
 
+class TrainingInterrupted(NirdmlError, KeyboardInterrupt):
+    """Training was interrupted (Ctrl-C); the message says where and the command that
+    resumes it. A KeyboardInterrupt, so handlers written for Ctrl-C keep catching it."""
+
+
 class CheckpointError(NirdmlError, ValueError):
     """A file is not a readable nirdml checkpoint (corrupt, truncated, another format)."""
 

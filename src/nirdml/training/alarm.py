@@ -66,6 +66,19 @@ def inert_message(row: dict[str, Any], cfg: RunConfig) -> str:
     return msg + "Raise loss.nir.nir_weight (or loss.nir.sigma for a bounded objective)."
 
 
+def inert_summary(alarm: dict[str, Any] | None, epochs: int) -> str | None:
+    """The end-of-run line when NIR was inert in more than one epoch (the first one was
+    warned about with the advice, :func:`inert_message`); None otherwise."""
+    inert = (alarm or {}).get("inert_epochs") or []
+    if len(inert) < 2:
+        return None
+    return (
+        f"NIR was inert in {len(inert)} of {epochs} epochs (first: epoch {inert[0]}, last: "
+        f"epoch {inert[-1]}; per epoch: summary.json nir_alarm); the advice of the first "
+        "warning applies"
+    )
+
+
 def alarm_summary(history: list[dict[str, Any]], cfg: RunConfig) -> dict[str, Any] | None:
     """summary.json's ``nir_alarm``: threshold, per-epoch ratio, inert epochs."""
     rows = [r for r in history if "train/nir_grad_ratio" in r]

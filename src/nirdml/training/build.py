@@ -29,7 +29,13 @@ from nirdml.losses import ProxyCriterion
 from nirdml.losses.registry import LOSSES
 from nirdml.models.batchnorm import convert_sync_batchnorm
 from nirdml.training.compiled import CompiledOrEager
-from nirdml.training.config import AMP_DTYPES, DataConfig, LossConfig, RunConfig
+from nirdml.training.config import (
+    AMP_DTYPES,
+    DataConfig,
+    LossConfig,
+    RunConfig,
+    check_data_root,
+)
 from nirdml.training.datacheck import check_images
 from nirdml.training.distributed import DistContext
 from nirdml.training.loader import SeededBatchSampler, train_loader
@@ -189,12 +195,7 @@ def load_splits(cfg: RunConfig, progress: bool = False) -> Any:
     from nirdml.data import DatasetSplits, build_cache, cached, load_dataset
 
     d = cfg.data
-    if d.root is None and DATASETS[dataset_name(d.name)].needs_root:
-        raise ConfigError(
-            f"data.root is not set: {d.name} is read from a folder you provide. Pass "
-            f"--set data.root=/path/to/{d.name} (or data.root and data.download=true to fetch "
-            "the public archives, where the dataset allows it)"
-        )
+    check_data_root(d, exists=False)  # a missing root: the dataset's own error says more
     splits = load_dataset(
         **options_for(load_dataset, d), transform_preset=d.transform, seed=cfg.seed, **d.options
     )
@@ -237,8 +238,34 @@ def load_run_data(cfg: RunConfig, *, progress: bool, echo: bool) -> RunData:
             splits, {"checked": 0, "skipped": "frozen: checked by the cache build"}, model
         )
     splits = load_splits(cfg, progress=progress)
+    check_batch_fits(splits.train, splits.val, cfg.data)
     image_check = check_images(cfg, splits, progress=progress, echo=echo)
     return RunData(splits, image_check, build_model_from_config(cfg))
+
+
+def check_batch_fits(train: Any, val: Any, d: DataConfig) -> None:
+    """A ConfigError naming the settings that fix it when the training split (after the
+    validation carve took ``val``) holds fewer images than one batch of ``data.batch_size``
+    (checked before the images are read or a feature cache is extracted)."""
+    n, m = len(train), d.samples_per_class
+    if n >= d.batch_size:
+        return
+    fits = n // m * m
+    fixes = []
+    if fits >= 2:
+        fixes.append(f"--set data.batch_size={fits} (a multiple of data.samples_per_class={m})")
+    carved = ""
+    if val is not None:
+        carved = f" after data.val_classes took {val.num_classes} classes for validation"
+        fixes.append(
+            f"fewer validation classes (--set data.val_classes=N, N < {val.num_classes}; 0 "
+            f"trains on all {n + len(val)} images and selects the epoch on test)"
+        )
+    fixes.append("more images per class or more classes")
+    raise ConfigError(
+        f"the training split holds {n} images in {train.num_classes} classes{carved}: no "
+        f"full batch of data.batch_size={d.batch_size}. Fix: " + ", or ".join(fixes)
+    )
 
 
 def train_batches(

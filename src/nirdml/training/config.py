@@ -32,7 +32,7 @@ from nirdml.data.registry import (
     image_size_problem,
     option_problem,
 )
-from nirdml.errors import ConfigError
+from nirdml.errors import ConfigError, MissingFileError
 from nirdml.evaluation import registry as metric_table
 from nirdml.flow.registry import CONDITION_BLOCKS, CONDITION_MODES
 from nirdml.losses.registry import (
@@ -114,7 +114,8 @@ class ModelConfig:
     freeze_bn: bool | None = None
     """None: frozen running statistics exactly when the backbone is pretrained."""
     freeze_bn_affine: bool = False
-    in_channels: int = 3
+    in_channels: int | None = None
+    """Image channels the backbone takes (1 or 3); None: those of the run's transform."""
     frozen: bool = False
     """Train on a cache of the frozen backbone's outputs (data.features): a head on pooled
     features, or with ``cut`` the backbone's last stages + head on cached activations."""
@@ -517,6 +518,27 @@ def _check_choice(value: Any, choices: Iterable[str], field: str) -> None:
     raise ConfigError(f"{field} must be {listed}, not {value!r}{hint}")
 
 
+def check_data_root(d: DataConfig, *, exists: bool = True) -> None:
+    """A clear error when ``data.root`` is unset for a dataset read from a folder, or (with
+    ``exists``) names nothing on disk; no file is opened and torch is not imported, so the
+    command line finds it in a fraction of a second."""
+    entry = DATASETS[dataset_name(d.name)]
+    if d.root is None and entry.needs_root:
+        raise ConfigError(
+            f"data.root is not set: {d.name} is read from a folder you provide. Pass "
+            f"--set data.root=/path/to/{d.name} (or data.root and data.download=true to fetch "
+            "the public archives, where the dataset allows it)"
+        )
+    if exists and d.root is not None and entry.needs_root and not d.download:
+        path = Path(d.root).expanduser()
+        if not path.exists():
+            what = "CSV file" if d.name == "csv" else "folder"
+            raise MissingFileError(
+                f"data.root {path} does not exist: pass the {what} that holds the {d.name} "
+                f"data, --set data.root=/path/to/{d.name}"
+            )
+
+
 def transform_preset(d: DataConfig) -> str:
     """The transform preset a run uses: ``data.transform``, else the dataset's default."""
     return d.transform or default_transform_preset(d.name)
@@ -541,8 +563,8 @@ def validate(cfg: RunConfig) -> None:
 
 def _validate_run(cfg: RunConfig) -> None:
     """epochs, seed, amp, device."""
-    _check(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
-    _check(cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}")
+    _check(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}: set e.g. --set epochs=1")
+    _check(cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}: set e.g. --set seed=0")
     _check_choice(cfg.amp, AMP_DTYPES, "amp")
     kind, _, index = cfg.device.partition(":")
     _check(
@@ -564,7 +586,11 @@ def _validate_data(d: DataConfig) -> None:
     _check(problem is None, f"data.options: {problem}")
     _check_choice(d.val_carve, VAL_CARVES, "data.val_carve")
     _check(d.batch_size >= 2, f"data.batch_size must be >= 2, got {d.batch_size}")
-    _check(d.samples_per_class >= 1, "data.samples_per_class must be >= 1")
+    _check(
+        d.samples_per_class >= 1,
+        f"data.samples_per_class must be >= 1, got {d.samples_per_class}: set e.g. "
+        "--set data.samples_per_class=2",
+    )
     _check(
         d.batch_size % d.samples_per_class == 0,
         f"data.batch_size ({d.batch_size}) must be divisible by data.samples_per_class "
@@ -572,7 +598,10 @@ def _validate_data(d: DataConfig) -> None:
         f"{d.batch_size // d.samples_per_class * d.samples_per_class}",
     )
     _check_choice(d.sampler, SAMPLERS, "data.sampler")
-    _check(d.num_workers >= 0, "data.num_workers must be >= 0")
+    _check(
+        d.num_workers >= 0,
+        f"data.num_workers must be >= 0, got {d.num_workers}: set e.g. --set data.num_workers=0",
+    )
     _check(
         d.val_classes == "auto" if isinstance(d.val_classes, str) else d.val_classes >= 0,
         f"data.val_classes must be auto, a fraction < 1 or a class count >= 0, "
@@ -595,7 +624,11 @@ def _validate_model(m: ModelConfig) -> None:
         f"IMAGENET1K_V1 / IMAGENET1K_V2, not {m.pretrained!r}",
     )
     _check_choice(m.pooling, POOLINGS, "model.pooling")
-    _check(m.in_channels in (1, 3), f"model.in_channels must be 1 or 3, got {m.in_channels}")
+    _check(
+        m.in_channels in (None, 1, 3),
+        f"model.in_channels must be 1 or 3, got {m.in_channels}: set --set model.in_channels=3 "
+        "(RGB) or 1 (grey), or leave it out to follow the transform",
+    )
     try:
         backbone(m.arch)
     except ValueError as exc:
@@ -653,22 +686,32 @@ def _validate_optim(o: OptimConfig, epochs: int) -> None:
     """optim.*: optimizer, learning rates, schedule, warmup."""
     _check_choice(o.name, OPTIMIZERS, "optim.name")
     _check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
-    _check(o.weight_decay >= 0, "optim.weight_decay must be >= 0")
-    _check(o.proxy_lr_mult > 0 and o.flow_lr_mult > 0, "optim lr multipliers must be > 0")
+    _check(
+        o.weight_decay >= 0,
+        f"optim.weight_decay must be >= 0, got {o.weight_decay}: set e.g. "
+        "--set optim.weight_decay=0",
+    )
+    _check(
+        o.proxy_lr_mult > 0 and o.flow_lr_mult > 0,
+        f"optim.proxy_lr_mult ({o.proxy_lr_mult}) and optim.flow_lr_mult ({o.flow_lr_mult}) "
+        "must be > 0: set e.g. --set optim.proxy_lr_mult=1 --set optim.flow_lr_mult=1",
+    )
     _check(0 < o.gamma <= 1, f"optim.gamma must be in (0, 1], got {o.gamma}")
     _check(
         all(0 < e for e in o.milestones) and o.milestones == sorted(o.milestones),
-        f"optim.milestones must be increasing positive epochs, got {o.milestones}",
+        f"optim.milestones must be increasing positive epochs, got {o.milestones}: set e.g. "
+        "--set optim.milestones=[30,60], or [] for a constant learning rate",
     )
     _check(
         0 <= o.warmup_epochs < epochs or o.warmup_epochs == 0,
-        f"optim.warmup_epochs ({o.warmup_epochs}) must be smaller than epochs ({epochs})",
+        f"optim.warmup_epochs ({o.warmup_epochs}) must be smaller than epochs ({epochs}): "
+        f"set --set optim.warmup_epochs={max(epochs - 1, 0)} (0: no warmup) or more epochs",
     )
 
 
 def _validate_eval(e: EvalConfig, d: DataConfig) -> None:
     """eval.*: the metric names (the metric table), the selection metric, the options."""
-    _check(e.every >= 1, "eval.every must be >= 1")
+    _check(e.every >= 1, f"eval.every must be >= 1, got {e.every}: set e.g. --set eval.every=1")
     _check(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
     _check_choice(e.num_clusters, NUM_CLUSTERS, "eval.num_clusters")
     if e.metrics is not None:
@@ -707,6 +750,8 @@ def _check_transform_fits_model(cfg: RunConfig) -> None:
     )
     channels = TRANSFORMS[preset].channels
     entry = backbone(m.arch)
+    if m.in_channels is None:  # what the images have; RGB for backbones with pretrained weights
+        m.in_channels = 3 if entry.has_pretrained else channels
     pretrained = m.pretrained is not False or m.weights is not None
     _check(
         m.in_channels == 3 or not entry.has_pretrained or entry.any_channels or not pretrained,

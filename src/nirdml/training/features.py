@@ -49,7 +49,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from nirdml.errors import InputError, InsufficientDiskError, MissingFileError
-from nirdml.runtime import atomic_write_json
+from nirdml.runtime import atomic_write_json, usable_workers
 from nirdml.training.config import ConfigError, RunConfig, load_config, transform_preset
 
 FEATURE_FORMAT = 1
@@ -275,6 +275,7 @@ def build_feature_cache(
     device: str = "cpu",
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
+    splits: Any | None = None,
 ) -> FeatureCache:
     """Extract (or resume, or reuse) the feature cache of ``config`` in ``out_dir``.
 
@@ -285,11 +286,12 @@ def build_feature_cache(
     each batch is safely recorded (tests use it to interrupt an extraction). ``batch_size``
     16: on a CPU, larger batches are slower (EfficientNet-Lite0 at 128 px, one core: 70
     images/s at 16, 43 at 32, 18 at 64), as activations above glibc's 32 MB mmap threshold
-    are mapped and page-faulted anew on every call.
+    are mapped and page-faulted anew on every call. ``splits``: the config's uncarved image
+    splits, when the caller has them already.
     """
     cfg = config if isinstance(config, RunConfig) else load_config(config)
     out = _cache_folder(cfg, out_dir)
-    splits = _image_splits(cfg)
+    splits = _image_splits(cfg) if splits is None else splits
     if not (out / META).is_file():  # the images will be read: check them first
         from nirdml.training.datacheck import check_images
 
@@ -532,7 +534,7 @@ def _extract(
     loader = DataLoader(
         items,
         batch_sampler=batches[done:],
-        num_workers=workers,
+        num_workers=usable_workers(workers),
         generator=torch.Generator().manual_seed(0),
     )
     bar = None
@@ -687,16 +689,18 @@ def load_feature_splits(cfg: RunConfig, progress: bool = False) -> FeatureSplits
     classes with ``cfg.seed`` exactly as ``load_dataset`` carves the images.
     """
     from nirdml.data import auto_val_classes, carve_validation
+    from nirdml.training.build import check_batch_fits
 
     if cfg.data.features is None:
         raise ConfigError("model.frozen=true needs data.features=DIR (the feature cache)")
-    cache = build_feature_cache(cfg, cfg.data.features, progress=progress)
     splits = _image_splits(cfg)
     pool = splits.train
     val_classes = cfg.data.val_classes
     if val_classes == "auto":  # as load_dataset resolves it for the images
         val_classes = auto_val_classes(cfg.data.name, pool.num_classes)
     train, val = carve_validation(pool, val_classes, cfg.seed, cfg.data.val_carve)
+    check_batch_fits(train, val, cfg.data)  # before minutes of extraction
+    cache = build_feature_cache(cfg, cfg.data.features, progress=progress, splits=splits)
     order = np.argsort(pool.index, kind="stable")
 
     def rows_of(part: Any) -> np.ndarray:

@@ -36,11 +36,18 @@ from nirdml.errors import (
     NonFiniteLossError,
     OutputExistsError,
     SelectionWarning,
+    TrainingInterrupted,
 )
 from nirdml.losses import ProxyCriterion
 from nirdml.runtime import atomic_write_json, atomic_write_text, resolve_device
 from nirdml.training import selection
-from nirdml.training.alarm import ALARM_KEYS, alarm_row, alarm_summary, inert_message
+from nirdml.training.alarm import (
+    ALARM_KEYS,
+    alarm_row,
+    alarm_summary,
+    inert_message,
+    inert_summary,
+)
 from nirdml.training.build import (
     Criterion,
     amp_dtype,
@@ -147,14 +154,60 @@ def last_checkpoint(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints" / "last.pt"
 
 
+def is_run_folder(out_dir: str | Path) -> bool:
+    """Whether ``out_dir`` was written by ``nirdml train``: it holds the run's config.yaml
+    (written before the first epoch) or a checkpoint."""
+    out_dir = Path(out_dir)
+    return (out_dir / "config.yaml").is_file() or last_checkpoint(out_dir).is_file()
+
+
+def _holds_other_files(out_dir: Path) -> bool:
+    """A non-empty folder that no run wrote (a run never writes into one)."""
+    return out_dir.is_dir() and not is_run_folder(out_dir) and any(out_dir.iterdir())
+
+
 def default_out_dir(cfg: RunConfig, root: str | Path = "runs") -> Path:
-    """``runs/<name>``, or ``runs/<name>-N`` if that folder already holds a run."""
+    """``runs/<name>``, or ``runs/<name>-N`` if that folder already holds a run (or files no
+    run wrote)."""
     base = Path(root) / cfg.name
     candidate, n = base, 1
-    while last_checkpoint(candidate).exists():
+    while last_checkpoint(candidate).exists() or _holds_other_files(candidate):
         candidate = Path(f"{base}-{n}")
         n += 1
     return candidate
+
+
+def _resumed(out_dir: Path) -> tuple[RunConfig, dict[str, Any] | None]:
+    """The config and last checkpoint of the run in ``out_dir``; a run stopped before its
+    first checkpoint restarts from epoch 1 with its config.yaml (no checkpoint)."""
+    if last_checkpoint(out_dir).is_file():
+        state = load_checkpoint(last_checkpoint(out_dir))
+        return load_config(state["config"]), state
+    if (out_dir / "config.yaml").is_file():
+        print(
+            f"{out_dir} holds no checkpoint yet (stopped in its first epoch): starting it "
+            "again from epoch 1 with its config.yaml",
+            flush=True,
+        )
+        return load_config(out_dir / "config.yaml"), None
+    raise MissingFileError(
+        f"{out_dir} holds no checkpoints/last.pt or config.yaml to resume; pass the folder of "
+        "a run written by `nirdml train`, or start it again without --resume"
+    )
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """A new run's folder: refused when it holds a run or files no run wrote."""
+    if last_checkpoint(out_dir).exists():
+        raise OutputExistsError(
+            f"{out_dir} already holds a run; resume it with `nirdml train --resume {out_dir}` "
+            "or choose another --out folder"
+        )
+    if out_dir.is_file() or _holds_other_files(out_dir):
+        raise OutputExistsError(
+            f"{out_dir} already holds files that no nirdml run wrote; pass --out a new folder "
+            "or an empty one (a run writes config.yaml, metrics and checkpoints/ into it)"
+        )
 
 
 def train(
@@ -165,29 +218,37 @@ def train(
     progress: bool | None = None,
     stop_after_epoch: int | None = None,
 ) -> RunResult:
-    """Train one run; see the module docstring. ``stop_after_epoch`` ends early (tests)."""
+    """Train one run; see the module docstring. ``stop_after_epoch`` ends early (tests).
+
+    Ctrl-C (KeyboardInterrupt) raises :class:`~nirdml.errors.TrainingInterrupted`, whose
+    message says where training stopped and how to resume; the folder then always resumes
+    (``resume=True``): from its last checkpoint, or before the first one from epoch 1.
+    """
     dist = DistContext.from_env()
     if resume:
         if out_dir is None:
             raise InputError("resume=True needs the run folder to resume (out_dir)")
         out_dir = Path(out_dir)
-        if not last_checkpoint(out_dir).is_file():
-            raise MissingFileError(
-                f"{out_dir} holds no checkpoints/last.pt to resume; pass the folder of a run "
-                "that saved at least one epoch, or start it again without --resume"
-            )
-        state = load_checkpoint(last_checkpoint(out_dir))
-        cfg = load_config(state["config"])
+        cfg, state = _resumed(out_dir)
     else:
         cfg = config if isinstance(config, RunConfig) else load_config(config)
         state = None
         out_dir = Path(out_dir) if out_dir is not None else default_out_dir(cfg)
-        if last_checkpoint(out_dir).exists():
-            raise OutputExistsError(
-                f"{out_dir} already holds a run; resume it with `nirdml train --resume {out_dir}` "
-                "or choose another --out folder"
-            )
-    return _Run(cfg, out_dir, state, dist, progress).fit(stop_after_epoch)
+        _check_out_dir(out_dir)
+    run: _Run | None = None
+    try:
+        run = _Run(cfg, out_dir, state, dist, progress)
+        return run.fit(stop_after_epoch)
+    except KeyboardInterrupt:
+        if dist.is_main and not is_run_folder(out_dir):  # stopped while loading: resumable too
+            out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
+        if run is not None and run.bar is not None:
+            run.bar.close()
+        where = "while loading the data" if run is None else run.stop_point()
+        raise TrainingInterrupted(
+            f"interrupted {where}; resume with: nirdml train --resume {out_dir}"
+        ) from None
 
 
 class _Run:
@@ -214,6 +275,14 @@ class _Run:
         )
         dist.check_batch(cfg.data.batch_size)
         self.progress = (cfg.log.progress if progress is None else progress) and dist.is_main
+        self.position = "while loading the data"
+        """Where the run is, for the message of an interrupt."""
+        self.saved_epoch = 0
+        """The epoch of the last checkpoint written (0: none yet)."""
+        self.bar: Any = None
+        """The epoch's progress bar (closed by an interrupt)."""
+        self.warned_inert = False
+        """Whether this session warned that NIR was inert (the first inert epoch only)."""
         self.amp_dtype = amp_dtype(cfg.amp, self.device)
         with dist.main_first():  # downloads, caches and weights fetched once
             data = load_run_data(cfg, progress=self.progress, echo=dist.is_main)
@@ -282,6 +351,7 @@ class _Run:
         load_scheduler_state(self.scheduler, checkpoint["scheduler"])
         self.step.load_state_dict(checkpoint["step_guard"])
         self.state = LoopState.from_checkpoint(checkpoint)
+        self.saved_epoch = self.state.start_epoch
         if self.dist.is_main:
             cfg, start = self.cfg, self.state.start_epoch
             print(
@@ -300,6 +370,13 @@ class _Run:
         save_checkpoint(folder / "last.pt", checkpoint)
         if is_best:
             save_checkpoint(folder / "best.pt", checkpoint)
+        self.saved_epoch = epoch + 1
+
+    def stop_point(self) -> str:
+        """Where the run stopped and what a resume continues from, for an interrupt."""
+        if self.saved_epoch:
+            return f"{self.position} (last checkpoint: end of epoch {self.saved_epoch})"
+        return f"{self.position} (no checkpoint yet: a resume starts again from epoch 1)"
 
     # -- one epoch
 
@@ -340,7 +417,7 @@ class _Run:
         state.skips.start_epoch(float(skipped_before))
         n_steps, n_images = 0, 0
         start = time.perf_counter()
-        bar = self._progress_bar(epoch, backbone_grad)
+        bar = self.bar = self._progress_bar(epoch, backbone_grad)
         autocast = (
             torch.autocast(self.device.type, dtype=self.amp_dtype)
             if self.amp_dtype is not None
@@ -349,6 +426,9 @@ class _Run:
         alarm = cfg.loss.nir.enabled and cfg.loss.nir.alarm
         probes: list[dict[str, Tensor]] = []
         for images, labels in self.loader:
+            self.position = (
+                f"at epoch {epoch + 1}/{cfg.epochs}, step {n_steps + 1}/{len(self.loader)}"
+            )
             log_step = (n_steps + 1) % LOG_EVERY == 0 or n_steps + 1 == len(self.loader)
             if alarm and log_step:  # the alarm's gradients, on this interval's last batch
                 self.loss.diagnose_next = True
@@ -494,12 +574,15 @@ class _Run:
         self.scheduler.step()
         is_best = False
         if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.epochs:
+            self.position = f"at epoch {epoch + 1}/{cfg.epochs} (evaluating)"
             row.update(self._evaluate())
             row = self.dist.broadcast_object(row)  # rank 0's metrics on every rank
             is_best = self._select(epoch, row)
         self.state.history.append(row)
-        if row.get("train/nir_inert") and self.dist.is_main:
+        if row.get("train/nir_inert") and self.dist.is_main and not self.warned_inert:
+            # once per run: later inert epochs are counted at the end (inert_summary)
             warnings.warn(inert_message(row, cfg), NIRInertWarning, stacklevel=3)
+            self.warned_inert = True
         self._save(epoch, is_best)
         return row
 
@@ -515,6 +598,7 @@ class _Run:
 
     def fit(self, stop_after_epoch: int | None = None) -> RunResult:
         """Run the remaining epochs; write and return the summary."""
+        self.position = "before the first epoch (evaluating the untrained features)"
         if self.state.start_epoch == 0 and self.cfg.eval.reference:
             self.state.reference = self.dist.broadcast_object(self._evaluate(reference=True))
             self._print_reference()
@@ -529,6 +613,9 @@ class _Run:
         summary = self._summary()
         if self.dist.is_main:
             atomic_write_json(self.out_dir / "summary.json", summary)
+            inert = inert_summary(summary["nir_alarm"], len(self.state.history))
+            if inert is not None:
+                warnings.warn(inert, NIRInertWarning, stacklevel=2)
             for note in summary["selection"]["warnings"]:
                 warnings.warn(f"model selection: {note}", SelectionWarning, stacklevel=2)
             found = summary["reference"]["verdict"]
