@@ -1,5 +1,5 @@
 """Shared runtime helpers at the bottom of the package: version, lazy package attributes,
-device resolution, the autocast guard and atomic file writes.
+device resolution, DataLoader worker counts, the autocast guard and atomic file writes.
 
 Every layer may import this module, and it imports no other part of nirdml except
 :mod:`nirdml.errors`. torch is imported inside the functions that need it, so ``import
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -86,6 +87,32 @@ def resolve_device(
             )
         device = torch.device("cuda", local_rank)
     return device
+
+
+_WORKERS_CAPPED: list[int] = []
+"""The worker counts already said to be capped in this process (said once)."""
+
+
+def usable_workers(requested: int) -> int:
+    """DataLoader workers for ``requested``: at most the CPU cores this process may run on
+    (``os.sched_getaffinity``, else ``os.cpu_count``), so ``data.num_workers: 8`` does not
+    oversubscribe a small machine; the cap is said once per process, on stderr. Results do
+    not depend on the number of workers."""
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))
+    else:  # pragma: no cover - macOS, Windows
+        cores = os.cpu_count() or 1
+    if requested <= cores:
+        return requested
+    if not _WORKERS_CAPPED:
+        print(
+            f"data.num_workers={requested}: using {cores} DataLoader worker(s), the CPU cores "
+            "available here",
+            file=sys.stderr,
+            flush=True,
+        )
+    _WORKERS_CAPPED.append(requested)
+    return cores
 
 
 def no_autocast(device: torch.device) -> AbstractContextManager:

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from nirdml.data.base import FileStorage, ImageStorage, RetrievalDataset
 from nirdml.errors import InputError, MissingFileError
+from nirdml.runtime import usable_workers
 
 CACHE_VERSION = 1
 
@@ -110,7 +111,7 @@ def build_cache(
         loader = DataLoader(
             _Resizer(dataset, short_side),
             batch_size=32,
-            num_workers=num_workers,
+            num_workers=usable_workers(num_workers),
             collate_fn=_as_list,
         )
         pos = 0

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from nirdml.data.base import RetrievalDataset
 from nirdml.data.errors import CorruptImageError, MissingImageError
+from nirdml.runtime import usable_workers
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def verify(
     loader = DataLoader(
         _Probe(dataset),
         batch_size=64,
-        num_workers=num_workers,
+        num_workers=usable_workers(num_workers),
         collate_fn=_as_list,
     )
     bad: list[BadImage] = []

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from nirdml.data.samplers import slice_bounds, slice_sizes
 from nirdml.errors import InputError
-from nirdml.runtime import resolve_device
+from nirdml.runtime import resolve_device, usable_workers
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -21,6 +21,23 @@ def _model_device(model: nn.Module) -> torch.device:
     for b in model.buffers():
         return b.device
     return torch.device("cpu")
+
+
+CPU_PIXELS_PER_BATCH = 16 * 224 * 224
+"""On a CPU, images are embedded at most this many pixels per forward pass (16 images at
+224 px): a batch of 256 photos at 224 px held ~5 GB of activations, and larger batches are
+no faster on a CPU (benchmarks/results/memory.md)."""
+
+
+def cpu_batch_size(dataset: Dataset, batch_size: int) -> int:
+    """``batch_size``, lowered on a CPU for large images to :data:`CPU_PIXELS_PER_BATCH`
+    (read from the first item's shape; small inputs and feature vectors keep it)."""
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        return batch_size
+    x = dataset[0][0]
+    if not isinstance(x, Tensor) or x.dim() < 3:
+        return batch_size
+    return max(1, min(batch_size, CPU_PIXELS_PER_BATCH // (x.shape[-1] * x.shape[-2])))
 
 
 def compute_embeddings(
@@ -38,8 +55,10 @@ def compute_embeddings(
     The model runs in eval mode under ``torch.inference_mode`` (its previous train/eval
     mode is restored afterwards). Items must be ``(input, label)`` pairs. A ``DataLoader``
     is used as given (``batch_size`` and ``num_workers`` then do not apply; it must not
-    shuffle if the order matters). ``device`` None means the model's own device; the model
-    is never moved. ``amp=True`` runs the forward pass under float16 autocast (CUDA only).
+    shuffle if the order matters). On a CPU, batches of large images are made smaller
+    (:func:`cpu_batch_size`): the embeddings do not depend on the batch size. ``device``
+    None means the model's own device; the model is never moved. ``amp=True`` runs the
+    forward pass under float16 autocast (CUDA only).
     """
     dev = _model_device(model) if device is None else resolve_device(device)
     if _model_device(model) != dev and not (
@@ -56,11 +75,13 @@ def compute_embeddings(
     else:
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}.")
+        if dev.type == "cpu":
+            batch_size = cpu_batch_size(dataset_or_loader, batch_size)
         loader = DataLoader(
             dataset_or_loader,
             batch_size=batch_size,
             shuffle=False,
-            num_workers=num_workers,
+            num_workers=usable_workers(num_workers),
             pin_memory=dev.type == "cuda",
             # DataLoader draws its base seed from a generator: keep the global RNG untouched.
             generator=torch.Generator().manual_seed(0),

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from nirdml.runtime import usable_workers
+
 
 def sample_seeds(seed: int, epoch: int, batch: int, count: int, offset: int = 0) -> list[int]:
     """Seeds of slots ``offset .. offset+count-1`` of one global batch."""
@@ -86,13 +88,14 @@ def train_loader(
 ) -> tuple[DataLoader, SeededBatchSampler]:
     """DataLoader over class-balanced batches with position-seeded augmentation."""
     sampler = SeededBatchSampler(batch_sampler, seed, rank_offset)
+    workers = usable_workers(num_workers)
     loader = DataLoader(
         SeededDataset(dataset),
         batch_sampler=sampler,
-        num_workers=num_workers,
+        num_workers=workers,
         pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
         # The loader draws its workers' base seed from this generator, not the global RNG.
         generator=torch.Generator().manual_seed(seed),
     )
