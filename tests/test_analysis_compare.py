@@ -97,3 +97,14 @@ def test_cli_prints_the_table_and_refuses_bad_folders(tmp_path, capsys):
     assert main(["compare", str(a), str(tmp_path)]) == 2
     assert "not a run folder" in capsys.readouterr().err
     assert main(["compare", str(a), str(a)]) == 2
+
+
+def test_runs_sharing_a_seed_are_not_called_seed_variance(tmp_path, capsys):
+    runs = [
+        _run(tmp_path / f"t{n}", "digits", 0, [0.5 + n / 100], [f"data.num_workers={n}"])
+        for n in range(3)
+    ]
+    assert main(["compare", *map(str, runs)]) == 0
+    out = capsys.readouterr().out
+    assert "| digits-proxyanchor | 3 (1 seed) |" in out
+    assert "3 runs, 1 seed: runs share a seed, so the spread is not seed variance" in out

@@ -268,9 +268,30 @@ def _markdown(rows: list[dict[str, Any]], metrics: list[str]) -> str:
             if math.isnan(be_mean)
             else (f"{be_mean:.0f}" if math.isnan(be_std) else f"{be_mean:.1f} +- {be_std:.1f}")
         )
-        cells = [row["group"], str(row["runs"]), be] + [_cell(*row[m]) for m in metrics]
+        cells = [row["group"], _runs_cell(row), be] + [_cell(*row[m]) for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    notes = [n for n in map(_seed_note, rows) if n]
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def _runs_cell(row: dict[str, Any]) -> str:
+    """The number of runs, with the number of seeds when runs share one."""
+    seeds = len(set(row["seeds"]))
+    if seeds == row["runs"]:
+        return str(row["runs"])
+    return f"{row['runs']} ({seeds} seed{'s' if seeds > 1 else ''})"
+
+
+def _seed_note(row: dict[str, Any]) -> str | None:
+    """What the spread of a group whose runs share seeds means (None: every seed differs)."""
+    seeds = len(set(row["seeds"]))
+    if seeds == row["runs"]:
+        return None
+    return (
+        f"{row['group']}: {row['runs']} runs, {seeds} seed{'s' if seeds > 1 else ''}: runs "
+        "share a seed, so the spread is not seed variance (only what the grouping ignores "
+        "differs: threads, workers, device); run other seeds (--set seed=N) to measure it"
+    )
 
 
 def _html(rows, metrics, png, metric, split, groups) -> str:
@@ -294,7 +315,7 @@ def _html(rows, metrics, png, metric, split, groups) -> str:
         )
         cells = [
             f'<td class="l">{H.esc(row["group"])}</td>',
-            f"<td>{row['runs']}</td>",
+            f"<td>{H.esc(_runs_cell(row))}</td>",
             f"<td>{be}</td>",
         ]
         for m in metrics:
@@ -310,6 +331,7 @@ def _html(rows, metrics, png, metric, split, groups) -> str:
         f'<th class="{"l" if i == 0 else ""}">{H.esc(h)}</th>' for i, h in enumerate(head)
     )
     body.append(f"<table><thead><tr>{ths}</tr></thead><tbody>{''.join(trs)}</tbody></table>")
+    body += [f'<p class="meta">{H.esc(n)}</p>' for n in map(_seed_note, rows) if n]
     body.append(
         H.figure(
             "compare.png",
