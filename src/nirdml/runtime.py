@@ -75,7 +75,9 @@ def resolve_device(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceUnavailableError(
             f"device={requested!r} was requested but CUDA is not available; pass "
-            "device='cpu', or device='auto' (None) to pick automatically."
+            "device='cpu', or device='auto' (None) to pick automatically.",
+            cli=f"device {requested} was requested but CUDA is not available on this machine;",
+            fixes=("pass --set device=cpu", "--set device=auto to pick automatically"),
         )
     if device.type == "cuda" and device.index is None and local_rank is not None:
         if local_rank >= torch.cuda.device_count():
