@@ -20,9 +20,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from nirdml.errors import InputError, MissingDependencyError
+from nirdml.errors import InputError
+from nirdml.runtime import require_extra
 
 FORMATS = ("torchscript", "onnx")
+ONNX_MODULES = ("onnx", "onnxscript")
+"""What ONNX export imports (the ``export`` extra; onnxruntime, optional, checks parity)."""
 PARITY_TOLERANCE = 1e-4
 
 
@@ -77,14 +80,6 @@ def _onnx_runtime_output(path: Path, images: Tensor) -> Tensor | None:
 
 
 def _save_onnx(module: nn.Module, example: Tensor, out: Path, opset: int | None) -> None:
-    try:
-        import onnx  # noqa: F401
-        import onnxscript  # noqa: F401
-    except ImportError as exc:
-        raise MissingDependencyError(
-            f"ONNX export needs the onnx and onnxscript packages ({exc}); install them with "
-            "pip install 'nirdml[export]' (or export --format torchscript)"
-        ) from exc
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp.onnx", dir=out.parent)
     os.close(fd)
@@ -136,6 +131,13 @@ def export_model(
 
     if format not in FORMATS:
         raise InputError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
+    if format == "onnx":  # before the model is loaded
+        require_extra(
+            "export",
+            ONNX_MODULES,
+            "ONNX export",
+            alternative="export to TorchScript instead (--format torchscript)",
+        )
     out = Path(out)
     run = load_trained(checkpoint, "cpu", with_loss=False)
     module = ImageEmbedder(run.model).eval()

@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from nirdml.errors import DeviceUnavailableError, DistributedSetupError
+from nirdml.errors import DeviceUnavailableError, DistributedSetupError, MissingDependencyError
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     import torch
@@ -51,6 +51,36 @@ def lazy_attributes(
         return sorted(set(vars(sys.modules[package])) | set(table) | set(submodules))
 
     return __getattr__, __dir__
+
+
+def require_extra(
+    extra: str, modules: Sequence[str], what: str, setting: str = "", alternative: str = ""
+) -> None:
+    """A MissingDependencyError naming ``pip install "nirdml[extra]"`` unless every one of
+    ``modules`` is installed (``importlib.util.find_spec``: nothing is imported, so it is
+    checked before any work). ``what`` needs them; ``setting`` (``KEY=VALUE``) or
+    ``alternative`` (words) is another way to go on without them."""
+    import importlib.util
+
+    missing = [m for m in modules if _find_spec(importlib.util, m) is None]
+    if not missing:
+        return
+    problem = f"{what} needs the optional package(s) {', '.join(missing)}, not installed here:"
+    install = f'pip install "nirdml[{extra}]"'
+    library = [install, f"set {setting}" if setting else alternative]
+    cli = [install, f"pass --set {setting}" if setting else alternative]
+    raise MissingDependencyError(
+        f"{problem} {', or '.join(x for x in library if x)}",
+        cli=problem,
+        fixes=[x for x in cli if x],
+    )
+
+
+def _find_spec(util: Any, module: str) -> Any:
+    try:
+        return util.find_spec(module)
+    except (ImportError, ValueError):  # a parent package is missing, or a stub module
+        return None
 
 
 def resolve_device(

@@ -58,7 +58,7 @@ from nirdml.training.checkpoint import (
     save_checkpoint,
     scheduler_state,
 )
-from nirdml.training.config import RunConfig, load_config
+from nirdml.training.config import RunConfig, check_loggers, load_config
 from nirdml.training.datacheck import corrupt_summary
 from nirdml.training.distributed import DistContext
 from nirdml.training.optim import build_optimizer, build_scheduler, group_lrs, param_groups
@@ -187,6 +187,7 @@ def train(
                 f"{out_dir} already holds a run; resume it with `nirdml train --resume {out_dir}` "
                 "or choose another --out folder"
             )
+    check_loggers(cfg.log)
     return _Run(cfg, out_dir, state, dist, progress).fit(stop_after_epoch)
 
 
