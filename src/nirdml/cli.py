@@ -226,9 +226,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(f"using {checkpoint}")
     result = export_model(checkpoint, args.out, format=args.format, image_size=args.image_size)
     print(
-        f"wrote {result.path} ({result.format}; input {tuple(result.input_shape)} float32, "
-        f"output (N, {result.embed_dim}) L2-normalised; max |eager - exported| "
-        f"{result.max_abs_diff:.1e})"
+        f"wrote {result.path} ({result.format}; input (N, {result.input_shape[1]}, H, W) "
+        f"float32 at {result.size_note()}, output (N, {result.embed_dim}) L2-normalised; "
+        f"max |eager - exported| {result.max_abs_diff:.1e})"
     )
     return 0
 
