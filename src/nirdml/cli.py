@@ -245,9 +245,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(f"using {checkpoint}")
     result = export_model(checkpoint, args.out, format=args.format, image_size=args.image_size)
     print(
-        f"wrote {result.path} ({result.format}; input {tuple(result.input_shape)} float32, "
-        f"output (N, {result.embed_dim}) L2-normalised; max |eager - exported| "
-        f"{result.max_abs_diff:.1e})"
+        f"wrote {result.path} ({result.format}; input (N, {result.input_shape[1]}, H, W) "
+        f"float32 at {result.size_note()}, output (N, {result.embed_dim}) L2-normalised; "
+        f"max |eager - exported| {result.max_abs_diff:.1e})"
     )
     return 0
 
@@ -264,13 +264,41 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_out(p: argparse.ArgumentParser, help: str, *, required: bool = False) -> None:
-    """The output flag every command that writes something shares: ``-o/--out``. The
+def _add_out(
+    p: argparse.ArgumentParser, help: str, *, required: bool = False, folder: bool = False
+) -> None:
+    """The output flag every command that writes something shares: ``-o/--out``, a folder
+    or a file (``folder``; checked by :func:`check_out` before the command runs). The
     earlier spellings (``--output``, ``--json``, ``--grid``) still parse, hidden."""
+    p.set_defaults(out_is_folder=folder)
     group = p.add_mutually_exclusive_group(required=required)
     group.add_argument("-o", "--out", dest="out", metavar="PATH", help=help)
     for old in ("--output", "--json", "--grid"):
         group.add_argument(old, dest="out", help=argparse.SUPPRESS)
+
+
+def check_out(args: argparse.Namespace) -> None:
+    """An OutputExistsError, before anything is read or written, when ``--out`` names an
+    existing file where the command writes a folder, or an existing folder where it writes a
+    file."""
+    from nirdml.errors import OutputExistsError
+
+    out = getattr(args, "out", None)
+    if out is None:
+        return
+    path = Path(out)
+    if args.out_is_folder and path.exists() and not path.is_dir():
+        raise OutputExistsError(
+            f"--out {out} is a file; pass a folder path (a new folder, or an existing one)"
+        )
+    if not args.out_is_folder and path.is_dir():
+        raise OutputExistsError(f"--out {out} is a folder; pass a file path, e.g. {path / 'x'}")
+
+
+def _add_device(p: argparse.ArgumentParser, default: str, help: str | None = None) -> None:
+    """``--device``; error messages spell the ``device`` setting as this option."""
+    p.add_argument("--device", default=default, help=help)
+    p.set_defaults(cli_options={"device": "--device {}"})
 
 
 def _add_set(p: argparse.ArgumentParser, example: str) -> None:
@@ -305,7 +333,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("config", nargs="?", help="preset name (see `nirdml presets`) or YAML file")
     _add_set(p, "--set optim.lr=2e-5 --set epochs=20")
-    _add_out(p, "output folder (default runs/<name>)")
+    _add_out(p, "output folder (default runs/<name>)", folder=True)
     p.add_argument(
         "--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint"
     )
@@ -320,12 +348,12 @@ def _features_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("config", help="preset name (see `nirdml presets`) or YAML file")
     _add_set(p, "--set data.root=../shared/data/cars98")
-    _add_out(p, "cache folder (default: the config's data.features)")
+    _add_out(p, "cache folder (default: the config's data.features)", folder=True)
     p.add_argument("--workers", type=int, help="DataLoader workers (default data.num_workers)")
     p.add_argument(
         "--batch-size", type=int, default=16, help="images per forward (16: fastest on a CPU)"
     )
-    p.add_argument("--device", default="cpu", help="device of the backbone (cpu, cuda, ...)")
+    _add_device(p, "cpu", "device of the backbone (cpu, cuda, ...)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_features)
 
@@ -354,7 +382,7 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
         help="average retrieval metrics over queries, or per class first (classes, PML's "
         "avg_of_avgs); default: the run's eval.average",
     )
-    p.add_argument("--device", default="auto")
+    _add_device(p, "auto")
     _add_out(p, "also write the metrics to this JSON file")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -364,7 +392,7 @@ def _embed_parser(sub: argparse._SubParsersAction) -> None:
     _add_checkpoint(p)
     p.add_argument("folder", help="folder of images, or of (nested) class sub-folders of images")
     _add_out(p, "output .npz or .pt file", required=True)
-    p.add_argument("--device", default="auto")
+    _add_device(p, "auto")
     p.add_argument("--batch-size", type=int, default=256)
     p.set_defaults(func=_cmd_embed)
 
@@ -377,7 +405,7 @@ def _analyze_parser(sub: argparse._SubParsersAction) -> None:
         "source",
         help="run folder (its best.pt, else last.pt), .pt checkpoint, or .npz/.pt embeddings file",
     )
-    _add_out(p, "output folder for report.html + PNGs", required=True)
+    _add_out(p, "output folder for report.html + PNGs", required=True, folder=True)
     _add_data(p, ("test", "val", "train"))
     p.add_argument("-k", type=int, default=8, help="neighbours per query in the grids")
     p.add_argument("--queries", type=int, default=8, help="random and worst queries shown")
@@ -395,14 +423,14 @@ def _analyze_parser(sub: argparse._SubParsersAction) -> None:
         help="training class indices to draw NIR flow samples for",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice")
-    p.add_argument("--device", default="auto")
+    _add_device(p, "auto")
     p.set_defaults(func=_cmd_analyze)
 
 
 def _compare_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="table and curves of several runs (grouped over seeds)")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders from `nirdml train`")
-    _add_out(p, "also write compare.png/.md/.json/.html into this folder")
+    _add_out(p, "also write compare.png/.md/.json/.html into this folder", folder=True)
     p.add_argument("--metric", help="metric of the curves (default: the runs' select metric)")
     p.add_argument("--split", default="test", choices=["test", "val"], help="split of the curves")
     p.set_defaults(func=_cmd_compare)
@@ -421,7 +449,7 @@ def _search_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-k", type=int, default=10, help="results per query")
     _add_out(p, "also write the results as a PNG grid to this file")
     p.add_argument("--cache-dir", help="gallery embedding cache (default ~/.cache/nirdml/search)")
-    p.add_argument("--device", default="auto")
+    _add_device(p, "auto")
     p.set_defaults(func=_cmd_search)
 
 
@@ -483,9 +511,10 @@ INTERRUPTED = {
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from nirdml.errors import NirdmlError, WeightsUnavailableError
+    from nirdml.errors import NirdmlError
 
     try:
+        check_out(args)
         return int(args.func(args) or 0)
     except KeyboardInterrupt as exc:  # Ctrl-C: one line (a run says how to resume), no trace
         said = " ".join(str(exc).split()) if isinstance(exc, NirdmlError) else ""
@@ -494,13 +523,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    except WeightsUnavailableError as exc:
-        print(f"nirdml {args.command}: error: {exc.cli_message()}", file=sys.stderr)
-        return 2
-    except (NirdmlError, OSError) as exc:  # deliberate errors, and the file system's
+    except NirdmlError as exc:  # deliberate errors, worded for this command's options
+        options = getattr(args, "cli_options", {})
+        message = exc.cli_message(options, any_setting=hasattr(args, "set"))
+    except OSError as exc:  # the file system's
         message = " ".join(str(exc).split())  # one line
-        print(f"nirdml {args.command}: error: {message}", file=sys.stderr)
-        return 2
+    print(f"nirdml {args.command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -5,9 +5,53 @@ input, ...), and each message names the problem and the fix. No torch import her
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping, Sequence
+
 
 class NirdmlError(Exception):
-    """Base of the errors nirdml raises on purpose (``except nirdml.errors.NirdmlError``)."""
+    """Base of the errors nirdml raises on purpose (``except nirdml.errors.NirdmlError``).
+
+    The message words its fix for library callers (``pass device='cpu'``). Where the fix
+    reads otherwise on the command line, ``cli`` is the message for the ``nirdml`` command
+    and ``fixes`` its alternative fixes, settings written ``--set KEY=VALUE``; each command
+    spells those as its own options and leaves out the fixes it cannot take
+    (:meth:`cli_message`).
+    """
+
+    def __init__(self, *args: object, cli: str | None = None, fixes: Sequence[str] = ()) -> None:
+        super().__init__(*args)
+        self.cli = cli
+        self.fixes = tuple(fixes)
+
+    def cli_message(
+        self, options: Mapping[str, str] | None = None, *, any_setting: bool = True
+    ) -> str:
+        """The one-line message for the ``nirdml`` command: ``cli`` (else the message) and
+        the ``fixes`` the command can take, joined by "or". A ``--set KEY=VALUE`` whose KEY
+        the command takes as an option of its own is spelled as that option (``options``:
+        KEY -> option, ``{}`` standing for VALUE, e.g. ``{"device": "--device {}"}``); with
+        ``any_setting`` False (a command without ``--set``) a fix naming another setting is
+        left out."""
+        options = options or {}
+
+        def spell(match: re.Match[str]) -> str:
+            option = options.get(match.group(1))
+            return match.group(0) if option is None else option.format(match.group(2))
+
+        def render(text: str) -> str | None:
+            keys = {m.group(1) for m in _SETTING.finditer(text)}
+            return _SETTING.sub(spell, text) if any_setting or keys <= set(options) else None
+
+        text = self.cli if self.cli is not None else str(self)
+        kept = [f for f in (render(fix) for fix in self.fixes) if f]
+        if kept:
+            text = f"{text} {', or '.join(kept)}."
+        return " ".join((render(text) or text).split())
+
+
+_SETTING = re.compile(r"--set ([\w.]+)=([^\s,;)]*[^\s,;).])")
+"""A config setting in a message: ``--set KEY=VALUE``."""
 
 
 class NonFiniteLossError(NirdmlError, FloatingPointError, RuntimeError):
@@ -79,27 +123,26 @@ class NIRInertWarning(UserWarning):
 class WeightsUnavailableError(NirdmlError, RuntimeError):
     """Pretrained weights could not be fetched (typically: no network).
 
-    ``url`` and ``reason`` say what failed; :meth:`cli_message` is the one-paragraph advice
-    for the ``nirdml`` command (``--set model.weights=...``) instead of library arguments.
+    ``url`` and ``reason`` say what failed; the message for the ``nirdml`` command is the
+    one-paragraph advice ``--set model.weights=...`` instead of library arguments.
     """
 
     def __init__(
         self, message: str, *, what: str = "", url: str = "", reason: str = "", cache: str = ""
     ) -> None:
-        super().__init__(message)
+        super().__init__(message, cli=_weights_advice(what, url, reason, cache) if url else None)
         self.what, self.url, self.reason, self.cache = what, url, reason, cache
 
-    def cli_message(self) -> str:
-        if not self.url:
-            return str(self)
-        filename = self.url.rstrip("/").rsplit("/", 1)[-1]
-        where = f" (or put it, name unchanged, in {self.cache})" if self.cache else ""
-        return (
-            f"could not fetch the pretrained weights of {self.what} from {self.url} "
-            f"({self.reason}); this machine is probably offline. Download that file on a "
-            f"machine with network, copy it here and pass --set model.weights=/path/to/{filename}"
-            f"{where}, or train from random weights with --set model.pretrained=false."
-        )
+
+def _weights_advice(what: str, url: str, reason: str, cache: str) -> str:
+    filename = url.rstrip("/").rsplit("/", 1)[-1]
+    where = f" (or put it, name unchanged, in {cache})" if cache else ""
+    return (
+        f"could not fetch the pretrained weights of {what} from {url} "
+        f"({reason}); this machine is probably offline. Download that file on a "
+        f"machine with network, copy it here and pass --set model.weights=/path/to/{filename}"
+        f"{where}, or train from random weights with --set model.pretrained=false."
+    )
 
 
 class NoImprovementWarning(UserWarning):

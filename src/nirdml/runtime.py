@@ -17,7 +17,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from nirdml.errors import DeviceUnavailableError, DistributedSetupError
+from nirdml.errors import DeviceUnavailableError, DistributedSetupError, MissingDependencyError
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     import torch
@@ -54,6 +54,36 @@ def lazy_attributes(
     return __getattr__, __dir__
 
 
+def require_extra(
+    extra: str, modules: Sequence[str], what: str, setting: str = "", alternative: str = ""
+) -> None:
+    """A MissingDependencyError naming ``pip install "nirdml[extra]"`` unless every one of
+    ``modules`` is installed (``importlib.util.find_spec``: nothing is imported, so it is
+    checked before any work). ``what`` needs them; ``setting`` (``KEY=VALUE``) or
+    ``alternative`` (words) is another way to go on without them."""
+    import importlib.util
+
+    missing = [m for m in modules if _find_spec(importlib.util, m) is None]
+    if not missing:
+        return
+    problem = f"{what} needs the optional package(s) {', '.join(missing)}, not installed here:"
+    install = f'pip install "nirdml[{extra}]"'
+    library = [install, f"set {setting}" if setting else alternative]
+    cli = [install, f"pass --set {setting}" if setting else alternative]
+    raise MissingDependencyError(
+        f"{problem} {', or '.join(x for x in library if x)}",
+        cli=problem,
+        fixes=[x for x in cli if x],
+    )
+
+
+def _find_spec(util: Any, module: str) -> Any:
+    try:
+        return util.find_spec(module)
+    except (ImportError, ValueError):  # a parent package is missing, or a stub module
+        return None
+
+
 def resolve_device(
     device: str | torch.device | None = None, *, local_rank: int | None = None
 ) -> torch.device:
@@ -76,7 +106,9 @@ def resolve_device(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceUnavailableError(
             f"device={requested!r} was requested but CUDA is not available; pass "
-            "device='cpu', or device='auto' (None) to pick automatically."
+            "device='cpu', or device='auto' (None) to pick automatically.",
+            cli=f"device {requested} was requested but CUDA is not available on this machine;",
+            fixes=("pass --set device=cpu", "--set device=auto to pick automatically"),
         )
     if device.type == "cuda" and device.index is None and local_rank is not None:
         if local_rank >= torch.cuda.device_count():

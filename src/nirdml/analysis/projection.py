@@ -7,6 +7,7 @@ import importlib.util
 import numpy as np
 
 from nirdml.errors import InputError
+from nirdml.runtime import require_extra
 
 METHODS = ("auto", "umap", "tsne", "pca")
 
@@ -18,10 +19,12 @@ def resolve_method(method: str) -> str:
     has_umap = importlib.util.find_spec("umap") is not None
     if method == "auto":
         return "umap" if has_umap else "tsne"
-    if method == "umap" and not has_umap:
-        raise InputError(
-            "method='umap' needs the umap-learn package: pip install umap-learn "
-            "(or use method='tsne' or 'pca')"
+    if method == "umap":
+        require_extra(
+            "umap",
+            ("umap",),
+            "the umap map",
+            alternative="draw a tsne or pca map instead (--map tsne or --map pca)",
         )
     return method
 

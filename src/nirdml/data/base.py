@@ -56,6 +56,16 @@ def _fix_message(path: str) -> str:
     )
 
 
+def _cli_fixes(path: str) -> tuple[str, str]:
+    """The command line's fixes of a bad image file (the second one where a command takes
+    ``data.skip_corrupt``)."""
+    return (
+        f"Replace, re-extract or remove {path}",
+        "pass --set data.skip_corrupt=true to go on without the unreadable images (each "
+        "replaced by another image of its class and counted)",
+    )
+
+
 def open_image(
     path: str, convert: Callable[[Image.Image], Image.Image] | None = None
 ) -> Image.Image:
@@ -68,12 +78,18 @@ def open_image(
             img = Image.open(f)
             img.load()
     except FileNotFoundError as e:
-        err = MissingImageError(f"image file {path} does not exist. {_fix_message(path)}")
+        problem = f"image file {path} does not exist."
+        err = MissingImageError(
+            f"{problem} {_fix_message(path)}", cli=problem, fixes=_cli_fixes(path)
+        )
         err.reason = "file does not exist"
         raise err from e
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib.error, ...
         reason = f"{type(e).__name__}: {e}"
-        err = CorruptImageError(f"cannot decode image {path} ({reason}). {_fix_message(path)}")
+        problem = f"cannot decode image {path} ({reason})."
+        err = CorruptImageError(
+            f"{problem} {_fix_message(path)}", cli=problem, fixes=_cli_fixes(path)
+        )
         err.reason = reason
         raise err from e
     return convert(img) if convert is not None else img
@@ -128,10 +144,15 @@ def check_files_exist(paths: Sequence[str], annotation: str, skip_missing: bool)
     if not exists.all() and not skip_missing:
         missing = [str(p) for p, ok in zip(paths, exists, strict=True) if not ok]
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        problem = f"{annotation} references {len(missing)} image(s) that do not exist: {shown}."
         raise MissingImageError(
-            f"{annotation} references {len(missing)} image(s) that do not exist: {shown}. "
-            "Re-extract the dataset archive (or use download=True), or pass skip_corrupt=True "
-            "to drop missing images and count them (dataset.missing)."
+            f"{problem} Re-extract the dataset archive (or use download=True), or pass "
+            "skip_corrupt=True to drop missing images and count them (dataset.missing).",
+            cli=problem,
+            fixes=(
+                "Re-extract the dataset (or correct the paths)",
+                "pass --set data.skip_corrupt=true to drop the missing images and count them",
+            ),
         )
     return exists
 

@@ -34,7 +34,7 @@ import torch
 from nirdml.errors import InputError
 from nirdml.evaluation._inputs import ArrayLike, as_embeddings, rows_for_budget
 from nirdml.evaluation.knn import DEFAULT_MEMORY_BUDGET_MB, faiss_available
-from nirdml.runtime import resolve_device
+from nirdml.runtime import require_extra, resolve_device
 
 KMEANS_BACKENDS = ("auto", "torch", "faiss")
 DEFAULT_NITER = 20
@@ -48,11 +48,8 @@ def resolve_kmeans_backend(backend: str) -> str:
     torch."""
     if backend not in KMEANS_BACKENDS:
         raise InputError(f"unknown k-means backend {backend!r}; use one of {KMEANS_BACKENDS}.")
-    if backend == "faiss" and not faiss_available():
-        raise InputError(
-            "backend='faiss' was requested but faiss is not installed; "
-            "`pip install faiss-cpu` or use backend='torch'."
-        )
+    if backend == "faiss":
+        require_extra("faiss", ("faiss",), "backend='faiss'", alternative="backend='torch'")
     if backend == "auto":
         return "faiss" if faiss_available() else "torch"
     return backend

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from nirdml.errors import InputError
 from nirdml.evaluation._inputs import ArrayLike, as_embeddings, rows_for_budget
-from nirdml.runtime import resolve_device
+from nirdml.runtime import require_extra, resolve_device
 
 DISTANCES = ("euclidean", "cosine")
 KNN_BACKENDS = ("auto", "torch", "faiss")
@@ -65,11 +65,8 @@ def resolve_knn_backend(backend: str) -> str:
     """Validate a kNN backend name; ``auto`` is the exact torch path."""
     if backend not in KNN_BACKENDS:
         raise InputError(f"unknown kNN backend {backend!r}; use one of {KNN_BACKENDS}.")
-    if backend == "faiss" and not faiss_available():
-        raise InputError(
-            "backend='faiss' was requested but faiss is not installed; "
-            "`pip install faiss-cpu` or use backend='torch'."
-        )
+    if backend == "faiss":
+        require_extra("faiss", ("faiss",), "backend='faiss'", alternative="backend='torch'")
     return "torch" if backend == "auto" else backend
 
 

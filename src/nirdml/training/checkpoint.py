@@ -8,6 +8,7 @@ Every file is written to a temporary name in the same folder and moved into plac
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = resolve_checkpoint(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:  # not plain tensors and values (torch's advice is unsafe)
+        raise CheckpointError(
+            f"{path} is not an nirdml checkpoint: it is corrupt, or it was written by "
+            "something else (a whole pickled model, another library's file), holding objects "
+            "a checkpoint of `nirdml train` never holds. Pass a run folder, or its "
+            "checkpoints/best.pt or last.pt."
+        ) from None
     except Exception as exc:  # corrupt / truncated / not ours
         raise CheckpointError(
             f"could not read checkpoint {path} ({type(exc).__name__}: {exc}); the file is "

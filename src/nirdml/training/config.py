@@ -43,7 +43,7 @@ from nirdml.losses.registry import (
     params_problem,
 )
 from nirdml.models.registry import HEAD_NORMS, HEADS, POOLINGS, backbone, check_cut
-from nirdml.runtime import DEVICE_TYPES
+from nirdml.runtime import DEVICE_TYPES, require_extra
 
 OPTIMIZERS: dict[str, str] = {"adam": "Adam", "adamw": "AdamW"}
 """``optim.name`` -> the ``torch.optim`` class: Adam (L2 decay, as the authors) or AdamW."""
@@ -561,6 +561,18 @@ def validate(cfg: RunConfig) -> None:
     _check_choice(cfg.log.wandb_mode, WANDB_MODES, "log.wandb_mode")
 
 
+def check_loggers(log: LogConfig) -> None:
+    """A MissingDependencyError (before anything is written) unless the packages of the
+    loggers ``log`` switches on are installed. Not part of :func:`validate`: a run logged to
+    TensorBoard can still be evaluated where TensorBoard is not installed."""
+    if log.tensorboard:
+        require_extra(
+            "tensorboard", ("tensorboard",), "log.tensorboard=true", "log.tensorboard=false"
+        )
+    if log.wandb and log.wandb_mode != "disabled":
+        require_extra("wandb", ("wandb",), "log.wandb=true", "log.wandb=false")
+
+
 def _validate_run(cfg: RunConfig) -> None:
     """epochs, seed, amp, device."""
     _check(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}: set e.g. --set epochs=1")
@@ -630,9 +642,10 @@ def _validate_model(m: ModelConfig) -> None:
         "(RGB) or 1 (grey), or leave it out to follow the transform",
     )
     try:
-        backbone(m.arch)
+        entry = backbone(m.arch)
     except ValueError as exc:
         raise ConfigError(f"model.arch: {exc}") from None
+    entry.require_installed(m.arch)
     _check_choice(m.head, HEADS, "model.head")
     _check(
         all(w >= 1 for w in m.head_hidden) and (m.head != "mlp" or len(m.head_hidden) >= 1),

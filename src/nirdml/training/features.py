@@ -49,7 +49,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from nirdml.errors import InputError, InsufficientDiskError, MissingFileError
-from nirdml.runtime import atomic_write_json, usable_workers
+from nirdml.runtime import atomic_write_json, resolve_device, usable_workers
 from nirdml.training.config import ConfigError, RunConfig, load_config, transform_preset
 
 FEATURE_FORMAT = 1
@@ -290,6 +290,7 @@ def build_feature_cache(
     splits, when the caller has them already.
     """
     cfg = config if isinstance(config, RunConfig) else load_config(config)
+    dev = resolve_device(device)  # before anything is read or written
     out = _cache_folder(cfg, out_dir)
     splits = _image_splits(cfg) if splits is None else splits
     if not (out / META).is_file():  # the images will be read: check them first
@@ -300,7 +301,7 @@ def build_feature_cache(
     if (out / META).is_file():
         return FeatureCache.open(out, wanted)
     workers = cfg.data.num_workers if num_workers is None else num_workers
-    extraction = _Extraction(out, wanted, torch.device(device), batch_size, workers, on_batch)
+    extraction = _Extraction(out, wanted, dev, batch_size, workers, on_batch)
     return extraction.run(cfg, splits, view_seed, progress)
 
 

@@ -16,8 +16,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from nirdml.errors import MissingDependencyError, SetupError
+from nirdml.errors import SetupError
 from nirdml.runtime import atomic_write, atomic_write_text
+from nirdml.training.config import LogConfig, check_loggers
 
 
 def write_history(out_dir: Path, history: Sequence[Mapping[str, Any]]) -> None:
@@ -86,22 +87,14 @@ class ExternalLoggers:
     ) -> None:
         self.tb = None
         self.wandb_run = None
+        check_loggers(LogConfig(tensorboard=tensorboard, wandb=wandb, wandb_mode=wandb_mode))
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as exc:
-                raise MissingDependencyError(
-                    "log.tensorboard=true needs the tensorboard package: "
-                    "pip install 'nirdml[tensorboard]'"
-                ) from exc
+            from torch.utils.tensorboard import SummaryWriter
+
             self.tb = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
         if wandb and wandb_mode != "disabled":
-            try:
-                import wandb as wandb_lib
-            except ImportError as exc:
-                raise MissingDependencyError(
-                    "log.wandb=true needs the wandb package: pip install 'nirdml[wandb]'"
-                ) from exc
+            import wandb as wandb_lib
+
             if wandb_mode == "online" and not os.environ.get("WANDB_API_KEY"):
                 netrc = Path.home() / ".netrc"
                 if not (netrc.is_file() and "api.wandb.ai" in netrc.read_text()):

@@ -65,7 +65,7 @@ from nirdml.training.checkpoint import (
     save_checkpoint,
     scheduler_state,
 )
-from nirdml.training.config import RunConfig, load_config
+from nirdml.training.config import RunConfig, check_loggers, load_config
 from nirdml.training.datacheck import corrupt_summary
 from nirdml.training.distributed import DistContext
 from nirdml.training.optim import build_optimizer, build_scheduler, group_lrs, param_groups
@@ -235,6 +235,7 @@ def train(
         state = None
         out_dir = Path(out_dir) if out_dir is not None else default_out_dir(cfg)
         _check_out_dir(out_dir)
+    check_loggers(cfg.log)
     run: _Run | None = None
     try:
         run = _Run(cfg, out_dir, state, dist, progress)
