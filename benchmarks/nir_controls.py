@@ -48,6 +48,39 @@ def _fmt(mean: float, std: float) -> str:
     return "n/a" if math.isnan(mean) else f"{mean:.4f} ± {std:.4f}"
 
 
+def _raw(record, metric: str) -> float:
+    """The run's untrained reference (epoch 0: the backbone's pooled features, no head)."""
+    ref = (record.summary.get("reference") or {}).get("metrics", {})
+    return ref.get(f"test/{metric}", math.nan)
+
+
+def _untrained_lines(runs: dict, metrics: list[str]) -> list[str]:
+    """Does training help at all: each arm's test metrics against its runs' own epoch 0, and
+    the selected epochs."""
+    every = [r for recs in runs.values() for r in recs.values()]
+    if not every or all(math.isnan(_raw(r, metrics[0])) for r in every):
+        return []
+    raw = ", ".join(f"{m} {_fmt(*mean_std([_raw(r, m) for r in every]))}" for m in metrics)
+    lines = [
+        "",
+        f"Untrained features (each run's epoch 0, no head; the same on every seed's test "
+        f"split): test {raw}. Runs above their own epoch 0 at the selected epoch, and the "
+        "selected epochs:",
+        "",
+        "| arm | " + " | ".join(f"above raw {m}" for m in metrics) + " | selected epochs |",
+        "|---|" + "---|" * (len(metrics) + 1),
+    ]
+    for arm, recs in runs.items():
+        recs = list(recs.values())
+        cells = [
+            f"{sum(r.metrics('selected').get(m, math.nan) > _raw(r, m) for r in recs)}/{len(recs)}"
+            for m in metrics
+        ]
+        epochs = ", ".join(str(r.epoch("selected")) for r in recs)
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {epochs} |")
+    return lines
+
+
 def report(args: argparse.Namespace) -> str:
     """Markdown: per arm, val/test R@1 at the val-selected epoch, the paired Δ test R@1 vs
     its reference (95% CI, t-test p, Holm over the arms vs base, wins), best-test-epoch Δ,
@@ -141,17 +174,29 @@ def report(args: argparse.Namespace) -> str:
             "",
             "Other test metrics at the same (validation-selected) epochs, mean ± std over seeds:",
             "",
-            "| arm | " + " | ".join(f"test {m}" for m in args.also) + " |",
-            "|---|" + "---|" * len(args.also),
+            "| arm | " + " | ".join(f"test {m} | Δ vs base (wins)" for m in args.also) + " |",
+            "|---|" + "---|---|" * len(args.also),
         ]
         for arm in args.arms:
             recs = list(runs[arm].values())
-            cells = [
-                _fmt(*mean_std([r.metrics("selected").get(m, math.nan) for r in recs]))
-                for m in args.also
-            ]
+            cells = []
+            for m in args.also:
+                cells.append(
+                    _fmt(*mean_std([r.metrics("selected").get(m, math.nan) for r in recs]))
+                )
+                seeds = sorted(set(runs[arm]) & set(runs.get("base", {})))
+                if arm == "base" or len(seeds) < 2:
+                    cells.append("")
+                    continue
+                d = paired_test(
+                    [runs[arm][s].metrics("selected")[m] for s in seeds],
+                    [runs["base"][s].metrics("selected")[m] for s in seeds],
+                )
+                cells.append(f"{d.mean:+.4f} [{d.ci_low:+.4f}, {d.ci_high:+.4f}] ({d.wins}/{d.n})")
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += _untrained_lines(runs, [metric, *args.also])
     if args.json is not None:
+        raw = {m: f"raw_test_{m}" for m in [metric, *args.also]}
         per_run = {
             arm: {
                 str(seed): {
@@ -162,6 +207,7 @@ def report(args: argparse.Namespace) -> str:
                     "best_test_epoch": rec.epoch("best_test"),
                     "alarm_ratio": (rec.summary.get("nir_alarm") or {}).get("final_grad_ratio"),
                     **{f"test_{m}": rec.metrics("selected").get(m) for m in args.also},
+                    **{key: _raw(rec, m) for m, key in raw.items()},
                 }
                 for seed, rec in sorted(runs[arm].items())
             }

@@ -28,7 +28,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if cfg is not None:
         check_data_root(cfg.data)
     from nirdml.training.quickstart import compare_table, run_default
-    from nirdml.training.trainer import train
+    from nirdml.training.trainer import check_new_out, train
 
     if args.resume:
         results = [train(out_dir=args.resume, resume=True, progress=progress)]
@@ -49,6 +49,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             print(f"{r.summary['name']}: {r.out_dir}{verdict}")
         return 0
     else:
+        if args.out is not None:
+            check_new_out(args.out)
         results = [train(cfg, args.out, progress=progress)]
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
         return 0

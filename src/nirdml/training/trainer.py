@@ -197,13 +197,23 @@ def _resumed(out_dir: Path) -> tuple[RunConfig, dict[str, Any] | None]:
 
 
 def _check_out_dir(out_dir: Path) -> None:
-    """A new run's folder: refused when it holds a run or files no run wrote."""
+    """A new run's folder: refused when it holds a run or is a file. (A caller may prepare
+    the folder, as the study runner does with its spec.json.)"""
     if last_checkpoint(out_dir).exists():
         raise OutputExistsError(
             f"{out_dir} already holds a run; resume it with `nirdml train --resume {out_dir}` "
             "or choose another --out folder"
         )
-    if out_dir.is_file() or _holds_other_files(out_dir):
+    if out_dir.is_file():
+        raise OutputExistsError(f"{out_dir} is a file; pass --out a folder path")
+
+
+def check_new_out(out_dir: str | Path) -> None:
+    """The folder a user named for a new run: refused when it holds a run, is a file, or
+    holds files no run wrote (``nirdml train --out``, before anything is written)."""
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir)
+    if _holds_other_files(out_dir):
         raise OutputExistsError(
             f"{out_dir} already holds files that no nirdml run wrote; pass --out a new folder "
             "or an empty one (a run writes config.yaml, metrics and checkpoints/ into it)"
