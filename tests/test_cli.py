@@ -212,6 +212,30 @@ def test_search_reads_a_nested_gallery_tree(digits_run, tmp_path, capsys):
     assert "gallery: 12 images" in capsys.readouterr().out
 
 
+def test_search_of_a_symlinked_gallery_prints_its_class_folders(digits_run, tmp_path, capsys):
+    # A gallery built as class folders of symlinks into one flat image store: results name
+    # the gallery's paths (whose folder is the class), not the store's; the query, by either
+    # path, is recognised as a gallery image.
+    store = tmp_path / "store"
+    store.mkdir()
+    rng = np.random.default_rng(2)
+    for c in range(2):
+        (tmp_path / "gallery" / f"class{c}").mkdir(parents=True)
+        for k in range(3):
+            a = (rng.random((8, 8)) * 60 + c * 120).astype(np.uint8)
+            Image.fromarray(a).save(store / f"{c}{k}.png")
+            (tmp_path / "gallery" / f"class{c}" / f"{k}.png").symlink_to(store / f"{c}{k}.png")
+    gallery = tmp_path / "gallery"
+    for query in (gallery / "class0" / "0.png", store / "00.png"):
+        argv = ["search", str(digits_run), "--gallery", str(gallery), "--query", str(query)]
+        assert main([*argv, "-k", "3", "--cache-dir", str(tmp_path / "cache")]) == 0
+        out = capsys.readouterr().out
+        assert "(a gallery image: left out of its results)" in out
+        hits = [ln.split()[2] for ln in out.splitlines() if re.match(r"\s+\d+\s+-?\d\.\d{4}\s", ln)]
+        assert len(hits) == 3 and all(h.startswith(f"{gallery}{os.sep}class") for h in hits)
+        assert str(gallery / "class0" / "0.png") not in hits
+
+
 def test_every_positional_argument_has_help(capsys):
     for command in ("embed", "evaluate", "search", "export", "analyze"):
         with pytest.raises(SystemExit):
