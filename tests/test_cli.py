@@ -18,6 +18,7 @@ from PIL import Image
 
 from conftest import REPO_ROOT
 from nirdml.cli import main
+from nirdml.errors import SelectionWarning
 from nirdml.training.config import load_config
 from nirdml.training.trainer import train
 
@@ -109,6 +110,20 @@ def test_my_folder_with_the_small_cnn(tmp_path, capsys):
     )
     word = "training helped: " if found["beats"] else "WARNING: training did NOT help: "
     assert last == word + found["message"].split(": ", 1)[1]
+
+
+def test_a_folder_too_small_to_carve_validation_is_not_told_to_carve_more(tmp_path, capsys):
+    # 6 classes: 3 train, too few to carve a validation split, so the run selects on its
+    # 3 test classes; the warning names that, and no impossible data.val_classes carve.
+    images = _folder(tmp_path / "tiny", classes=6)
+    argv = ["train", "omniglot", "--set", "data.name=folder", "--set", f"data.root={images}"]
+    argv += ["--set", "data.transform=omniglot", *QUICK, "--quiet", "--out", str(tmp_path / "r")]
+    with pytest.warns(SelectionWarning, match="the test split has only 3 classes") as caught:
+        assert main(argv) == 0
+    assert "(selected on test)" in capsys.readouterr().out
+    notes = [str(w.message) for w in caught if "the test split has only" in str(w.message)]
+    assert len(notes) == 1 and "no validation split to select on" in notes[0]
+    assert "carve more" not in notes[0]
 
 
 def test_my_folder_with_a_pretrained_backbone(tmp_path, capsys):
