@@ -18,6 +18,7 @@ from PIL import Image
 
 from conftest import REPO_ROOT
 from nirdml.cli import main
+from nirdml.errors import SelectionWarning
 from nirdml.training.config import load_config
 from nirdml.training.trainer import train
 
@@ -109,6 +110,20 @@ def test_my_folder_with_the_small_cnn(tmp_path, capsys):
     )
     word = "training helped: " if found["beats"] else "WARNING: training did NOT help: "
     assert last == word + found["message"].split(": ", 1)[1]
+
+
+def test_a_folder_too_small_to_carve_validation_is_not_told_to_carve_more(tmp_path, capsys):
+    # 6 classes: 3 train, too few to carve a validation split, so the run selects on its
+    # 3 test classes; the warning names that, and no impossible data.val_classes carve.
+    images = _folder(tmp_path / "tiny", classes=6)
+    argv = ["train", "omniglot", "--set", "data.name=folder", "--set", f"data.root={images}"]
+    argv += ["--set", "data.transform=omniglot", *QUICK, "--quiet", "--out", str(tmp_path / "r")]
+    with pytest.warns(SelectionWarning, match="the test split has only 3 classes") as caught:
+        assert main(argv) == 0
+    assert "(selected on test)" in capsys.readouterr().out
+    notes = [str(w.message) for w in caught if "the test split has only" in str(w.message)]
+    assert len(notes) == 1 and "no validation split to select on" in notes[0]
+    assert "carve more" not in notes[0]
 
 
 def test_my_folder_with_a_pretrained_backbone(tmp_path, capsys):
@@ -210,6 +225,30 @@ def test_search_reads_a_nested_gallery_tree(digits_run, tmp_path, capsys):
     argv += ["--query", str(query), "-k", "3", "--cache-dir", str(tmp_path / "cache")]
     assert main(argv) == 0
     assert "gallery: 12 images" in capsys.readouterr().out
+
+
+def test_search_of_a_symlinked_gallery_prints_its_class_folders(digits_run, tmp_path, capsys):
+    # A gallery built as class folders of symlinks into one flat image store: results name
+    # the gallery's paths (whose folder is the class), not the store's; the query, by either
+    # path, is recognised as a gallery image.
+    store = tmp_path / "store"
+    store.mkdir()
+    rng = np.random.default_rng(2)
+    for c in range(2):
+        (tmp_path / "gallery" / f"class{c}").mkdir(parents=True)
+        for k in range(3):
+            a = (rng.random((8, 8)) * 60 + c * 120).astype(np.uint8)
+            Image.fromarray(a).save(store / f"{c}{k}.png")
+            (tmp_path / "gallery" / f"class{c}" / f"{k}.png").symlink_to(store / f"{c}{k}.png")
+    gallery = tmp_path / "gallery"
+    for query in (gallery / "class0" / "0.png", store / "00.png"):
+        argv = ["search", str(digits_run), "--gallery", str(gallery), "--query", str(query)]
+        assert main([*argv, "-k", "3", "--cache-dir", str(tmp_path / "cache")]) == 0
+        out = capsys.readouterr().out
+        assert "(a gallery image: left out of its results)" in out
+        hits = [ln.split()[2] for ln in out.splitlines() if re.match(r"\s+\d+\s+-?\d\.\d{4}\s", ln)]
+        assert len(hits) == 3 and all(h.startswith(f"{gallery}{os.sep}class") for h in hits)
+        assert str(gallery / "class0" / "0.png") not in hits
 
 
 def test_every_positional_argument_has_help(capsys):

@@ -98,7 +98,9 @@ def embed_gallery(
     from nirdml.training.artifacts import load_trained
 
     files = _gallery_dataset(gallery, None, None)
-    paths = [str(Path(p).resolve()) for p in files.paths]
+    # absolute, not resolved: a symlinked gallery file keeps its folder (its class) in the
+    # results; queries are matched to gallery files by their resolved paths (search)
+    paths = [os.path.abspath(p) for p in files.paths]
     key = gallery_key(checkpoint, paths)
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache = folder / f"gallery-{key[:32]}.npz"
@@ -213,7 +215,7 @@ def search(
         checkpoint, gallery, cache_dir=cache_dir, device=device, batch_size=batch_size, run=run
     )
     n = len(index.paths)
-    position = {p: i for i, p in enumerate(index.paths)}
+    position = {str(Path(p).resolve()): i for i, p in enumerate(index.paths)}
     q_pos = [position.get(str(Path(q).resolve())) for q in qs]
     if k > n - (1 if any(p is not None for p in q_pos) else 0):
         raise InputError(f"k={k} but the gallery has only {n} images; use k <= {n - 1}")

@@ -76,11 +76,20 @@ def diagnose(
     out["tied_epochs"] = tied if len(tied) > 1 else []
     notes = out["warnings"]
     if num_classes is not None and num_classes < MIN_CLASSES:
-        notes.append(
-            f"the {split} split has only {num_classes} classes, too few to rank epochs by "
-            f"{metric}; carve more (data.val_classes=N with N >= {MIN_CLASSES}) or use "
-            "more training classes"
-        )
+        few = f"the {split} split has only {num_classes} classes, too few to rank epochs"
+        few += f" by {metric}"
+        if split == "val":
+            few += (
+                f"; carve more (data.val_classes=N with N >= {MIN_CLASSES}) or use more "
+                "training classes"
+            )
+        else:  # no validation split: data.val_classes=0, or too few training classes to carve
+            few += (
+                " (the run has no validation split to select on); use more classes: a "
+                f"validation split of N >= {MIN_CLASSES} classes (data.val_classes=N) needs "
+                "more than N training classes"
+            )
+        notes.append(few)
     if best >= SATURATED and len(values) > 1:
         notes.append(
             f"{key} is saturated ({best:.4f}): it cannot tell the epochs apart; a harder "
