@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import warnings
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from PIL import Image
 
 from conftest import REPO_ROOT
 from nirdml.cli import main
-from nirdml.errors import SelectionWarning
+from nirdml.errors import NoImprovementWarning, SelectionWarning
 from nirdml.training.config import load_config
 from nirdml.training.trainer import train
 
@@ -83,7 +84,7 @@ def test_folder_with_a_small_cnn_preset_fails_before_anything_is_written(tmp_pat
         load_config("digits", ["data.name=folder", f"data.root={images}", "data.transform=digits"])
 
 
-def test_my_folder_with_the_small_cnn(tmp_path, capsys):
+def test_my_folder_with_the_small_cnn(tmp_path, capsys, recwarn):
     """The README's small-CNN command on a folder of RGB JPEG/PNG images."""
     images = _folder(tmp_path / "my_images")
     argv = ["train", "omniglot", "--set", "data.name=folder", "--set", f"data.root={images}"]
@@ -110,6 +111,17 @@ def test_my_folder_with_the_small_cnn(tmp_path, capsys):
     )
     word = "training helped: " if found["beats"] else "WARNING: training did NOT help: "
     assert last == word + found["message"].split(": ", 1)[1]
+    # said once: the last line, not also as a warning
+    assert not [w for w in recwarn if w.category is NoImprovementWarning]
+
+
+def test_cli_warnings_are_one_line():
+    from nirdml.cli import _one_line_warnings
+
+    with _one_line_warnings():
+        text = warnings.formatwarning("two\n  lines", UserWarning, "/x/trainer.py", 242)
+    assert text == "warning: UserWarning: two lines\n"
+    assert "/x/trainer.py" in warnings.formatwarning("m", UserWarning, "/x/trainer.py", 242)
 
 
 def test_a_folder_too_small_to_carve_validation_is_not_told_to_carve_more(tmp_path, capsys):

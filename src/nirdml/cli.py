@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from nirdml import __version__
@@ -27,13 +29,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = None if args.resume else load_config(args.config, args.set)
     if cfg is not None:
         check_data_root(cfg.data)
+    from nirdml.errors import NoImprovementWarning
     from nirdml.training.quickstart import compare_table, run_default
     from nirdml.training.trainer import check_new_out, train
 
-    if args.resume:
-        results = [train(out_dir=args.resume, resume=True, progress=progress)]
-    elif args.config is None:
-        results = run_default(args.out or "runs", overrides=args.set, progress=progress)
+    if args.out is not None and args.config is not None:
+        check_new_out(args.out)
+    with warnings.catch_warnings():  # each run's verdict is printed below, once
+        warnings.simplefilter("ignore", NoImprovementWarning)
+        if args.resume:
+            results = [train(out_dir=args.resume, resume=True, progress=progress)]
+        elif args.config is None:
+            results = run_default(args.out or "runs", overrides=args.set, progress=progress)
+        else:
+            results = [train(cfg, args.out, progress=progress)]
+    if args.config is None and not args.resume:
         if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
             return 0
         print()
@@ -48,10 +58,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
             verdict = "" if found is None else f" ({found['message'].split('. ')[0]})"
             print(f"{r.summary['name']}: {r.out_dir}{verdict}")
         return 0
-    else:
-        if args.out is not None:
-            check_new_out(args.out)
-        results = [train(cfg, args.out, progress=progress)]
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
         return 0
     for r in results:
@@ -510,6 +516,21 @@ INTERRUPTED = {
 """What an interrupted command says beyond "interrupted" (``train`` says it itself)."""
 
 
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Warnings on the console as one line each, without the source file and line (the
+    display is restored afterwards; recorded warnings, as in tests, are unaffected)."""
+
+    def one_line(message, category, filename, lineno, line=None) -> str:
+        return f"warning: {category.__name__}: {' '.join(str(message).split())}\n"
+
+    saved, warnings.formatwarning = warnings.formatwarning, one_line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = saved
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -517,7 +538,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         check_out(args)
-        return int(args.func(args) or 0)
+        with _one_line_warnings():
+            return int(args.func(args) or 0)
     except KeyboardInterrupt as exc:  # Ctrl-C: one line (a run says how to resume), no trace
         said = " ".join(str(exc).split()) if isinstance(exc, NirdmlError) else ""
         print(

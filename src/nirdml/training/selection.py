@@ -97,10 +97,19 @@ def diagnose(
         )
     if len(tied) > 1:
         notes.append(
-            f"epochs {', '.join(map(str, tied))} tie at {key} = {best:.4f}; the kept epoch "
+            f"epochs {_epoch_list(tied)} tie at {key} = {best:.4f}; the kept epoch "
             f"follows the rule: {rule(split, metric)}"
         )
     return out
+
+
+def _epoch_list(epochs: Sequence[int], shown: int = 6) -> str:
+    """``1, 2, 3`` or, for many, ``1, 2, 3, ..., 59, 60 (60 epochs)``."""
+    if len(epochs) <= shown:
+        return ", ".join(map(str, epochs))
+    half = shown // 2
+    head, tail = epochs[:half], epochs[-half:]
+    return f"{', '.join(map(str, head))}, ..., {', '.join(map(str, tail))} ({len(epochs)} epochs)"
 
 
 def verdict(
