@@ -158,5 +158,5 @@ def test_missing_optional_package_names_the_extra(
     monkeypatch: pytest.MonkeyPatch, arch: str, module: str, extra: str
 ) -> None:
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` fail
-    with pytest.raises(ImportError, match=rf"pip install nirdml\[{extra}\]"):
+    with pytest.raises(ImportError, match=rf"pip install \"nirdml\[{extra}\]\""):
         build_model(arch, 8, pretrained=False)
