@@ -247,8 +247,8 @@ def cached_preset(
 
 CARS98_NIR_OBJECTIVE = "tangent_spread"
 CARS98_NIR_NOTE = (
-    "; level with the baseline here (+0.8 points test R@1, 2/3 seeds); the authors' exp_nll "
-    "recipe LOSES 3.9 points (0/2 seeds), benchmarks/results/cars98_partial.md: "
+    "; level with the baseline here (+0.8 points test R@1, 4/5 seeds, not significant); the "
+    "authors' exp_nll recipe LOSES 3.2 points (1/5 seeds), benchmarks/results/cars98_partial.md: "
     "--set loss.nir.objective=exp_nll for their form"
 )
 PARTIAL_NIR_OBJECTIVE = "tangent_spread"
