@@ -299,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--features", default=None, help="folder of the feature caches")
     parser.add_argument("--runs", type=Path, default=REPO / "runs" / "cars98_partial")
-    parser.add_argument("--shard", default="0/1", help="I/N: every N-th run from I")
+    parser.add_argument(
+        "--shard", default=(0, 1), type=grid.shard_arg, help="I/N: every N-th run from I (0-based)"
+    )
     parser.add_argument("--match", default="", help="only the points whose label has this")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -316,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(gradient_ratios(args), indent=1))
         return 0
     if args.command == "ablate":
-        index, count = (int(v) for v in args.shard.split("/"))
+        index, count = args.shard
         specs = grid.shard([s for _, s in _ablation_specs(args)], args.data_root, index, count)
         run_specs(specs, args.runs, args.data_root)
         return 0
@@ -324,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         print(ablation_report(args))
         return 0
     if args.command == "tune":
-        index, count = (int(v) for v in args.shard.split("/"))
+        index, count = args.shard
         specs = [s for s in _specs(args) if args.match in s.group]
         specs = grid.shard(specs, args.data_root, index, count)
         run_specs(specs, args.runs, args.data_root)

@@ -239,7 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         p.add_argument("--runs", type=Path, default=None)
         if name == "run":
-            p.add_argument("--shard", default="0/1", help="I/N: every N-th run from I")
+            p.add_argument(
+                "--shard",
+                default=(0, 1),
+                type=grid.shard_arg,
+                help="I/N: every N-th run from I (0-based)",
+            )
         if name == "report":
             p.add_argument("--out", type=Path, default=None, help="markdown file (else stdout)")
             p.add_argument("--json", type=Path, default=None, help="per-run numbers (JSON)")
@@ -264,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{state:8s} {folder.name}  {spec.command(args.data_root, str(folder))}")
         return 0
     if args.command == "run":
-        index, count = (int(v) for v in args.shard.split("/"))
+        index, count = args.shard
         run_specs(grid.shard(_specs(args), args.data_root, index, count), args.runs, args.data_root)
         return 0
     text = report(args)

@@ -57,9 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         if name == "run":
             p.add_argument(
                 "--shard",
-                default="0/1",
-                help="I/N: run only every N-th run starting at I, so N processes (one per "
-                "core, OMP_NUM_THREADS=1) share a part without touching the same run",
+                default=(0, 1),
+                type=grid.shard_arg,
+                help="I/N: run only every N-th run starting at I (0-based), so N processes (one "
+                "per core, OMP_NUM_THREADS=1) share a part without touching the same run",
             )
         if name in ("flow", "diagnose", "report"):
             p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
@@ -81,12 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         if not Path(args.data_root).is_dir():
             parser.error(f"--data-root {args.data_root} is not a folder (the Omniglot npz/PNGs)")
-        try:
-            index, count = (int(v) for v in args.shard.split("/"))
-            if not 0 <= index < count:
-                raise ValueError
-        except ValueError:
-            parser.error(f"--shard {args.shard!r}: expected I/N with 0 <= I < N, e.g. 1/2")
+        index, count = args.shard
         specs = grid.shard(grid.specs_of(args.part), args.data_root, index, count)
         run_specs(specs, args.runs, args.data_root)
         return 0

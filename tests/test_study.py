@@ -224,6 +224,16 @@ def test_shards_split_distinct_configurations(tmp_path):
     assert len(got) == len(set(got)) == len(keys)
 
 
+@pytest.mark.parametrize("text", ["2/2", "-1/2", "1", "a/b", "0/0"])
+def test_shard_out_of_range_is_refused(text):
+    """A shard outside 0 <= I < N would skip runs silently (e.g. 1/2 and 2/2 miss run 0)."""
+    import argparse
+
+    assert grid.shard_arg("1/2") == (1, 2)
+    with pytest.raises(argparse.ArgumentTypeError, match="0 <= I < N"):
+        grid.shard_arg(text)
+
+
 # ----------------------------------------------------------------------------- controls
 
 

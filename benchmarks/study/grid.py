@@ -298,6 +298,20 @@ def chosen_groups() -> set[str]:
     return {f"tune-{SHORT[loss]}-lr{lr:g}-p{mult:g}" for loss, (lr, mult) in TUNED_BASE.items()}
 
 
+def shard_arg(text: str) -> tuple[int, int]:
+    """The argparse type of ``--shard I/N``: ``(I, N)`` with ``0 <= I < N`` (a shard out of
+    range would silently skip runs)."""
+    import argparse
+
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        index, count = -1, 0
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected I/N with 0 <= I < N, e.g. 0/2, 1/2")
+    return index, count
+
+
 def shard(specs: list[RunSpec], data_root: str, index: int, count: int) -> list[RunSpec]:
     """Every ``count``-th distinct configuration from ``index``: ``count`` processes share
     a part and never train the same folder (specs with equal seed and config hash, e.g. a

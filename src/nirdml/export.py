@@ -266,42 +266,20 @@ def export_model(
     Raises ValueError when the exported model's output differs from the eager model's by
     more than 1e-4 on a fresh batch.
     """
-    from nirdml.runtime import atomic_write
     from nirdml.training.artifacts import load_trained
 
-    if format not in FORMATS:
-        raise InputError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
-    if format == "onnx":  # before the model is loaded
-        require_extra(
-            "export",
-            ONNX_MODULES,
-            "ONNX export",
-            alternative="export to TorchScript instead (--format torchscript)",
-        )
+    _check_format(format)
     out = Path(out)
     run = load_trained(checkpoint, "cpu", with_loss=False)
     module = ImageEmbedder(_size_independent_padding_(run.model)).eval()
     shape = _input_shape(run, image_size)
-    gen = torch.Generator().manual_seed(seed)  # local: the global RNG is left alone
-    example = torch.randn(2, *shape, generator=gen)
-    check = torch.randn(3, *shape, generator=gen)  # another batch size: the axis is dynamic
-    other = _other_size(shape[1])
-    check_other = torch.randn(2, shape[0], other, other, generator=gen)
+    example, check, check_other = _example_batches(shape, seed)
     with torch.no_grad():
         expected = module(check)
     embed_dim = int(expected.shape[1])
     checks = [check]
     if format == "torchscript":
-        with warnings.catch_warnings():  # torch.jit is deprecated upstream, still served
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # sizes checked below
-            with torch.no_grad():
-                traced = torch.jit.trace(module, example, check_trace=False)
-            fixed = None if _matches(module, traced, check_other) else shape[1]
-            exported = traced if fixed is None else torch.jit.script(_FixedSize(traced, fixed))
-            files = {METADATA: _metadata((-1, *shape), embed_dim, fixed)}
-            atomic_write(out, lambda f: torch.jit.save(exported, f, _extra_files=files))
-            loaded = torch.jit.load(str(out))
+        loaded, fixed = _save_torchscript(module, example, check_other, out, shape, embed_dim)
         checks += [check_other] if fixed is None else []
         with torch.no_grad():
             outputs: list[Tensor | None] = [loaded(x) for x in checks]
@@ -309,6 +287,61 @@ def export_model(
         fixed = shape[1]
         _save_onnx(module, example, out, opset, _metadata((-1, *shape), embed_dim, fixed))
         outputs = [_onnx_runtime_output(out, check)]
+    diff = _check_parity(module, checks, outputs, out, format)
+    sizes = tuple(x.shape[-1] for x in checks)
+    return ExportResult(out, run.path, format, (-1, *shape), embed_dim, diff, fixed, sizes)
+
+
+def _check_format(fmt: str) -> None:
+    """Refuse an unknown format, and ONNX without its extra, before the model is loaded."""
+    if fmt not in FORMATS:
+        raise InputError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    if fmt == "onnx":
+        require_extra(
+            "export",
+            ONNX_MODULES,
+            "ONNX export",
+            alternative="export to TorchScript instead (--format torchscript)",
+        )
+
+
+def _example_batches(shape: tuple[int, int, int], seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(trace example, parity batch, parity batch at another image size), seeded locally."""
+    gen = torch.Generator().manual_seed(seed)  # local: the global RNG is left alone
+    example = torch.randn(2, *shape, generator=gen)
+    check = torch.randn(3, *shape, generator=gen)  # another batch size: the axis is dynamic
+    other = _other_size(shape[1])
+    check_other = torch.randn(2, shape[0], other, other, generator=gen)
+    return example, check, check_other
+
+
+def _save_torchscript(
+    module: nn.Module,
+    example: Tensor,
+    check_other: Tensor,
+    out: Path,
+    shape: tuple[int, int, int],
+    embed_dim: int,
+) -> tuple[Any, int | None]:
+    """Trace, write and reload ``out``: (loaded model, its fixed size, None if size-agnostic)."""
+    from nirdml.runtime import atomic_write
+
+    with warnings.catch_warnings():  # torch.jit is deprecated upstream, still served
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # sizes checked below
+        with torch.no_grad():
+            traced = torch.jit.trace(module, example, check_trace=False)
+        fixed = None if _matches(module, traced, check_other) else shape[1]
+        exported = traced if fixed is None else torch.jit.script(_FixedSize(traced, fixed))
+        files = {METADATA: _metadata((-1, *shape), embed_dim, fixed)}
+        atomic_write(out, lambda f: torch.jit.save(exported, f, _extra_files=files))
+        return torch.jit.load(str(out)), fixed
+
+
+def _check_parity(
+    module: nn.Module, checks: list[Tensor], outputs: list[Tensor | None], out: Path, fmt: str
+) -> float:
+    """Max |eager - exported| (nan: none run); over the tolerance ``out`` is deleted, an error."""
     with torch.no_grad():
         diffs = [
             float((got - module(x)).abs().max())
@@ -319,8 +352,7 @@ def export_model(
     if diffs and not diff <= PARITY_TOLERANCE:
         out.unlink(missing_ok=True)
         raise InputError(
-            f"the exported {format} model differs from the eager model by {diff:.2e} "
+            f"the exported {fmt} model differs from the eager model by {diff:.2e} "
             f"(> {PARITY_TOLERANCE}); nothing was written. Try the other format or report it."
         )
-    sizes = tuple(x.shape[-1] for x in checks)
-    return ExportResult(out, run.path, format, (-1, *shape), embed_dim, diff, fixed, sizes)
+    return diff

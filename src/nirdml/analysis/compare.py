@@ -159,10 +159,17 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else float("nan")
 
 
-def _cell(mean: float, std: float) -> str:
+def _cell(mean: float, std: float, pm: str = "+-") -> str:
     if math.isnan(mean):
         return "-"
-    return f"{mean:.4f}" if math.isnan(std) else f"{mean:.4f} +- {std:.4f}"
+    return f"{mean:.4f}" if math.isnan(std) else f"{mean:.4f} {pm} {std:.4f}"
+
+
+def _epoch_cell(mean: float, std: float, pm: str = "+-") -> str:
+    """The best epoch cell: "-" when unknown, whole with one run, else mean +- std."""
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.0f}" if math.isnan(std) else f"{mean:.1f} {pm} {std:.1f}"
 
 
 def compare_runs(
@@ -182,6 +189,21 @@ def compare_runs(
         raise InputError("pass at least one run folder")
     if split not in ("test", "val"):
         raise InputError(f"split must be test or val, got {split!r}")
+    runs = _read_runs(run_dirs)
+    metric = metric or runs[0].select_metric
+    groups = group_runs(runs)
+    metrics = _metric_union(runs)
+    rows = [_group_row(g, metrics) for g in groups]
+    table = _markdown(rows, metrics)
+    curves = [_curve(g, f"{split}/{metric}") for g in groups]
+    comparison = Comparison(groups, metrics, table, rows)
+    if out_dir is not None:
+        _write_comparison(comparison, curves, Path(out_dir), metric, split)
+    return comparison
+
+
+def _read_runs(run_dirs: list[str | Path]) -> list[RunRecord]:
+    """Every run folder read, refusing one given twice (same folder after resolving)."""
     runs = [read_run(p) for p in run_dirs]
     seen: dict[Path, Path] = {}
     for r in runs:
@@ -189,62 +211,74 @@ def compare_runs(
         if rp in seen:
             raise InputError(f"{r.path} is given twice; pass each run folder once")
         seen[rp] = r.path
-    metric = metric or runs[0].select_metric
-    groups = group_runs(runs)
+    return runs
+
+
+def _metric_union(runs: list[RunRecord]) -> list[str]:
+    """The selected-epoch test metrics of all runs, in order of first appearance."""
     metrics: list[str] = []
     for r in runs:
         metrics += [m for m in r.best if m not in metrics]
-    rows = []
-    for g in groups:
-        row: dict[str, Any] = {
-            "group": g.label,
-            "runs": len(g.runs),
-            "seeds": [r.seed for r in g.runs],
-            "selected_on": sorted({r.selected_on for r in g.runs}),
-            "best_epoch": _mean_std([r.best_epoch for r in g.runs if r.best_epoch is not None])
-            if any(r.best_epoch is not None for r in g.runs)
-            else (float("nan"), float("nan")),
-            "epochs": max(len(r.history) for r in g.runs),
-        }
-        for m in metrics:
-            vals = [r.best[m] for r in g.runs if m in r.best]
-            row[m] = _mean_std(vals) if len(vals) == len(g.runs) else (float("nan"), float("nan"))
-        rows.append(row)
-    table = _markdown(rows, metrics)
-    curves = [_curve(g, f"{split}/{metric}") for g in groups]
-    comparison = Comparison(groups, metrics, table, rows)
-    if out_dir is not None:
-        out = Path(out_dir)
-        png = plots.curves_plot(curves, f"{split} {metric}", f"{split} {metric} per epoch")
-        comparison.files["compare.png"] = atomic_write(out / "compare.png", lambda f: f.write(png))
-        comparison.files["compare.md"] = atomic_write_text(out / "compare.md", table + "\n")
-        comparison.files["compare.json"] = atomic_write_json(
-            out / "compare.json",
-            json_safe(
-                {
-                    "metric": metric,
-                    "split": split,
-                    "groups": [
-                        {
-                            **{
-                                k: ({"mean": v[0], "std": v[1]} if isinstance(v, tuple) else v)
-                                for k, v in row.items()
-                            },
-                            "run_dirs": [str(r.path) for r in g.runs],
-                            "curve": {
-                                "epochs": c.epochs.tolist(),
-                                "values": c.values,
-                            },
-                        }
-                        for row, g, c in zip(rows, groups, curves, strict=True)
-                    ],
-                }
-            ),
-        )
-        comparison.files["compare.html"] = atomic_write_text(
-            out / "compare.html", _html(rows, metrics, png, metric, split, groups)
-        )
-    return comparison
+    return metrics
+
+
+def _group_row(g: Group, metrics: list[str]) -> dict[str, Any]:
+    """A group's row: runs, seeds, (mean, std) of best epoch and metrics (nan: a run lacks it)."""
+    missing = (float("nan"), float("nan"))
+    best_epochs = [r.best_epoch for r in g.runs if r.best_epoch is not None]
+    row: dict[str, Any] = {
+        "group": g.label,
+        "runs": len(g.runs),
+        "seeds": [r.seed for r in g.runs],
+        "selected_on": sorted({r.selected_on for r in g.runs}),
+        "best_epoch": _mean_std(best_epochs) if best_epochs else missing,
+        "epochs": max(len(r.history) for r in g.runs),
+    }
+    for m in metrics:
+        vals = [r.best[m] for r in g.runs if m in r.best]
+        row[m] = _mean_std(vals) if len(vals) == len(g.runs) else missing
+    return row
+
+
+def _write_comparison(
+    comparison: Comparison, curves: list[plots.Curve], out: Path, metric: str, split: str
+) -> None:
+    """Write compare.png, .md, .json and .html into ``out``; record them in ``files``."""
+    png = plots.curves_plot(curves, f"{split} {metric}", f"{split} {metric} per epoch")
+    files = comparison.files
+    files["compare.png"] = atomic_write(out / "compare.png", lambda f: f.write(png))
+    files["compare.md"] = atomic_write_text(out / "compare.md", comparison.table + "\n")
+    files["compare.json"] = atomic_write_json(
+        out / "compare.json", json_safe(_comparison_json(comparison, curves, metric, split))
+    )
+    files["compare.html"] = atomic_write_text(
+        out / "compare.html",
+        _html(comparison.rows, comparison.metrics, png, metric, split, comparison.groups),
+    )
+
+
+def _comparison_json(
+    comparison: Comparison, curves: list[plots.Curve], metric: str, split: str
+) -> dict[str, Any]:
+    """compare.json's content: per group its row ((mean, std) as a dict), folders, curve."""
+    return {
+        "metric": metric,
+        "split": split,
+        "groups": [
+            {
+                **{
+                    k: ({"mean": v[0], "std": v[1]} if isinstance(v, tuple) else v)
+                    for k, v in row.items()
+                },
+                "run_dirs": [str(r.path) for r in g.runs],
+                "curve": {
+                    "epochs": c.epochs.tolist(),
+                    "values": c.values,
+                },
+            }
+            for row, g, c in zip(comparison.rows, comparison.groups, curves, strict=True)
+        ],
+    }
 
 
 def _curve(g: Group, key: str) -> plots.Curve:
@@ -262,12 +296,7 @@ def _markdown(rows: list[dict[str, Any]], metrics: list[str]) -> str:
     head = ["run group", "runs", "best epoch"] + metrics
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        be_mean, be_std = row["best_epoch"]
-        be = (
-            "-"
-            if math.isnan(be_mean)
-            else (f"{be_mean:.0f}" if math.isnan(be_std) else f"{be_mean:.1f} +- {be_std:.1f}")
-        )
+        be = _epoch_cell(*row["best_epoch"])
         cells = [row["group"], _runs_cell(row), be] + [_cell(*row[m]) for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     notes = [n for n in map(_seed_note, rows) if n]
@@ -305,27 +334,12 @@ def _html(rows, metrics, png, metric, split, groups) -> str:
     head = ["run group", "runs", "best epoch"] + metrics
     trs = []
     for row in rows:
-        be_mean, be_std = row["best_epoch"]
-        be = (
-            "-"
-            if math.isnan(be_mean)
-            else (
-                f"{be_mean:.0f}" if math.isnan(be_std) else f"{be_mean:.1f} &plusmn; {be_std:.1f}"
-            )
-        )
         cells = [
             f'<td class="l">{H.esc(row["group"])}</td>',
             f"<td>{H.esc(_runs_cell(row))}</td>",
-            f"<td>{be}</td>",
+            f"<td>{_epoch_cell(*row['best_epoch'], '&plusmn;')}</td>",
         ]
-        for m in metrics:
-            mean, std = row[m]
-            txt = (
-                "-"
-                if math.isnan(mean)
-                else (f"{mean:.4f}" if math.isnan(std) else f"{mean:.4f} &plusmn; {std:.4f}")
-            )
-            cells.append(f"<td>{txt}</td>")
+        cells += [f"<td>{_cell(*row[m], '&plusmn;')}</td>" for m in metrics]
         trs.append("<tr>" + "".join(cells) + "</tr>")
     ths = "".join(
         f'<th class="{"l" if i == 0 else ""}">{H.esc(h)}</th>' for i, h in enumerate(head)

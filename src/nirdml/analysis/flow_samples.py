@@ -107,6 +107,79 @@ def flow_stats(
     }
 
 
+def _check_flow_request(loss: ProxyCriterion, temperature: float) -> None:
+    """Refuse a bad temperature or a loss without a flow, before anything is embedded."""
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise InputError(f"temperature must be a finite number > 0, got {temperature}")
+    if not is_nir(loss):
+        raise InputError(
+            "flow samples need a NIR model (its loss has a flow); this checkpoint was trained "
+            "without NIR (loss.nir.enabled=false)"
+        )
+
+
+def _check_training_classes(classes: list[int], num_classes: int) -> None:
+    """Refuse classes the model has no proxy (no condition) for."""
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise InputError(
+            f"flow classes {bad} are not training classes of this model (0..{num_classes - 1})"
+        )
+
+
+def _real_members(
+    labels: np.ndarray, c: int, max_real: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Indices of class c's training images, a seeded sorted sample of ``max_real`` at most."""
+    members = np.flatnonzero(labels == c)
+    if len(members) == 0:
+        raise InputError(f"class {c} has no training images to compare the samples with")
+    if len(members) > max_real:
+        members = np.sort(rng.choice(members, size=max_real, replace=False))
+    return members
+
+
+def _class_level_proxies(loss: NIRLoss) -> torch.Tensor:
+    """One L2-normalised proxy per class; SoftTriple holds K centers per class: their mean."""
+    all_proxies = F.normalize(loss.proxies.detach(), dim=-1)
+    if all_proxies.shape[0] == loss.num_classes:
+        return all_proxies
+    per_class = all_proxies.view(loss.num_classes, -1, all_proxies.shape[1])
+    return F.normalize(per_class.mean(1), dim=-1)
+
+
+def _sample_condition(
+    base: ProxyCriterion, cond_real: torch.Tensor, c: int, num_samples: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sample conditions, proxy): class c's proxy, else its real conditions cycled and mean."""
+    if base.condition_per_class:
+        proxy = base.proxy_condition(torch.tensor([c], device=cond_real.device))[0]
+        return proxy.expand(num_samples, -1), proxy
+    reps = math.ceil(num_samples / len(cond_real))
+    return cond_real.repeat(reps, 1)[:num_samples], F.normalize(cond_real.mean(0), dim=0)
+
+
+@torch.no_grad()
+def _draw_around_class(
+    loss: NIRLoss,
+    real: torch.Tensor,
+    c: int,
+    num_samples: int,
+    temperature: float,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Class c's flow samples from ``z ~ N(0, t^2 I)``, its proxy, and real NLL and z."""
+    base, flow = loss.base_loss, loss.flow
+    y = torch.full((len(real),), c, dtype=torch.long, device=real.device)
+    cond_real = base.class_condition(real, y)
+    z_real, logdet = flow(real, cond_real)
+    nll_real = 0.5 * (z_real**2).sum(1) - logdet
+    cond, proxy = _sample_condition(base, cond_real, c, num_samples)
+    z = torch.randn(num_samples, flow.dim, generator=gen, device=real.device, dtype=real.dtype)
+    samples, _ = flow.inverse(z * temperature, cond)
+    return samples, proxy, nll_real, z_real
+
+
 def draw_flow_samples(
     model: torch.nn.Module,
     loss: ProxyCriterion,
@@ -132,38 +205,22 @@ def draw_flow_samples(
     """
     from nirdml.evaluation import compute_embeddings
 
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise InputError(f"temperature must be a finite number > 0, got {temperature}")
-    if not is_nir(loss):
-        raise InputError(
-            "flow samples need a NIR model (its loss has a flow); this checkpoint was trained "
-            "without NIR (loss.nir.enabled=false)"
-        )
+    _check_flow_request(loss, temperature)
     labels = np.asarray(train_data.labels)
     if classes is None:
         classes = choose_classes(labels, num_classes, seed)
-    bad = [c for c in classes if not 0 <= c < loss.num_classes]
-    if bad:
-        raise InputError(
-            f"flow classes {bad} are not training classes of this model (0..{loss.num_classes - 1})"
-        )
-    base, flow = loss.base_loss, loss.flow
-    device = next(flow.parameters()).device
+    _check_training_classes(classes, loss.num_classes)
+    device = next(loss.flow.parameters()).device
     rng = np.random.default_rng(seed)
     gen = torch.Generator(device=device).manual_seed(seed)
     names = list(getattr(train_data, "class_names", []))
     out = FlowSamples(
         classes=list(classes), names=[], real=[], samples=[], proxies=None, temperature=temperature
     )
+    own_proxies = _class_level_proxies(loss)
     proxies = []
-    all_proxies = F.normalize(loss.proxies.detach(), dim=-1)
-    per_class = base.condition_per_class
     for c in classes:
-        members = np.flatnonzero(labels == c)
-        if len(members) == 0:
-            raise InputError(f"class {c} has no training images to compare the samples with")
-        if len(members) > max_real:
-            members = np.sort(rng.choice(members, size=max_real, replace=False))
+        members = _real_members(labels, c, max_real, rng)
         real, _ = compute_embeddings(
             model,
             Subset(train_data, members.tolist()),
@@ -171,27 +228,8 @@ def draw_flow_samples(
             num_workers=num_workers,
         )
         real = real.to(device)
-        y = torch.full((len(real),), c, dtype=torch.long, device=device)
-        with torch.no_grad():
-            cond_real = base.class_condition(real, y)
-            z_real, logdet = flow(real, cond_real)
-            nll_real = 0.5 * (z_real**2).sum(1) - logdet
-            if per_class:
-                proxy = base.proxy_condition(torch.tensor([c], device=device))[0]
-                cond = proxy.expand(num_samples, -1)
-            else:
-                reps = math.ceil(num_samples / len(real))
-                cond = cond_real.repeat(reps, 1)[:num_samples]
-                proxy = F.normalize(cond_real.mean(0), dim=0)
-            z = torch.randn(num_samples, flow.dim, generator=gen, device=device, dtype=real.dtype)
-            samples, _ = flow.inverse(z * temperature, cond)
-        # SoftTriple holds K centers per class: compare against the class's mean center.
-        own_proxies = (
-            all_proxies
-            if all_proxies.shape[0] == loss.num_classes
-            else F.normalize(
-                all_proxies.view(loss.num_classes, -1, all_proxies.shape[1]).mean(1), dim=-1
-            )
+        samples, proxy, nll_real, z_real = _draw_around_class(
+            loss, real, c, num_samples, temperature, gen
         )
         out.stats.append(flow_stats(real, samples, proxy, c, own_proxies, nll_real, z_real))
         out.real.append(real.cpu().numpy())

@@ -7,6 +7,7 @@ import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -157,6 +158,76 @@ def curves_plot(curves: Sequence[Curve], ylabel: str, title: str) -> bytes:
     return _png(fig)
 
 
+_OVERVIEW_MARKS = (
+    {"marker": "x", "s": 14, "alpha": 0.45, "lw": 0.8},
+    {"marker": "o", "s": 16, "edgecolor": "k", "lw": 0.3},
+    {"marker": "*", "s": 220, "edgecolor": "k", "lw": 0.8},
+)
+"""flow_plot's overview marks: flow samples, real embeddings, proxy (real ones get the
+class name as label)."""
+_CLASS_MARKS = (
+    {"marker": "x", "s": 16, "alpha": 0.55, "lw": 0.8, "label": "flow samples"},
+    {"marker": "o", "s": 20, "edgecolor": "k", "lw": 0.4, "label": "real"},
+    {"marker": "*", "s": 200, "edgecolor": "k", "lw": 0.8, "label": "proxy"},
+)
+"""flow_plot's per-class marks: flow samples, real embeddings, proxy."""
+
+
+def _unit_rows(a: np.ndarray) -> np.ndarray:
+    """Rows L2-normalised in float64 (the embedding space is the sphere)."""
+    a = np.asarray(a, dtype=np.float64)
+    return a / np.linalg.norm(a, axis=-1, keepdims=True).clip(min=1e-12)
+
+
+def _principal_plane(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean row, D x 2 projection onto the two leading principal directions) of points."""
+    centre = points.mean(0, keepdims=True)
+    _, _, vt = np.linalg.svd(points - centre, full_matrices=False)
+    return centre, vt[:2].T
+
+
+def _scatter_marks(ax: Any, sets: Sequence[np.ndarray], color: Any, marks: Sequence[dict]) -> None:
+    """Scatter the 2-D point sets (samples, real, proxy) in one colour, each its own mark."""
+    for points, mark in zip(sets, marks, strict=True):
+        ax.scatter(points[:, 0], points[:, 1], color=color, **mark)
+
+
+def _flow_overview(
+    ax: Any, classes: list[tuple[np.ndarray, ...]], names: Sequence[str], colors: list
+) -> None:
+    """All classes' (samples, real, proxy) in the PCA plane of all their real embeddings."""
+    centre, axes = _principal_plane(np.concatenate([real for _, real, _ in classes]))
+    for i, sets in enumerate(classes):
+        real_mark = {**_OVERVIEW_MARKS[1], "label": _short(names[i], 24)}
+        marks = (_OVERVIEW_MARKS[0], real_mark, _OVERVIEW_MARKS[2])
+        _scatter_marks(ax, [(a - centre) @ axes for a in sets], colors[i], marks)
+    ax.set_title(
+        "all shown classes (PCA of their real embeddings): dots = real, "
+        "x = flow samples, star = proxy",
+        fontsize=10,
+    )
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+
+
+def _flow_class_panel(
+    ax: Any, sets: tuple[np.ndarray, ...], name: str, color: Any, legend: bool
+) -> None:
+    """One class's (samples, real, proxy) in its real embeddings' own PCA plane (or axes 0-1)."""
+    samples, real, _ = sets
+    dim = np.concatenate([real, samples]).shape[1]
+    if len(real) >= 2 and dim >= 2:
+        centre, axes = _principal_plane(real)
+    else:
+        centre, axes = real.mean(0, keepdims=True), np.eye(dim)[:, :2]
+    _scatter_marks(ax, [(a - centre) @ axes for a in sets], color, _CLASS_MARKS)
+    ax.set_title(_short(name, 34) + " (own PCA plane)", fontsize=9)
+    ax.tick_params(labelsize=7)
+    if legend:
+        ax.legend(fontsize=7)
+
+
 def flow_plot(
     real: Sequence[np.ndarray],
     samples: Sequence[np.ndarray],
@@ -169,86 +240,18 @@ def flow_plot(
     Everything is L2-normalised before projecting (the embedding space is the sphere);
     the proxy is a star, real embeddings dots, flow samples crosses.
     """
-
-    def unit(a: np.ndarray) -> np.ndarray:
-        a = np.asarray(a, dtype=np.float64)
-        return a / np.linalg.norm(a, axis=-1, keepdims=True).clip(min=1e-12)
-
-    real_u = [unit(r) for r in real]
-    samp_u = [unit(s) for s in samples]
-    prox_u = unit(proxies)
+    real_u = [_unit_rows(r) for r in real]
+    samp_u = [_unit_rows(s) for s in samples]
+    prox_u = _unit_rows(proxies)
     k = len(real_u)
+    classes = [(samp_u[i], real_u[i], prox_u[i : i + 1]) for i in range(k)]
     cols = min(3, k)
     rows = 1 + math.ceil(k / cols)
     fig = _figure(4.0 * cols + 1.0, 3.6 * rows)
     colors = _palette(k)
-    ax0 = fig.add_subplot(rows, 1, 1)
-    all_real = np.concatenate(real_u)
-    centre = all_real.mean(0, keepdims=True)
-    _, _, vt = np.linalg.svd(all_real - centre, full_matrices=False)
-    axes = vt[:2].T
-
-    def proj(a: np.ndarray) -> np.ndarray:
-        return (a - centre) @ axes
-
-    for i in range(k):
-        r, s, p = proj(real_u[i]), proj(samp_u[i]), proj(prox_u[i : i + 1])
-        ax0.scatter(s[:, 0], s[:, 1], marker="x", s=14, color=colors[i], alpha=0.45, lw=0.8)
-        ax0.scatter(
-            r[:, 0],
-            r[:, 1],
-            marker="o",
-            s=16,
-            color=colors[i],
-            edgecolor="k",
-            lw=0.3,
-            label=_short(names[i], 24),
-        )
-        ax0.scatter(p[:, 0], p[:, 1], marker="*", s=220, color=colors[i], edgecolor="k", lw=0.8)
-    ax0.set_title(
-        "all shown classes (PCA of their real embeddings): dots = real, "
-        "x = flow samples, star = proxy",
-        fontsize=10,
-    )
-    ax0.set_xticks([])
-    ax0.set_yticks([])
-    ax0.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    _flow_overview(fig.add_subplot(rows, 1, 1), classes, names, colors)
     for i in range(k):
         ax = fig.add_subplot(rows, cols, cols + i + 1)
-        both = np.concatenate([real_u[i], samp_u[i]])
-        c = real_u[i].mean(0, keepdims=True)
-        if len(real_u[i]) >= 2 and both.shape[1] >= 2:
-            _, _, v = np.linalg.svd(real_u[i] - c, full_matrices=False)
-            ax_i = v[:2].T
-        else:
-            ax_i = np.eye(both.shape[1])[:, :2]
-        r, s, p = (real_u[i] - c) @ ax_i, (samp_u[i] - c) @ ax_i, (prox_u[i : i + 1] - c) @ ax_i
-        ax.scatter(
-            s[:, 0],
-            s[:, 1],
-            marker="x",
-            s=16,
-            color=colors[i],
-            alpha=0.55,
-            lw=0.8,
-            label="flow samples",
-        )
-        ax.scatter(
-            r[:, 0], r[:, 1], marker="o", s=20, color=colors[i], edgecolor="k", lw=0.4, label="real"
-        )
-        ax.scatter(
-            p[:, 0],
-            p[:, 1],
-            marker="*",
-            s=200,
-            color=colors[i],
-            edgecolor="k",
-            lw=0.8,
-            label="proxy",
-        )
-        ax.set_title(_short(names[i], 34) + " (own PCA plane)", fontsize=9)
-        ax.tick_params(labelsize=7)
-        if i == 0:
-            ax.legend(fontsize=7)
+        _flow_class_panel(ax, classes[i], names[i], colors[i], legend=i == 0)
     fig.tight_layout()
     return _png(fig)

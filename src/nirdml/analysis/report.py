@@ -184,15 +184,10 @@ def compute_analysis(
         seed: every random choice (queries, map sample, flow draws) comes from it.
     """
     watch = _Stopwatch()
-    if k < 1 or num_queries < 1:
-        raise InputError(f"k and num_queries must be >= 1, got k={k}, num_queries={num_queries}")
-    resolve_method(map_method)  # a bad map method fails before anything is embedded
+    _check_options(k, num_queries, map_method)
     dev = resolve_device(device)
     inp = load_input(source, dataset=dataset, root=root, split=split, device=str(dev))
-    if flow_classes and (inp.run is None or not is_nir(inp.run.loss)):
-        raise InputError(
-            "flow classes were given but the input is not a NIR checkpoint (no flow to sample)"
-        )
+    _check_flow_input(inp, flow_classes)
     watch.lap("load_and_embed")
     overridden = dataset is not None or root is not None
     k = min(k, _check_classes(inp) - 1)
@@ -206,28 +201,41 @@ def compute_analysis(
     scores = query_scores(inp.embeddings, inp.labels, device=dev)
     grids = _retrieval_grids(inp, scores, k, num_queries, seed, dev, figures)
     watch.lap("retrieval")
-    flow, flow_note = _flow(inp, flow_classes, flow_temperature, seed, figures)
-    watch.lap("flow")
+    result = AnalysisResult(inp, metrics, spread, method, shown, scores, grids, k, seed, figures)
+    result.clock = watch
+    return _add_run_extras(result, flow_classes, flow_temperature)
+
+
+def _check_options(k: int, num_queries: int, map_method: str) -> None:
+    """Refuse bad grid sizes and map methods before anything is loaded or embedded."""
+    if k < 1 or num_queries < 1:
+        raise InputError(f"k and num_queries must be >= 1, got k={k}, num_queries={num_queries}")
+    resolve_method(map_method)  # a bad map method fails before anything is embedded
+
+
+def _check_flow_input(inp: AnalysisInput, flow_classes: list[int] | None) -> None:
+    """Refuse flow classes for an input without a flow (not a NIR checkpoint)."""
+    if flow_classes and (inp.run is None or not is_nir(inp.run.loss)):
+        raise InputError(
+            "flow classes were given but the input is not a NIR checkpoint (no flow to sample)"
+        )
+
+
+def _add_run_extras(
+    result: AnalysisResult, flow_classes: list[int] | None, temperature: float
+) -> AnalysisResult:
+    """What only a checkpoint has: flow samples (NIR), training curve and NIR alarm."""
+    inp = result.inp
+    result.flow, result.flow_note = _flow(
+        inp, flow_classes, temperature, result.seed, result.figures
+    )
+    result.clock.lap("flow")
     if inp.run is not None:
         curve = _training_curve(inp.run)
         if curve is not None:
-            figures["training.png"] = curve
-    return AnalysisResult(
-        inp=inp,
-        metrics=metrics,
-        spread=spread,
-        map_method=method,
-        map_points=shown,
-        scores=scores,
-        grids=grids,
-        k=k,
-        seed=seed,
-        figures=figures,
-        flow=flow,
-        flow_note=flow_note,
-        nir_alarm=nir_alarm(inp.run) if inp.run is not None else None,
-        clock=watch,
-    )
+            result.figures["training.png"] = curve
+        result.nir_alarm = nir_alarm(inp.run)
+    return result
 
 
 def _check_classes(inp: AnalysisInput) -> int:

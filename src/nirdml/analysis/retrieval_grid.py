@@ -245,6 +245,117 @@ def _clip(text: str, font: ImageFont.ImageFont, width: int, draw: ImageDraw.Imag
     return text + "..."
 
 
+_RGB = tuple[int, int, int]
+_Box = tuple[int, ...]
+_MARGIN, _GAP, _SEP = 10, 6, 22  # outer margin, gap between neighbours, gap after the query
+_HEADER_H, _CAPTION_H, _ROW_GAP = 18, 30, 14  # header line, captions under tiles, row spacing
+
+
+def _grid_size(rows: list[RetrievalRow], tile: int, title: str) -> tuple[int, int, int]:
+    """(width, height, top of the first row) of the canvas, so every row and tile fits."""
+    k = max(len(r.neighbours) for r in rows)
+    head = 44 if title else 26
+    # At least wide enough for the title and the legend when k is small.
+    width = max(2 * _MARGIN + tile + _SEP + k * tile + (k - 1) * _GAP, 560)
+    height = head + len(rows) * _row_height(tile) + _MARGIN
+    return width, height, head
+
+
+def _row_height(tile: int) -> int:
+    """Pixels one query row takes: header, tiles, captions and the gap below."""
+    return _HEADER_H + tile + _CAPTION_H + _ROW_GAP
+
+
+def _legend(rows: list[RetrievalRow]) -> list[tuple[_RGB, str]]:
+    """Legend entries (frame colour, text); grey only when some query's class is unknown."""
+    legend = [(QUERY_RGB, "query"), (CORRECT_RGB, "same class"), (WRONG_RGB, "other class")]
+    if any(ok is None for r in rows for ok in r.correct):
+        legend.append((UNKNOWN_RGB, "query class unknown"))
+    return legend
+
+
+def _frame_color(ok: bool | None) -> _RGB:
+    """A neighbour's frame colour: green same class, red other class, grey unknown."""
+    return UNKNOWN_RGB if ok is None else CORRECT_RGB if ok else WRONG_RGB
+
+
+class _GridPainter:
+    """Draws onto one grid canvas: title and legend, row headers, framed tiles, captions."""
+
+    def __init__(
+        self, canvas: Image.Image, images: ImageSource | None, names: list[str], tile: int
+    ) -> None:
+        self.canvas, self.images, self.names, self.tile = canvas, images, names, tile
+        self.draw = ImageDraw.Draw(canvas)
+        self.f_title, self.f_text, self.f_small = _font(15), _font(12), _font(11)
+
+    def name_of(self, label: int) -> str:
+        """A class's display name (its number when unnamed; negative: unknown)."""
+        if label < 0:
+            return "class unknown"
+        return self.names[label] if 0 <= label < len(self.names) else str(label)
+
+    def draw_title_and_legend(self, title: str, legend: list[tuple[_RGB, str]]) -> None:
+        """The title (if any) and below it the legend of frame colours."""
+        draw, y = self.draw, _MARGIN
+        if title:
+            draw.text((_MARGIN, y), title, fill=(0, 0, 0), font=self.f_title)
+            y += 20
+        x = _MARGIN
+        for color, label in legend:
+            draw.rectangle((x, y + 2, x + 11, y + 13), outline=color, width=3)
+            draw.text((x + 16, y), label, fill=(40, 40, 40), font=self.f_text)
+            x += 26 + int(draw.textlength(label, font=self.f_text)) + 10
+
+    def draw_tile(self, i: int, x0: int, y0: int, color: _RGB) -> _Box:
+        """Item i's picture (grey without one) in a frame of ``color``; the frame box."""
+        tile, draw = self.tile, self.draw
+        pic = self.images(i) if self.images is not None else None
+        if pic is not None:
+            self.canvas.paste(
+                _fit(pic, tile - 2 * FRAME, (235, 235, 235)), (x0 + FRAME, y0 + FRAME)
+            )
+        else:
+            draw.rectangle(
+                (x0 + FRAME, y0 + FRAME, x0 + tile - FRAME - 1, y0 + tile - FRAME - 1),
+                fill=(225, 225, 225),
+            )
+        box = (x0, y0, x0 + tile - 1, y0 + tile - 1)
+        draw.rectangle(box, outline=color, width=FRAME)
+        return box
+
+    def draw_captions(self, x0: int, y0: int, first: str, color: _RGB, label: int) -> None:
+        """Two lines under a tile at (x0, y0): ``first`` in ``color``, then the class name."""
+        self.draw.text((x0, y0 + self.tile + 2), first, fill=color, font=self.f_small)
+        name = _clip(self.name_of(label), self.f_small, self.tile, self.draw)
+        self.draw.text((x0, y0 + self.tile + 15), name, fill=(60, 60, 60), font=self.f_small)
+
+    def draw_row(
+        self, row: RetrievalRow, y0: int, width: int
+    ) -> tuple[_Box, list[_Box], list[_RGB]]:
+        """Row ``row`` at height y0; returns (query box, neighbour boxes, their colours)."""
+        header = f"query #{row.query}"
+        if row.label >= 0:
+            header += f", class {self.name_of(row.label)}"
+        if row.note:
+            header += f"  ({row.note})"
+        header = _clip(header, self.f_text, width - 2 * _MARGIN, self.draw)
+        self.draw.text((_MARGIN, y0), header, fill=(0, 0, 0), font=self.f_text)
+        ty = y0 + _HEADER_H
+        qbox = self.draw_tile(row.query, _MARGIN, ty, QUERY_RGB)
+        self.draw_captions(_MARGIN, ty, "query", QUERY_RGB, row.label)
+        boxes, colors = [], []
+        for r, (j, sim, ok) in enumerate(
+            zip(row.neighbours, row.similarities, row.correct, strict=True)
+        ):
+            x0 = _MARGIN + self.tile + _SEP + r * (self.tile + _GAP)
+            color = _frame_color(ok)
+            boxes.append(self.draw_tile(j, x0, ty, color))
+            colors.append(color)
+            self.draw_captions(x0, ty, f"{r + 1}  sim {sim:.3f}", color, row.neighbour_labels[r])
+        return qbox, boxes, colors
+
+
 def render_retrieval_grid(
     rows: list[RetrievalRow],
     images: ImageSource | None,
@@ -265,86 +376,21 @@ def render_retrieval_grid(
         raise InputError("no rows to draw")
     if tile < 32:
         raise InputError(f"tile must be >= 32 pixels, got {tile}")
-    names = class_names or []
-    k = max(len(r.neighbours) for r in rows)
-    margin, gap, sep = 10, 6, 22
-    header_h, caption_h, row_gap = 18, 30, 14
-    head = 44 if title else 26
-    # At least wide enough for the title and the legend when k is small.
-    width = max(2 * margin + tile + sep + k * tile + (k - 1) * gap, 560)
-    row_h = header_h + tile + caption_h + row_gap
-    height = head + len(rows) * row_h + margin
+    width, height, head = _grid_size(rows, tile, title)
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    f_title, f_text, f_small = _font(15), _font(12), _font(11)
-    y = margin
-    if title:
-        draw.text((margin, y), title, fill=(0, 0, 0), font=f_title)
-        y += 20
-    legend_x = margin
-    legend = [(QUERY_RGB, "query"), (CORRECT_RGB, "same class"), (WRONG_RGB, "other class")]
-    if any(ok is None for r in rows for ok in r.correct):
-        legend.append((UNKNOWN_RGB, "query class unknown"))
-    for color, label in legend:
-        draw.rectangle((legend_x, y + 2, legend_x + 11, y + 13), outline=color, width=3)
-        draw.text((legend_x + 16, y), label, fill=(40, 40, 40), font=f_text)
-        legend_x += 26 + int(draw.textlength(label, font=f_text)) + 10
+    painter = _GridPainter(canvas, images, class_names or [], tile)
+    painter.draw_title_and_legend(title, _legend(rows))
     layout = GridLayout(size=(width, height))
-
-    def name_of(label: int) -> str:
-        if label < 0:
-            return "class unknown"
-        return names[label] if 0 <= label < len(names) else str(label)
-
-    def draw_tile(i: int, x0: int, y0: int, color: tuple[int, int, int]) -> tuple[int, ...]:
-        inner = tile - 2 * FRAME
-        pic = images(i) if images is not None else None
-        if pic is not None:
-            canvas.paste(_fit(pic, inner, (235, 235, 235)), (x0 + FRAME, y0 + FRAME))
-        else:
-            draw.rectangle(
-                (x0 + FRAME, y0 + FRAME, x0 + tile - FRAME - 1, y0 + tile - FRAME - 1),
-                fill=(225, 225, 225),
-            )
-        box = (x0, y0, x0 + tile - 1, y0 + tile - 1)
-        draw.rectangle(box, outline=color, width=FRAME)
-        return box
-
-    y0 = head
-    for row in rows:
-        header = f"query #{row.query}" + (f", class {name_of(row.label)}" if row.label >= 0 else "")
-        if row.note:
-            header += f"  ({row.note})"
-        draw.text(
-            (margin, y0),
-            _clip(header, f_text, width - 2 * margin, draw),
-            fill=(0, 0, 0),
-            font=f_text,
-        )
-        ty = y0 + header_h
-        qbox = draw_tile(row.query, margin, ty, QUERY_RGB)
-        draw.text((margin, ty + tile + 2), "query", fill=QUERY_RGB, font=f_small)
-        draw.text(
-            (margin, ty + tile + 15),
-            _clip(name_of(row.label), f_small, tile, draw),
-            fill=(60, 60, 60),
-            font=f_small,
-        )
-        boxes, colors = [], []
-        for r, (j, sim, ok) in enumerate(
-            zip(row.neighbours, row.similarities, row.correct, strict=True)
-        ):
-            x0 = margin + tile + sep + r * (tile + gap)
-            color = UNKNOWN_RGB if ok is None else CORRECT_RGB if ok else WRONG_RGB
-            boxes.append(draw_tile(j, x0, ty, color))
-            colors.append(color)
-            draw.text((x0, ty + tile + 2), f"{r + 1}  sim {sim:.3f}", fill=color, font=f_small)
-            caption = _clip(name_of(row.neighbour_labels[r]), f_small, tile, draw)
-            draw.text((x0, ty + tile + 15), caption, fill=(60, 60, 60), font=f_small)
+    for n, row in enumerate(rows):
+        qbox, boxes, colors = painter.draw_row(row, head + n * _row_height(tile), width)
         layout.query_boxes.append(qbox)
         layout.result_boxes.append(boxes)
         layout.result_colors.append(colors)
-        y0 += row_h
+    return _png_bytes(canvas), layout
+
+
+def _png_bytes(canvas: Image.Image) -> bytes:
+    """The canvas as optimised PNG bytes."""
     buf = io.BytesIO()
     canvas.save(buf, format="PNG", optimize=True)
-    return buf.getvalue(), layout
+    return buf.getvalue()

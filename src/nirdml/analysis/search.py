@@ -198,15 +198,9 @@ def search(
     PNG of the queries and their results (frames green/red by class when the query's class
     is known, i.e. it lies in a gallery class folder; grey otherwise).
     """
-    from nirdml.evaluation import knn_search
     from nirdml.training.artifacts import load_trained
 
-    qs = [queries] if isinstance(queries, (str, Path)) else list(queries)
-    if not qs:
-        raise InputError("pass at least one query image")
-    for q in qs:
-        if not Path(q).is_file():
-            raise MissingFileError(f"query image {q} does not exist")
+    qs = _query_paths(queries)
     if k < 1:
         raise InputError(f"k must be >= 1, got {k}")
     dev = resolve_device(device)
@@ -214,35 +208,68 @@ def search(
     index = embed_gallery(
         checkpoint, gallery, cache_dir=cache_dir, device=device, batch_size=batch_size, run=run
     )
+    q_pos = _gallery_positions(index.paths, qs)
     n = len(index.paths)
-    position = {str(Path(p).resolve()): i for i, p in enumerate(index.paths)}
-    q_pos = [position.get(str(Path(q).resolve())) for q in qs]
     if k > n - (1 if any(p is not None for p in q_pos) else 0):
         raise InputError(f"k={k} but the gallery has only {n} images; use k <= {n - 1}")
-    q_emb = embed_images(run, qs, device)
-    _, idx = knn_search(q_emb, index.embeddings, min(k + 1, n), device=dev)
+    hits = _rank_gallery(index, embed_images(run, qs, device), q_pos, k, dev)
+    result = SearchResult([str(q) for q in qs], q_pos, hits, index)
+    if grid is not None:
+        result.grid = _write_grid(result, Path(grid))
+    return result
+
+
+def _query_paths(queries: str | Path | list[str | Path]) -> list[str | Path]:
+    """The query images as a list, refusing none at all and any file that does not exist."""
+    qs = [queries] if isinstance(queries, (str, Path)) else list(queries)
+    if not qs:
+        raise InputError("pass at least one query image")
+    for q in qs:
+        if not Path(q).is_file():
+            raise MissingFileError(f"query image {q} does not exist")
+    return qs
+
+
+def _gallery_positions(paths: list[str], queries: list[str | Path]) -> list[int | None]:
+    """Per query, its gallery position when it is a gallery file (by resolved path), else None."""
+    position = {str(Path(p).resolve()): i for i, p in enumerate(paths)}
+    return [position.get(str(Path(q).resolve())) for q in queries]
+
+
+def _rank_gallery(
+    index: GalleryIndex,
+    q_emb: torch.Tensor,
+    q_pos: list[int | None],
+    k: int,
+    device: torch.device,
+) -> list[list[SearchHit]]:
+    """Per query, its ``k`` nearest gallery images, the query itself left out."""
+    from nirdml.evaluation import knn_search
+
+    n = len(index.paths)
+    _, idx = knn_search(q_emb, index.embeddings, min(k + 1, n), device=device)
     unit_g = torch.nn.functional.normalize(index.embeddings, dim=1)
     unit_q = torch.nn.functional.normalize(q_emb, dim=1)
     hits: list[list[SearchHit]] = []
     for qi, (cand, own) in enumerate(zip(idx.tolist(), q_pos, strict=True)):
         chosen = [j for j in cand if j != own][:k]
         sims = (unit_g[chosen] @ unit_q[qi]).tolist()
-        hits.append(
-            [
-                SearchHit(
-                    rank=r + 1,
-                    path=index.paths[j],
-                    similarity=float(s),
-                    class_name=index.class_names[int(index.labels[j])],
-                    index=j,
-                )
-                for r, (j, s) in enumerate(zip(chosen, sims, strict=True))
-            ]
+        hits.append(_hits(index, chosen, sims))
+    return hits
+
+
+def _hits(index: GalleryIndex, chosen: list[int], sims: list[float]) -> list[SearchHit]:
+    """The ranked hits of one query: gallery items ``chosen`` with their similarities."""
+    return [
+        SearchHit(
+            rank=r + 1,
+            path=index.paths[j],
+            similarity=float(s),
+            class_name=index.class_names[int(index.labels[j])],
+            index=j,
         )
-    result = SearchResult([str(q) for q in qs], q_pos, hits, index)
-    if grid is not None:
-        result.grid = _write_grid(result, Path(grid))
-    return result
+        for r, (j, s) in enumerate(zip(chosen, sims, strict=True))
+    ]
 
 
 def _write_grid(result: SearchResult, path: Path) -> Path:

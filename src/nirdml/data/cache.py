@@ -97,48 +97,20 @@ def build_cache(
         )
     directory = Path(directory)
     paths = dataset.paths or []
-    if directory.exists():
-        if not overwrite:
-            CachedStorage(directory, expect=_fingerprint(paths))  # validates, raises if stale
-            return directory
-        shutil.rmtree(directory)
+    if _keep_existing(directory, paths, overwrite):
+        return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.build-", dir=directory.parent))
     try:
-        n = len(dataset)
-        offsets = np.zeros(n, dtype=np.int64)
-        shapes = np.zeros((n, 3), dtype=np.int32)
-        loader = DataLoader(
-            _Resizer(dataset, short_side),
-            batch_size=32,
-            num_workers=usable_workers(num_workers),
-            collate_fn=_as_list,
+        offsets, shapes, size = _write_pixels(
+            dataset, tmp / "pixels.u8", short_side, num_workers, progress
         )
-        pos = 0
-        i = 0
-        with (
-            open(tmp / "pixels.u8", "wb") as out,
-            tqdm(
-                total=n,
-                desc=f"cache {dataset.name}/{dataset.split}",
-                disable=not progress,
-                file=sys.stderr,
-            ) as bar,
-        ):
-            for batch in loader:
-                for arr in batch:
-                    offsets[i] = pos
-                    shapes[i] = arr.shape
-                    out.write(arr.tobytes())
-                    pos += arr.size
-                    i += 1
-                bar.update(len(batch))
         np.savez(tmp / "index.npz", offsets=offsets, shapes=shapes)
         meta = {
             "version": CACHE_VERSION,
-            "count": n,
+            "count": len(dataset),
             "short_side": short_side,
-            "bytes": pos,
+            "bytes": size,
             "fingerprint": _fingerprint(paths),
             "source": f"{dataset.name}/{dataset.split}",
         }
@@ -147,6 +119,54 @@ def build_cache(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+def _keep_existing(directory: Path, paths: list[str], overwrite: bool) -> bool:
+    """Whether an existing cache in ``directory`` is kept (checked to hold these images; it
+    raises if stale); with ``overwrite`` it is deleted instead."""
+    if not directory.exists():
+        return False
+    if not overwrite:
+        CachedStorage(directory, expect=_fingerprint(paths))  # validates, raises if stale
+        return True
+    shutil.rmtree(directory)
+    return False
+
+
+def _write_pixels(
+    dataset: RetrievalDataset, path: Path, short_side: int, num_workers: int, progress: bool
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Decode and resize every image into one flat uint8 file at ``path``; returns each
+    image's byte offset and HWC shape, and the bytes written."""
+    n = len(dataset)
+    offsets = np.zeros(n, dtype=np.int64)
+    shapes = np.zeros((n, 3), dtype=np.int32)
+    loader = DataLoader(
+        _Resizer(dataset, short_side),
+        batch_size=32,
+        num_workers=usable_workers(num_workers),
+        collate_fn=_as_list,
+    )
+    pos = 0
+    i = 0
+    with (
+        open(path, "wb") as out,
+        tqdm(
+            total=n,
+            desc=f"cache {dataset.name}/{dataset.split}",
+            disable=not progress,
+            file=sys.stderr,
+        ) as bar,
+    ):
+        for batch in loader:
+            for arr in batch:
+                offsets[i] = pos
+                shapes[i] = arr.shape
+                out.write(arr.tobytes())
+                pos += arr.size
+                i += 1
+            bar.update(len(batch))
+    return offsets, shapes, pos
 
 
 class CachedStorage(ImageStorage):

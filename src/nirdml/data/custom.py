@@ -242,51 +242,60 @@ def load_csv(
     base = Path(image_root) if image_root is not None else csv_path.parent
     paths, labels, splits, roles = _read_csv(csv_path, base)
     source = str(csv_path)
-    if splits is not None:
-        if train_classes is not None or test_classes is not None:
-            raise InputError(
-                f"{csv_path} has a split column, which fixes the split; drop "
-                "train_classes/test_classes or remove the column"
-            )
-        by_class: dict[str, set[str]] = {}
-        for lab, s in zip(labels, splits, strict=True):
-            by_class.setdefault(lab, set()).add(s)
-        crossing = sorted(c for c, s in by_class.items() if len(s) > 1)
-        if crossing:
-            raise DatasetLayoutError(
-                f"{csv_path}: classes {list_some(crossing)} appear in more than one split; "
-                "retrieval splits must be class-disjoint (zero-shot): give each class one split"
-            )
-        per = {
-            s: sorted((c for c, ss in by_class.items() if s in ss), key=class_sort_key)
-            for s in SPLIT_NAMES
-        }
-        if not per["train"] or not per["test"]:
-            raise DatasetLayoutError(
-                f"{csv_path}: the split column must name both train and test rows (found "
-                f"{sorted(set(splits))})"
-            )
-        out = {
-            s: _build(
-                "csv",
-                s,
-                paths,
-                labels,
-                per[s],
-                source,
-                skip_corrupt,
-                True,
-                roles if s == "test" else None,
-            )
-            for s in SPLIT_NAMES
-            if per[s]
-        }
-        return DatasetSplits(out["train"], out["test"], out.get("val"))
-    train_c, test_c = split_class_names(labels, train_classes, test_classes)
-    return DatasetSplits(
-        _build("csv", "train", paths, labels, train_c, source, skip_corrupt, True),
-        _build("csv", "test", paths, labels, test_c, source, skip_corrupt, True, roles),
-    )
+    if splits is None:
+        train_c, test_c = split_class_names(labels, train_classes, test_classes)
+        return DatasetSplits(
+            _build("csv", "train", paths, labels, train_c, source, skip_corrupt, True),
+            _build("csv", "test", paths, labels, test_c, source, skip_corrupt, True, roles),
+        )
+    if train_classes is not None or test_classes is not None:
+        raise InputError(
+            f"{csv_path} has a split column, which fixes the split; drop "
+            "train_classes/test_classes or remove the column"
+        )
+    per = _classes_per_split(csv_path, labels, splits)
+    out = {
+        s: _build(
+            "csv",
+            s,
+            paths,
+            labels,
+            per[s],
+            source,
+            skip_corrupt,
+            True,
+            roles if s == "test" else None,
+        )
+        for s in SPLIT_NAMES
+        if per[s]
+    }
+    return DatasetSplits(out["train"], out["test"], out.get("val"))
+
+
+def _classes_per_split(
+    csv_path: Path, labels: list[str], splits: list[str]
+) -> dict[str, list[str]]:
+    """The classes of each split named by the CSV's split column (sorted), checked to be
+    class-disjoint and to include train and test."""
+    by_class: dict[str, set[str]] = {}
+    for lab, s in zip(labels, splits, strict=True):
+        by_class.setdefault(lab, set()).add(s)
+    crossing = sorted(c for c, s in by_class.items() if len(s) > 1)
+    if crossing:
+        raise DatasetLayoutError(
+            f"{csv_path}: classes {list_some(crossing)} appear in more than one split; "
+            "retrieval splits must be class-disjoint (zero-shot): give each class one split"
+        )
+    per = {
+        s: sorted((c for c, ss in by_class.items() if s in ss), key=class_sort_key)
+        for s in SPLIT_NAMES
+    }
+    if not per["train"] or not per["test"]:
+        raise DatasetLayoutError(
+            f"{csv_path}: the split column must name both train and test rows (found "
+            f"{sorted(set(splits))})"
+        )
+    return per
 
 
 def _scan_tree(root: Path) -> tuple[list[str], list[str], list[str]]:

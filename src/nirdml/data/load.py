@@ -76,19 +76,41 @@ def load_dataset(
     """
     key = dataset_name(name)
     entry = DATASETS[key]
-    problem = option_problem(key, layout_options, download)
+    splits = _read_splits(key, root, download, skip_corrupt, layout_options)
+    preset = _checked_preset(
+        entry.transform if transform_preset is None else transform_preset, image_size
+    )
+    train, val = _validation_split(key, splits.train, splits.val, val_classes, seed, val_carve)
+    return DatasetSplits(
+        _transformed(train, preset, True, image_size),
+        _transformed(splits.test, preset, False, image_size),
+        _transformed(val, preset, False, image_size),
+    )
+
+
+def _read_splits(
+    key: str,
+    root: str | Path | None,
+    download: bool,
+    skip_corrupt: bool,
+    options: dict[str, Any],
+) -> DatasetSplits:
+    """The dataset's splits as its reader gives them (downloaded into ``root`` first if
+    asked), after checking the options are the dataset's."""
+    problem = option_problem(key, options, download)
     if problem is not None:
         raise InputTypeError(problem)
-    download_opts = {
-        k: layout_options.pop(k) for k in list(layout_options) if k in DOWNLOAD_OPTIONS
-    }
+    download_opts = {k: v for k, v in options.items() if k in DOWNLOAD_OPTIONS}
+    layout_options = {k: v for k, v in options.items() if k not in DOWNLOAD_OPTIONS}
     if download:
         if root is None:
             raise InputError(f"download=True needs root=... (the folder to download {key} into)")
         fetch_dataset(key, root, **download_opts)
-    splits = entry.load_reader()(root, skip_corrupt=skip_corrupt, **layout_options)
+    return DATASETS[key].load_reader()(root, skip_corrupt=skip_corrupt, **layout_options)
 
-    preset = entry.transform if transform_preset is None else transform_preset
+
+def _checked_preset(preset: str, image_size: int | None) -> str:
+    """``preset`` if it is a transform preset (or ``"none"``) that takes ``image_size``."""
     if preset != "none" and preset not in TRANSFORMS:
         raise InputError(
             f"unknown transform_preset {preset!r}; choose one of {', '.join(TRANSFORMS)}, "
@@ -96,7 +118,19 @@ def load_dataset(
         )
     if preset != "none":
         check_image_size(preset, image_size)
-    train, val = splits.train, splits.val
+    return preset
+
+
+def _validation_split(
+    key: str,
+    train: RetrievalDataset,
+    val: RetrievalDataset | None,
+    val_classes: float | int | str,
+    seed: int,
+    val_carve: str,
+) -> tuple[RetrievalDataset, RetrievalDataset | None]:
+    """(train, val): ``val_classes`` of the training classes carved into a validation split,
+    unless the data defines one."""
     if val_classes == "auto":
         val_classes = 0 if val is not None else auto_val_classes(key, train.num_classes)
     if val_classes:
@@ -105,12 +139,15 @@ def load_dataset(
                 f"{key} data already defines a validation split; drop val_classes or the 'val' rows"
             )
         train, val = carve_validation(train, val_classes, seed, val_carve)
+    return train, val
 
-    def tf(ds: RetrievalDataset | None, is_train: bool) -> RetrievalDataset | None:
-        if ds is None:
-            return None
-        return ds.with_transform(
-            None if preset == "none" else build_transforms(preset, is_train, image_size)
-        )
 
-    return DatasetSplits(tf(train, True), tf(splits.test, False), tf(val, False))
+def _transformed(
+    ds: RetrievalDataset | None, preset: str, is_train: bool, image_size: int | None
+) -> RetrievalDataset | None:
+    """``ds`` with the preset's train or test transform (None: no split, stays None)."""
+    if ds is None:
+        return None
+    return ds.with_transform(
+        None if preset == "none" else build_transforms(preset, is_train, image_size)
+    )

@@ -48,6 +48,89 @@ def _dist_defaults(num_replicas: int | None, rank: int | None) -> tuple[int, int
     return int(num_replicas), int(rank)
 
 
+def _label_array(labels: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
+    """The labels as a numpy array, checked to be one integer class label per item."""
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+    y = np.asarray(labels)
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise SamplerConfigError(
+            f"labels must be a 1-D integer array (one class label per item), got "
+            f"{y.dtype} {y.shape}"
+        )
+    return y
+
+
+def _check_options(batch_size: int, samples_per_class: int, small_classes: str) -> None:
+    """Reject an unknown small-class policy and batch / group sizes below 1."""
+    if small_classes not in SMALL_CLASS_POLICIES:
+        raise SamplerConfigError(
+            f"small_classes must be one of {SMALL_CLASS_POLICIES}, got {small_classes!r}"
+        )
+    if samples_per_class < 1 or batch_size < 1:
+        raise SamplerConfigError(
+            f"batch_size ({batch_size}) and samples_per_class ({samples_per_class}) must be >= 1"
+        )
+
+
+def _check_whole_groups(batch_size: int, samples_per_class: int, num_replicas: int) -> None:
+    """Every rank must get whole class groups of the global batch (with a batch size to use
+    instead)."""
+    group = num_replicas * samples_per_class
+    if batch_size % group != 0:
+        suggestion = max(1, round(batch_size / group)) * group
+        raise SamplerConfigError(
+            f"batch_size {batch_size} must be divisible by num_replicas x samples_per_class "
+            f"= {num_replicas} x {samples_per_class} = {group} so every rank gets "
+            f"whole class groups; use e.g. batch_size={suggestion}"
+        )
+
+
+def _usable_classes(
+    y: np.ndarray, samples_per_class: int, small_classes: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+    """Items sorted by class (stable), the start and size of each usable class's run in that
+    order, and the skipped classes: those with fewer than ``samples_per_class`` items, which
+    warn ("skip") or raise ("error")."""
+    order = np.argsort(y, kind="stable")
+    classes, starts, counts = np.unique(y[order], return_index=True, return_counts=True)
+    small = counts < samples_per_class
+    skipped = [int(c) for c in classes[small]]
+    if small.any():
+        text = (
+            f"{small.sum()} class(es) have fewer than samples_per_class="
+            f"{samples_per_class} images (e.g. labels {skipped[:5]} with "
+            f"{counts[small][:5].tolist()} images)"
+        )
+        if small_classes == "error":
+            raise SamplerConfigError(
+                f"{text}; lower samples_per_class, remove those classes, or pass "
+                "small_classes='skip' to leave them out of sampling"
+            )
+        # stacklevel 3: the code that builds the sampler
+        warnings.warn(f"{text}: left out of sampling (sampler.skipped_classes)", stacklevel=3)
+    keep = ~small
+    return order, starts[keep], counts[keep], skipped
+
+
+def _check_class_supply(
+    num_classes: int, samples_per_class: int, classes_per_batch: int, replacement: bool
+) -> None:
+    """Enough usable classes: at least one, and a batch's worth of distinct ones without
+    replacement."""
+    if num_classes == 0:
+        raise SamplerConfigError(
+            f"no class has at least samples_per_class={samples_per_class} images; "
+            "lower samples_per_class"
+        )
+    if not replacement and num_classes < classes_per_batch:
+        raise SamplerConfigError(
+            f"m-per-class sampling without replacement needs {classes_per_batch} "
+            f"distinct classes per batch but only {num_classes} are usable; lower "
+            "batch_size, raise samples_per_class, or use replacement=True"
+        )
+
+
 class ClassBalancedBatchSampler(Sampler[list[int]]):
     """Batches of ``batch_size // samples_per_class`` classes x ``samples_per_class`` images.
 
@@ -77,32 +160,10 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         rank: int | None = None,
         small_classes: str = "skip",
     ) -> None:
-        if isinstance(labels, torch.Tensor):
-            labels = labels.detach().cpu().numpy()
-        y = np.asarray(labels)
-        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-            raise SamplerConfigError(
-                f"labels must be a 1-D integer array (one class label per item), got "
-                f"{y.dtype} {y.shape}"
-            )
-        if small_classes not in SMALL_CLASS_POLICIES:
-            raise SamplerConfigError(
-                f"small_classes must be one of {SMALL_CLASS_POLICIES}, got {small_classes!r}"
-            )
-        if samples_per_class < 1 or batch_size < 1:
-            raise SamplerConfigError(
-                f"batch_size ({batch_size}) and samples_per_class ({samples_per_class}) "
-                "must be >= 1"
-            )
+        y = _label_array(labels)
+        _check_options(batch_size, samples_per_class, small_classes)
         self.num_replicas, self.rank = _dist_defaults(num_replicas, rank)
-        group = self.num_replicas * samples_per_class
-        if batch_size % group != 0:
-            suggestion = max(1, round(batch_size / group)) * group
-            raise SamplerConfigError(
-                f"batch_size {batch_size} must be divisible by num_replicas x samples_per_class "
-                f"= {self.num_replicas} x {samples_per_class} = {group} so every rank gets "
-                f"whole class groups; use e.g. batch_size={suggestion}"
-            )
+        _check_whole_groups(batch_size, samples_per_class, self.num_replicas)
         self.batch_size = int(batch_size)
         self.samples_per_class = int(samples_per_class)
         self.classes_per_batch = self.batch_size // self.samples_per_class
@@ -112,38 +173,16 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         self._position = 0  # batches yielded in the current epoch
         self._resume_from = 0  # batches to skip at the next __iter__ (after load_state_dict)
 
-        order = np.argsort(y, kind="stable")
-        classes, starts, counts = np.unique(y[order], return_index=True, return_counts=True)
-        small = counts < self.samples_per_class
-        self.skipped_classes = [int(c) for c in classes[small]]
-        if small.any():
-            text = (
-                f"{small.sum()} class(es) have fewer than samples_per_class="
-                f"{self.samples_per_class} images (e.g. labels {self.skipped_classes[:5]} with "
-                f"{counts[small][:5].tolist()} images)"
-            )
-            if small_classes == "error":
-                raise SamplerConfigError(
-                    f"{text}; lower samples_per_class, remove those classes, or pass "
-                    "small_classes='skip' to leave them out of sampling"
-                )
-            warnings.warn(f"{text}: left out of sampling (sampler.skipped_classes)", stacklevel=2)
-        keep = ~small
+        order, starts, counts, self.skipped_classes = _usable_classes(
+            y, self.samples_per_class, small_classes
+        )
         self._order = torch.from_numpy(order.astype(np.int64))
-        self._starts = torch.from_numpy(starts[keep].astype(np.int64))
-        self._counts = torch.from_numpy(counts[keep].astype(np.int64))
-        self.num_classes = int(keep.sum())
-        if self.num_classes == 0:
-            raise SamplerConfigError(
-                f"no class has at least samples_per_class={self.samples_per_class} images; "
-                "lower samples_per_class"
-            )
-        if not self.replacement and self.num_classes < self.classes_per_batch:
-            raise SamplerConfigError(
-                f"m-per-class sampling without replacement needs {self.classes_per_batch} "
-                f"distinct classes per batch but only {self.num_classes} are usable; lower "
-                "batch_size, raise samples_per_class, or use replacement=True"
-            )
+        self._starts = torch.from_numpy(starts.astype(np.int64))
+        self._counts = torch.from_numpy(counts.astype(np.int64))
+        self.num_classes = len(counts)
+        _check_class_supply(
+            self.num_classes, self.samples_per_class, self.classes_per_batch, self.replacement
+        )
         self.num_batches = len(y) // self.batch_size
         if self.num_batches == 0:
             raise SamplerConfigError(

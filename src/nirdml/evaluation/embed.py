@@ -60,6 +60,24 @@ def compute_embeddings(
     None means the model's own device; the model is never moved. ``amp=True`` runs the
     forward pass under float16 autocast (CUDA only).
     """
+    dev = _compute_device(model, device, amp)
+    loader = _as_loader(dataset_or_loader, batch_size, dev, num_workers)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+            parts = [_embed_batch(model, batch, dev) for batch in loader]
+    finally:
+        model.train(was_training)
+    if not parts:
+        raise InputError("the dataset is empty; nothing to embed.")
+    embs, labels = zip(*parts, strict=True)
+    return torch.cat(embs), torch.cat(labels)
+
+
+def _compute_device(model: nn.Module, device: str | torch.device | None, amp: bool) -> torch.device:
+    """The device to embed on: the model's own (None) or ``device``, which must be where the
+    model already is (it is never moved); ``amp`` needs CUDA."""
     dev = _model_device(model) if device is None else resolve_device(device)
     if _model_device(model) != dev and not (
         dev.type == _model_device(model).type and dev.index is None
@@ -70,48 +88,45 @@ def compute_embeddings(
         )
     if amp and dev.type != "cuda":
         raise InputError("amp=True needs a CUDA device; pass amp=False on CPU.")
+    return dev
+
+
+def _as_loader(
+    dataset_or_loader: Dataset | DataLoader, batch_size: int, dev: torch.device, num_workers: int
+) -> DataLoader:
+    """A given loader as it is; else an in-order loader over the dataset (smaller batches of
+    large images on a CPU, see :func:`cpu_batch_size`)."""
     if isinstance(dataset_or_loader, DataLoader):
-        loader = dataset_or_loader
-    else:
-        if batch_size < 1:
-            raise InputError(f"batch_size must be >= 1, got {batch_size}.")
-        if dev.type == "cpu":
-            batch_size = cpu_batch_size(dataset_or_loader, batch_size)
-        loader = DataLoader(
-            dataset_or_loader,
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=usable_workers(num_workers),
-            pin_memory=dev.type == "cuda",
-            # DataLoader draws its base seed from a generator: keep the global RNG untouched.
-            generator=torch.Generator().manual_seed(0),
+        return dataset_or_loader
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}.")
+    if dev.type == "cpu":
+        batch_size = cpu_batch_size(dataset_or_loader, batch_size)
+    return DataLoader(
+        dataset_or_loader,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=usable_workers(num_workers),
+        pin_memory=dev.type == "cuda",
+        # DataLoader draws its base seed from a generator: keep the global RNG untouched.
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def _embed_batch(model: nn.Module, batch: Any, dev: torch.device) -> tuple[Tensor, Tensor]:
+    """One ``(input, label)`` batch as float32 embeddings and int64 labels on the CPU, with
+    the batch and the model output checked."""
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        raise InputError(
+            "dataset items must be (input, label) pairs; wrap the dataset so "
+            "__getitem__ returns (tensor, int)."
         )
-    was_training = model.training
-    model.eval()
-    embs: list[torch.Tensor] = []
-    labels: list[torch.Tensor] = []
-    try:
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-            for batch in loader:
-                if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                    raise InputError(
-                        "dataset items must be (input, label) pairs; wrap the dataset so "
-                        "__getitem__ returns (tensor, int)."
-                    )
-                x, y = batch[0], batch[1]
-                out = model(x.to(dev, non_blocking=True))
-                if not isinstance(out, torch.Tensor) or out.ndim != 2:
-                    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                    raise InputError(
-                        f"the model must return a (batch, dim) tensor of embeddings, got {got}."
-                    )
-                embs.append(out.float().cpu())
-                labels.append(torch.as_tensor(y).long().cpu().reshape(-1))
-    finally:
-        model.train(was_training)
-    if not embs:
-        raise InputError("the dataset is empty; nothing to embed.")
-    return torch.cat(embs), torch.cat(labels)
+    x, y = batch[0], batch[1]
+    out = model(x.to(dev, non_blocking=True))
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise InputError(f"the model must return a (batch, dim) tensor of embeddings, got {got}.")
+    return out.float().cpu(), torch.as_tensor(y).long().cpu().reshape(-1)
 
 
 def gather_rows(tensor: Tensor, sizes: list[int]) -> Tensor:

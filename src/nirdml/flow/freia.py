@@ -44,6 +44,11 @@ def freia_shapes(flow: ConditionalFlow, k: int) -> tuple[tuple[str, int, int], .
     )
 
 
+def _subnet_dims(flow: ConditionalFlow, d_in: int, d_out: int) -> list[int]:
+    """Widths of a coupling subnet's layers, input to output (shared by draw and import)."""
+    return [d_in] + [flow.hidden_width] * (flow.hidden_layers - 1) + [d_out]
+
+
 def initial_layout(flow: ConditionalFlow, generator: torch.Generator | None) -> dict[str, Tensor]:
     """Fresh weights in FrEIA's layout, drawn as the authors' code draws them (FrEIA order,
     then the embedder), so the same ``torch.manual_seed`` gives the authors' initial flow."""
@@ -51,7 +56,7 @@ def initial_layout(flow: ConditionalFlow, generator: torch.Generator | None) -> 
     for k in range(flow.num_blocks):
         layout[f"module_list.{2 * k}.perm"] = flow.permutations[k].clone()
         for name, d_in, d_out in freia_shapes(flow, k):
-            dims = [d_in] + [flow.hidden_width] * (flow.hidden_layers - 1) + [d_out]
+            dims = _subnet_dims(flow, d_in, d_out)
             for j in range(flow.hidden_layers):
                 w, b = _linear_init(dims[j + 1], dims[j], generator)
                 layout[f"module_list.{2 * k + 1}.{name}.{2 * j}.weight"] = w
@@ -103,6 +108,21 @@ def load_layout(flow: ConditionalFlow, layout: Mapping[str, Tensor]) -> None:
 def freia_layout(flow: ConditionalFlow, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The flow's weights in FrEIA's layout from the authors' state_dict, every key and shape
     checked against the flow's configuration (a mismatch names the key and the fix)."""
+    order = _graph_modules(flow, state_dict)
+    layout: dict[str, Tensor] = {}
+    for k in range(flow.num_blocks):
+        perm, coupling = order[2 * k], order[2 * k + 1]
+        layout[f"module_list.{2 * k}.perm"] = _checked_perm(flow, k, perm)
+        for subnet in freia_shapes(flow, k):
+            layout.update(_subnet_layout(flow, k, coupling, subnet))
+    layout.update(_embedder_layout(flow, state_dict))
+    return layout
+
+
+def _graph_modules(
+    flow: ConditionalFlow, state_dict: Mapping[str, Tensor]
+) -> list[dict[str, Tensor]]:
+    """The GraphINN's modules in order, checked to be one flow of num_blocks blocks."""
     pattern = re.compile(r"^(.*?)module_list\.(\d+)\.(.+)$")
     prefixes: set[str] = set()
     modules: dict[int, dict[str, Tensor]] = {}
@@ -129,49 +149,68 @@ def freia_layout(flow: ConditionalFlow, state_dict: Mapping[str, Tensor]) -> dic
             f"GLOWCouplingBlock], found modules {kinds}: build "
             "ConditionalFlow(num_blocks=...) to match the checkpoint"
         )
-    layout: dict[str, Tensor] = {}
+    return order
+
+
+def _checked_perm(flow: ConditionalFlow, k: int, perm: Mapping[str, Tensor]) -> Tensor:
+    """Block k's permutation (int64, CPU), checked against range(dim) and any 'perm_inv'."""
     arange = torch.arange(flow.dim)
-    for k in range(flow.num_blocks):
-        perm, coupling = order[2 * k], order[2 * k + 1]
-        p = perm["perm"].detach().cpu().long()
-        if p.shape != (flow.dim,) or not torch.equal(p.sort().values, arange):
-            raise InputError(
-                f"block {k}: 'perm' is not a permutation of range({flow.dim}) (shape "
-                f"{tuple(p.shape)}): build ConditionalFlow(dim=...) with the checkpoint's dim"
-            )
-        if "perm_inv" in perm and not torch.equal(perm["perm_inv"].cpu().long()[p], arange):
-            raise InputError(f"block {k}: 'perm_inv' is not the inverse of 'perm'")
-        layout[f"module_list.{2 * k}.perm"] = p
-        for name, d_in, d_out in freia_shapes(flow, k):
-            ids = sorted(
-                int(m.group(1))
-                for key in coupling
-                if (m := re.fullmatch(rf"{name}\.(\d+)\.weight", key))
-            )
-            if len(ids) != flow.hidden_layers:
+    p = perm["perm"].detach().cpu().long()
+    if p.shape != (flow.dim,) or not torch.equal(p.sort().values, arange):
+        raise InputError(
+            f"block {k}: 'perm' is not a permutation of range({flow.dim}) (shape "
+            f"{tuple(p.shape)}): build ConditionalFlow(dim=...) with the checkpoint's dim"
+        )
+    if "perm_inv" in perm and not torch.equal(perm["perm_inv"].cpu().long()[p], arange):
+        raise InputError(f"block {k}: 'perm_inv' is not the inverse of 'perm'")
+    return p
+
+
+def _linear_ids(
+    flow: ConditionalFlow, k: int, coupling: Mapping[str, Tensor], name: str
+) -> list[int]:
+    """Checkpoint indices of subnet ``name``'s Linear layers, checked to be hidden_layers."""
+    ids = sorted(
+        int(m.group(1)) for key in coupling if (m := re.fullmatch(rf"{name}\.(\d+)\.weight", key))
+    )
+    if len(ids) != flow.hidden_layers:
+        raise InputError(
+            f"block {k} {name}: the checkpoint has {len(ids)} Linear layers, this "
+            f"flow hidden_layers={flow.hidden_layers}: build "
+            "ConditionalFlow(hidden_layers=...) to match"
+        )
+    return ids
+
+
+def _subnet_layout(
+    flow: ConditionalFlow,
+    k: int,
+    coupling: Mapping[str, Tensor],
+    subnet: tuple[str, int, int],
+) -> dict[str, Tensor]:
+    """Block k's subnet (name, in, out) in FrEIA's layout, each weight and bias shape-checked."""
+    name, d_in, d_out = subnet
+    dims = _subnet_dims(flow, d_in, d_out)
+    layout: dict[str, Tensor] = {}
+    for j, lid in enumerate(_linear_ids(flow, k, coupling, name)):
+        for part, shape in (("weight", (dims[j + 1], dims[j])), ("bias", (dims[j + 1],))):
+            src = f"{name}.{lid}.{part}"
+            if src not in coupling:
+                raise InputError(f"block {k}: '{src}' is missing from the checkpoint")
+            if tuple(coupling[src].shape) != shape:
                 raise InputError(
-                    f"block {k} {name}: the checkpoint has {len(ids)} Linear layers, this "
-                    f"flow hidden_layers={flow.hidden_layers}: build "
-                    "ConditionalFlow(hidden_layers=...) to match"
+                    f"block {k} '{src}' has shape {tuple(coupling[src].shape)}, "
+                    f"expected {shape} (dim={flow.dim}, hidden_width="
+                    f"{flow.hidden_width}, block conditioned: {k in flow.cond_slots}): "
+                    "build ConditionalFlow(dim=..., hidden_width=..., "
+                    "condition_blocks=...) to match the checkpoint"
                 )
-            dims = [d_in] + [flow.hidden_width] * (flow.hidden_layers - 1) + [d_out]
-            for j, lid in enumerate(ids):
-                for part, shape in (
-                    ("weight", (dims[j + 1], dims[j])),
-                    ("bias", (dims[j + 1],)),
-                ):
-                    src = f"{name}.{lid}.{part}"
-                    if src not in coupling:
-                        raise InputError(f"block {k}: '{src}' is missing from the checkpoint")
-                    if tuple(coupling[src].shape) != shape:
-                        raise InputError(
-                            f"block {k} '{src}' has shape {tuple(coupling[src].shape)}, "
-                            f"expected {shape} (dim={flow.dim}, hidden_width="
-                            f"{flow.hidden_width}, block conditioned: {k in flow.cond_slots}): "
-                            "build ConditionalFlow(dim=..., hidden_width=..., "
-                            "condition_blocks=...) to match the checkpoint"
-                        )
-                    layout[f"module_list.{2 * k + 1}.{name}.{2 * j}.{part}"] = coupling[src]
+            layout[f"module_list.{2 * k + 1}.{name}.{2 * j}.{part}"] = coupling[src]
+    return layout
+
+
+def _embedder_layout(flow: ConditionalFlow, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The ``embedder.*`` entries, checked against the flow's embedder (empty: it has none)."""
     emb = {
         f"embedder.{m.group(1)}": v
         for key, v in state_dict.items()
@@ -184,7 +223,7 @@ def freia_layout(flow: ConditionalFlow, state_dict: Mapping[str, Tensor]) -> dic
                 "or 'dense_embed_multi'): build ConditionalFlow(condition='embed' or "
                 "'embed_per_block')"
             )
-        return layout
+        return {}
     own = {f"embedder.{k}": v for k, v in flow.embedder.state_dict().items()}
     if set(own) != set(emb):
         raise InputError(
@@ -197,5 +236,4 @@ def freia_layout(flow: ConditionalFlow, state_dict: Mapping[str, Tensor]) -> dic
             raise InputError(
                 f"'{key}' has shape {tuple(emb[key].shape)}, expected {tuple(value.shape)}"
             )
-    layout.update(emb)
-    return layout
+    return emb

@@ -51,6 +51,67 @@ def _embedder(dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
 
 
+def _check_sizes(
+    dim: int, num_blocks: int, hidden_width: int, hidden_layers: int, clamp: float
+) -> None:
+    """Refuse sizes the flow cannot be built with, naming the argument."""
+    if dim < 2:
+        raise InputError(f"ConditionalFlow needs dim >= 2 to split features, got dim={dim}")
+    if num_blocks < 1 or hidden_width < 1:
+        raise InputError(
+            f"num_blocks and hidden_width must be >= 1, got {num_blocks} and {hidden_width}"
+        )
+    if hidden_layers < 2:
+        raise InputError(
+            "hidden_layers counts the Linear layers of each subnet (input and output "
+            f"included) and must be >= 2, got {hidden_layers}"
+        )
+    if not clamp > 0:
+        raise InputError(f"clamp must be > 0, got {clamp}")
+
+
+def _check_condition(condition: str, condition_blocks: str) -> None:
+    """Refuse an unknown condition mode or choice of conditioned blocks."""
+    if condition not in CONDITION_MODES:
+        raise InputError(f"condition must be one of {CONDITION_MODES}, got {condition!r}")
+    if condition_blocks not in CONDITION_BLOCKS:
+        raise InputError(
+            f"condition_blocks must be one of {CONDITION_BLOCKS}, got {condition_blocks!r}"
+        )
+
+
+def _resolve_cond_dim(dim: int, cond_dim: int | None) -> int:
+    """The condition's dimension: ``dim`` unless given, and at least 1."""
+    resolved = dim if cond_dim is None else int(cond_dim)
+    if resolved < 1:
+        raise InputError(f"cond_dim must be >= 1, got {cond_dim}")
+    return resolved
+
+
+def _conditioned_blocks(condition_blocks: str, num_blocks: int) -> tuple[int, ...]:
+    """The indices of the blocks that see the condition (the authors' start/mid/end/all)."""
+    return {
+        "all": tuple(range(num_blocks)),
+        "first": (0,),
+        "middle": (num_blocks // 2,),
+        "last": (num_blocks - 1,),
+    }[condition_blocks]
+
+
+def _permutations(dim: int, num_blocks: int) -> np.ndarray:
+    """(K, D): block k's ``RandomState(k).permutation(D)``, FrEIA's PermuteRandom(seed=k)."""
+    return np.stack([np.random.RandomState(k).permutation(dim) for k in range(num_blocks)])
+
+
+def _condition_embedder(condition: str, cond_dim: int, n_cond: int) -> nn.Module | None:
+    """The condition mode's embedder: one shared, one per conditioned block, or none."""
+    if condition == "embed":
+        return _embedder(cond_dim)
+    if condition == "embed_per_block":
+        return nn.ModuleList(_embedder(cond_dim) for _ in range(n_cond))
+    return None
+
+
 class ConditionalFlow(nn.Module):
     """Conditional GLOW flow ``tau^-1``: embedding ``x`` -> residual ``z``, given condition ``c``.
 
@@ -96,29 +157,10 @@ class ConditionalFlow(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        if dim < 2:
-            raise InputError(f"ConditionalFlow needs dim >= 2 to split features, got dim={dim}")
-        if num_blocks < 1 or hidden_width < 1:
-            raise InputError(
-                f"num_blocks and hidden_width must be >= 1, got {num_blocks} and {hidden_width}"
-            )
-        if hidden_layers < 2:
-            raise InputError(
-                "hidden_layers counts the Linear layers of each subnet (input and output "
-                f"included) and must be >= 2, got {hidden_layers}"
-            )
-        if not clamp > 0:
-            raise InputError(f"clamp must be > 0, got {clamp}")
-        if condition not in CONDITION_MODES:
-            raise InputError(f"condition must be one of {CONDITION_MODES}, got {condition!r}")
-        if condition_blocks not in CONDITION_BLOCKS:
-            raise InputError(
-                f"condition_blocks must be one of {CONDITION_BLOCKS}, got {condition_blocks!r}"
-            )
+        _check_sizes(dim, num_blocks, hidden_width, hidden_layers, clamp)
+        _check_condition(condition, condition_blocks)
         self.dim = dim
-        self.cond_dim = dim if cond_dim is None else int(cond_dim)
-        if self.cond_dim < 1:
-            raise InputError(f"cond_dim must be >= 1, got {cond_dim}")
+        self.cond_dim = _resolve_cond_dim(dim, cond_dim)
         self.num_blocks = num_blocks
         self.hidden_width = hidden_width
         self.hidden_layers = hidden_layers
@@ -128,26 +170,27 @@ class ConditionalFlow(nn.Module):
         # FrEIA: split_len1 = round(0.5 * D) (Python's round); x1 = first split_len1 features.
         self.len1 = round(0.5 * dim)
         self.len2 = dim - self.len1
-        conditioned = {
-            "all": tuple(range(num_blocks)),
-            "first": (0,),
-            "middle": (num_blocks // 2,),
-            "last": (num_blocks - 1,),
-        }[condition_blocks]
+        conditioned = _conditioned_blocks(condition_blocks, num_blocks)
         self.conditioned_blocks = conditioned
         self.cond_slots = {k: j for j, k in enumerate(conditioned)}
         """Conditioned block -> its row of ``cond_weight`` (and of the embedders)."""
 
-        perms = np.stack([np.random.RandomState(k).permutation(dim) for k in range(num_blocks)])
+        perms = _permutations(dim, num_blocks)
         self.register_buffer("permutations", torch.from_numpy(perms).long())
         self.register_buffer("inverse_permutations", torch.from_numpy(np.argsort(perms, 1)))
+        self._create_weights(len(conditioned))
+        self.embedder: nn.Module | None = _condition_embedder(
+            condition, self.cond_dim, len(conditioned)
+        )
+        self.reset_parameters(generator)
 
+    def _create_weights(self, n_cond: int) -> None:
+        """Register the stacked subnet weights (uninitialised), in the state_dict's order."""
         # Block k runs subnet "a" ((s, t) of x1 from x2; FrEIA's subnet2), then subnet "b"
         # ((s, t) of x2 from y1; FrEIA's subnet1). First-layer weights are split into the
         # x-columns (in_weight_*) and the condition columns (cond_weight); rows [0, W) of
         # cond_weight[j] / in_bias[k] belong to subnet a, rows [W, 2W) to subnet b.
-        K, W, n_hidden = num_blocks, hidden_width, hidden_layers - 2
-        n_cond = len(conditioned)
+        K, W, n_hidden = self.num_blocks, self.hidden_width, self.hidden_layers - 2
         self.cond_weight = nn.Parameter(torch.empty(n_cond, 2 * W, self.cond_dim))
         self.in_bias = nn.Parameter(torch.empty(K, 2 * W))
         self.in_weight_a = nn.Parameter(torch.empty(K, W, self.len2))
@@ -162,13 +205,6 @@ class ConditionalFlow(nn.Module):
         self.out_bias_a = nn.Parameter(torch.empty(K, 2 * self.len1))
         self.out_weight_b = nn.Parameter(torch.empty(K, 2 * self.len2, W))
         self.out_bias_b = nn.Parameter(torch.empty(K, 2 * self.len2))
-        if condition == "embed":
-            self.embedder: nn.Module | None = _embedder(self.cond_dim)
-        elif condition == "embed_per_block":
-            self.embedder = nn.ModuleList(_embedder(self.cond_dim) for _ in range(n_cond))
-        else:
-            self.embedder = None
-        self.reset_parameters(generator)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Draw all weights as the authors' code does (FrEIA order, then the embedder)."""

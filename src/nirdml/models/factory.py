@@ -7,14 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from nirdml.errors import InputError, MissingFileError
 
 from .batchnorm import freeze_batchnorm
 from .embedding import EmbeddingModel
 from .pooling import build_pooling
-from .registry import ARCHS, backbone
+from .registry import ARCHS, Backbone, backbone
 from .weights import is_embedding_state, load_matching, read_state_dict
 
 __all__ = ["ARCHS", "build_model", "model_from_spec"]
@@ -65,37 +65,16 @@ def build_model(
             backbones need 3; timm adapts its first conv itself.
         seed: seed of the random initialisation (a local RNG: the global one is untouched).
     """
-    if not isinstance(embed_dim, int) or isinstance(embed_dim, bool) or embed_dim < 1:
-        raise InputError(f"embed_dim must be a positive int, got {embed_dim!r}.")
-    if not isinstance(in_channels, int) or in_channels < 1:
-        raise InputError(f"in_channels must be a positive int, got {in_channels!r}.")
+    _check_sizes(embed_dim, in_channels)
     pool = build_pooling(pooling)
     entry = backbone(arch)
-    if weights is not None:
-        weights = Path(weights).expanduser()
-        if not weights.is_file():
-            raise MissingFileError(
-                f"weights={str(weights)!r} does not exist: pass the path of a saved state_dict "
-                "(or weights=None to use pretrained= instead)."
-            )
-    pretrained = _resolve_pretrained(arch, pretrained, from_file=weights is not None)
-    if freeze_bn is None:
-        freeze_bn = entry.has_pretrained and (bool(pretrained) or weights is not None)
-    if freeze_bn_affine and not freeze_bn:
-        raise InputError(
-            "freeze_bn_affine=True only applies to frozen BatchNorm: pass freeze_bn=True as well."
-        )
-    if in_channels != 3 and pretrained and not entry.any_channels:
-        raise InputError(
-            f"Pretrained {arch} takes 3-channel RGB input, got in_channels={in_channels}: convert "
-            "grey images to RGB in the transform, or pass pretrained=False."
-        )
-    if entry.rgb_only and in_channels != 3:
-        raise InputError(
-            f"{arch} takes 3-channel RGB input (its input re-normalisation is per RGB "
-            f"channel), got in_channels={in_channels}: convert the images to RGB."
-        )
-
+    weights = _existing_file(weights)
+    from_file = weights is not None
+    pretrained = _resolve_pretrained(arch, pretrained, from_file=from_file)
+    freeze_bn = _resolve_freeze_bn(
+        entry, freeze_bn, freeze_bn_affine, starts_pretrained=bool(pretrained) or from_file
+    )
+    _check_in_channels(arch, entry, pretrained, in_channels)
     spec = {
         "arch": arch,
         "embed_dim": embed_dim,
@@ -107,20 +86,83 @@ def build_model(
         "in_channels": in_channels,
         "seed": int(seed),
     }
+    return _assemble(entry, pool, spec, weights, freeze_affine=freeze_bn_affine)
+
+
+def _check_sizes(embed_dim: int, in_channels: int) -> None:
+    """Refuse an embedding dimension or channel count that is not a positive int."""
+    if not isinstance(embed_dim, int) or isinstance(embed_dim, bool) or embed_dim < 1:
+        raise InputError(f"embed_dim must be a positive int, got {embed_dim!r}.")
+    if not isinstance(in_channels, int) or in_channels < 1:
+        raise InputError(f"in_channels must be a positive int, got {in_channels!r}.")
+
+
+def _existing_file(weights: str | Path | None) -> Path | None:
+    """The weights file as a Path (``~`` expanded), refused early when it does not exist."""
+    if weights is None:
+        return None
+    weights = Path(weights).expanduser()
+    if not weights.is_file():
+        raise MissingFileError(
+            f"weights={str(weights)!r} does not exist: pass the path of a saved state_dict "
+            "(or weights=None to use pretrained= instead)."
+        )
+    return weights
+
+
+def _resolve_freeze_bn(
+    entry: Backbone, freeze_bn: bool | None, freeze_bn_affine: bool, *, starts_pretrained: bool
+) -> bool:
+    """Whether BN is frozen (default: when a pretrained backbone starts from weights)."""
+    if freeze_bn is None:
+        freeze_bn = entry.has_pretrained and starts_pretrained
+    if freeze_bn_affine and not freeze_bn:
+        raise InputError(
+            "freeze_bn_affine=True only applies to frozen BatchNorm: pass freeze_bn=True as well."
+        )
+    return freeze_bn
+
+
+def _check_in_channels(
+    arch: str, entry: Backbone, pretrained: bool | str, in_channels: int
+) -> None:
+    """Refuse non-RGB input where the pretrained weights or the backbone need 3 channels."""
+    if in_channels != 3 and pretrained and not entry.any_channels:
+        raise InputError(
+            f"Pretrained {arch} takes 3-channel RGB input, got in_channels={in_channels}: convert "
+            "grey images to RGB in the transform, or pass pretrained=False."
+        )
+    if entry.rgb_only and in_channels != 3:
+        raise InputError(
+            f"{arch} takes 3-channel RGB input (its input re-normalisation is per RGB "
+            f"channel), got in_channels={in_channels}: convert the images to RGB."
+        )
+
+
+def _assemble(
+    entry: Backbone,
+    pool: nn.Module,
+    spec: dict[str, Any],
+    weights: Path | None,
+    *,
+    freeze_affine: bool,
+) -> EmbeddingModel:
+    """The model ``spec`` describes, seeded for a reproducible init, with ``weights`` loaded."""
+    arch = spec["arch"]
     state = read_state_dict(weights) if weights is not None else None
     own_state = state is not None and is_embedding_state(state)
 
     # Construct under a forked, seeded RNG: reproducible init, global RNG left untouched.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = entry.load_builder()(arch, pretrained, in_channels)
+        torch.manual_seed(spec["seed"])
+        net = entry.load_builder()(arch, spec["pretrained"], spec["in_channels"])
         if state is not None and not own_state:
             net.load_reference_state_dict(state)
-        if freeze_bn:
-            freeze_batchnorm(net, freeze_affine=freeze_bn_affine)
-        model = EmbeddingModel(net, pool, net.num_features, embed_dim, spec)
+        if spec["freeze_bn"]:
+            freeze_batchnorm(net, freeze_affine=freeze_affine)
+        model = EmbeddingModel(net, pool, net.num_features, spec["embed_dim"], spec)
     if own_state:
-        load_matching(model, state, what=f"EmbeddingModel({arch}, embed_dim={embed_dim})")
+        load_matching(model, state, what=f"EmbeddingModel({arch}, embed_dim={spec['embed_dim']})")
     return model
 
 

@@ -143,6 +143,53 @@ class LoopState:
         )
 
 
+@dataclass
+class _EpochTally:
+    """One epoch's running totals, kept on the device (read once, for the epoch's row)."""
+
+    start: float
+    sums: dict[str, Tensor] = field(default_factory=dict)
+    probes: list[dict[str, Tensor]] = field(default_factory=list)
+    steps: int = 0
+    images: int = 0
+
+    def add(self, stats: dict[str, Tensor], batch_size: int) -> dict[str, Tensor]:
+        """Sum one step's statistics, its alarm probe kept apart; returns the probe."""
+        probe = {k: stats.pop(k) for k in ALARM_KEYS if k in stats}
+        if probe:
+            self.probes.append(probe)
+        for k, v in stats.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+        self.steps += 1
+        self.images += batch_size  # the global batch, over all ranks
+        return probe
+
+    def progress(self, skipped: Tensor, probe: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The values a progress read shows: skip counter, running sums, the last probe."""
+        progress = {"skipped": skipped}
+        progress.update({k: self.sums[k] for k in ("loss", "nll") if k in self.sums})
+        if probe:
+            progress["grad_ratio"] = probe["grad_ratio"]
+        return progress
+
+    def rate(self) -> float:
+        """Images per second since the epoch started."""
+        return self.images / max(time.perf_counter() - self.start, 1e-9)
+
+    def row(self, elapsed: float, skipped: Tensor, alarm_threshold: float) -> dict[str, float]:
+        """The epoch's ``train/...`` columns: step means, counts, alarm and speed."""
+        row = {f"train/{k}": (v / max(self.steps, 1)).item() for k, v in self.sums.items()}
+        if "capped" in self.sums:  # a count, not a mean
+            row["train/capped"] = self.sums["capped"].item()
+        if self.probes:
+            row.update(alarm_row(self.probes, alarm_threshold))
+        row["train/skipped_steps"] = int(skipped.item())
+        row["train/images_per_s"] = self.images / max(elapsed, 1e-9)
+        row["train/epoch_time_s"] = elapsed
+        return row
+
+
 def _unwrap(module: nn.Module) -> nn.Module:
     return module.module if hasattr(module, "module") else module
 
@@ -208,6 +255,12 @@ def _check_out_dir(out_dir: Path) -> None:
         raise OutputExistsError(f"{out_dir} is a file; pass --out a folder path")
 
 
+def _write_config(out_dir: Path, cfg: RunConfig) -> None:
+    """Create the run folder with its config.yaml: enough for a resume to start the run."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
+
+
 def check_new_out(out_dir: str | Path) -> None:
     """The folder a user named for a new run: refused when it holds a run, is a file, or
     holds files no run wrote (``nirdml train --out``, before anything is written)."""
@@ -252,14 +305,24 @@ def train(
         return run.fit(stop_after_epoch)
     except KeyboardInterrupt:
         if dist.is_main and not is_run_folder(out_dir):  # stopped while loading: resumable too
-            out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
+            _write_config(out_dir, cfg)
         if run is not None and run.bar is not None:
             run.bar.close()
         where = "while loading the data" if run is None else run.stop_point()
         raise TrainingInterrupted(
             f"interrupted {where}; resume with: nirdml train --resume {out_dir}"
         ) from None
+
+
+def _start_device(cfg: RunConfig, dist: DistContext) -> torch.device:
+    """The run's device, once the ranks have joined and agree on the config and batch."""
+    device = resolve_device(cfg.device, local_rank=dist.local_rank if dist.enabled else None)
+    dist.init(device)
+    dist.check_same(
+        cfg.to_dict(), "config", "start every rank with the same preset and --set overrides"
+    )
+    dist.check_batch(cfg.data.batch_size)
+    return device
 
 
 class _Run:
@@ -277,14 +340,7 @@ class _Run:
         self.cfg = cfg
         self.out_dir = out_dir
         self.dist = dist
-        self.device = resolve_device(
-            cfg.device, local_rank=dist.local_rank if dist.enabled else None
-        )
-        dist.init(self.device)
-        dist.check_same(
-            cfg.to_dict(), "config", "start every rank with the same preset and --set overrides"
-        )
-        dist.check_batch(cfg.data.batch_size)
+        self.device = _start_device(cfg, dist)
         self.progress = (cfg.log.progress if progress is None else progress) and dist.is_main
         self.position = "while loading the data"
         """Where the run is, for the message of an interrupt."""
@@ -316,19 +372,23 @@ class _Run:
         self.state = LoopState()
         if checkpoint is not None:
             self._restore(checkpoint)
-        self.loggers: ExternalLoggers | None = None
-        if dist.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
-            self.loggers = ExternalLoggers(
-                out_dir,
-                tensorboard=cfg.log.tensorboard,
-                wandb=cfg.log.wandb,
-                wandb_project=cfg.log.wandb_project,
-                wandb_mode=cfg.log.wandb_mode,
-                run_name=cfg.name,
-                config=cfg.to_dict(),
-            )
+        self.loggers: ExternalLoggers | None = self._open_outputs()
+
+    def _open_outputs(self) -> ExternalLoggers | None:
+        """Rank 0: write the run folder's config.yaml and open the external loggers."""
+        if not self.dist.is_main:
+            return None
+        cfg = self.cfg
+        _write_config(self.out_dir, cfg)
+        return ExternalLoggers(
+            self.out_dir,
+            tensorboard=cfg.log.tensorboard,
+            wandb=cfg.log.wandb,
+            wandb_project=cfg.log.wandb_project,
+            wandb_mode=cfg.log.wandb_mode,
+            run_name=cfg.name,
+            config=cfg.to_dict(),
+        )
 
     # -- checkpoints
 
@@ -413,70 +473,56 @@ class _Run:
             dynamic_ncols=True,
         )
 
-    def _train_epoch(self, epoch: int) -> dict[str, float]:
-        """Train one epoch; returns its ``train/...`` columns."""
-        cfg, state = self.cfg, self.state
-        backbone_grad = epoch >= cfg.optim.warmup_epochs
+    def _start_epoch(self, epoch: int) -> bool:
+        """Set the epoch's trained module, sampler and views; whether the backbone trains."""
+        backbone_grad = epoch >= self.cfg.optim.warmup_epochs
         self._wrap(backbone_grad)
         self.trained.train()
         self.seeded_sampler.set_epoch(epoch)
         if hasattr(self.splits.train, "set_epoch"):  # cached features: the epoch's views
             self.splits.train.set_epoch(epoch)
-        sums: dict[str, Tensor] = {}
+        return backbone_grad
+
+    def _autocast(self) -> Any:
+        """The steps' autocast context for the run's AMP dtype (a no-op without AMP)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        """Train one epoch; returns its ``train/...`` columns."""
+        cfg, state = self.cfg, self.state
+        backbone_grad = self._start_epoch(epoch)
         skipped_before = self.step.skipped.clone()
         reader = HostReader(self.device)  # progress is read one interval late: no sync
         state.skips.start_epoch(float(skipped_before))
-        n_steps, n_images = 0, 0
-        start = time.perf_counter()
+        tally = _EpochTally(start=time.perf_counter())
         bar = self.bar = self._progress_bar(epoch, backbone_grad)
-        autocast = (
-            torch.autocast(self.device.type, dtype=self.amp_dtype)
-            if self.amp_dtype is not None
-            else contextlib.nullcontext()
-        )
+        autocast = self._autocast()
         alarm = cfg.loss.nir.enabled and cfg.loss.nir.alarm
-        probes: list[dict[str, Tensor]] = []
         for images, labels in self.loader:
-            self.position = (
-                f"at epoch {epoch + 1}/{cfg.epochs}, step {n_steps + 1}/{len(self.loader)}"
-            )
-            log_step = (n_steps + 1) % LOG_EVERY == 0 or n_steps + 1 == len(self.loader)
+            step, total = tally.steps + 1, len(self.loader)
+            self.position = f"at epoch {epoch + 1}/{cfg.epochs}, step {step}/{total}"
+            log_step = step % LOG_EVERY == 0 or step == total
             if alarm and log_step:  # the alarm's gradients, on this interval's last batch
                 self.loss.diagnose_next = True
             stats = self._train_step(images, labels, backbone_grad, autocast)
-            probe = {k: stats.pop(k) for k in ALARM_KEYS if k in stats}
-            if probe:
-                probes.append(probe)
-            for k, v in stats.items():
-                v = v.detach().float()
-                sums[k] = sums[k] + v if k in sums else v.clone()
-            n_steps += 1
-            n_images += cfg.data.batch_size  # the global batch, over all ranks
+            probe = tally.add(stats, cfg.data.batch_size)
             state.global_step += 1
             if log_step:
-                progress = {"skipped": self.step.skipped}
-                progress.update({k: sums[k] for k in ("loss", "nll") if k in sums})
-                if probe:
-                    progress["grad_ratio"] = probe["grad_ratio"]
-                rate = n_images / max(time.perf_counter() - start, 1e-9)
-                self._read(reader.submit(progress, steps=n_steps), bar, rate, epoch)
+                progress = tally.progress(self.step.skipped, probe)
+                rate = tally.rate()
+                self._read(reader.submit(progress, steps=tally.steps), bar, rate, epoch)
         # the last interval: the bar reaches 100%
-        self._read(reader.flush(), bar, n_images / max(time.perf_counter() - start, 1e-9), epoch)
+        self._read(reader.flush(), bar, tally.rate(), epoch)
         if bar is not None:
             bar.refresh()  # show the full bar even when the last update came within mininterval
             bar.close()
-        elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - tally.start
         state.train_time += elapsed
-        state.images_seen += n_images
-        row = {f"train/{k}": (v / max(n_steps, 1)).item() for k, v in sums.items()}
-        if "capped" in sums:  # a count, not a mean
-            row["train/capped"] = sums["capped"].item()
-        if probes:
-            row.update(alarm_row(probes, cfg.loss.nir.alarm_threshold))
-        row["train/skipped_steps"] = int((self.step.skipped - skipped_before).item())
-        row["train/images_per_s"] = n_images / max(elapsed, 1e-9)
-        row["train/epoch_time_s"] = elapsed
-        return row
+        state.images_seen += tally.images
+        skipped = self.step.skipped - skipped_before
+        return tally.row(elapsed, skipped, cfg.loss.nir.alarm_threshold)
 
     def _train_step(
         self, images: Tensor, labels: Tensor, backbone_grad: bool, autocast: Any
