@@ -432,3 +432,19 @@ def test_report_shows_the_nir_alarm_per_epoch(digits_run, tmp_path):
         assert e["nll_min"] <= e["nll_max"] and math.isfinite(e["nll_mean"])
     html = report.html.read_text()
     assert 'id="nir_alarm"' in html and "NIR inertness alarm" in html
+
+
+def test_flow_plot_draws_classes_with_a_single_real_embedding():
+    """One real embedding in all (a class with one image): its PCA plane has no direction;
+    the plot still draws (the missing axis is flat) instead of failing in the projection."""
+    from nirdml.analysis.plots import _principal_plane, flow_plot
+
+    rng = np.random.default_rng(0)
+    png = flow_plot(
+        [rng.normal(size=(1, 8))], [rng.normal(size=(5, 8))], rng.normal(size=(1, 8)), ["a"]
+    )
+    assert png.startswith(b"\x89PNG")
+    points = rng.normal(size=(4, 8))
+    centre, axes = _principal_plane(points)
+    assert axes.shape == (8, 2) and np.allclose(axes.T @ axes, np.eye(2))
+    assert _principal_plane(points[:1])[1].shape == (8, 2)

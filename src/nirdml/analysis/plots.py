@@ -180,10 +180,13 @@ def _unit_rows(a: np.ndarray) -> np.ndarray:
 
 
 def _principal_plane(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(mean row, D x 2 projection onto the two leading principal directions) of points."""
+    """(mean row, D x 2 projection onto the two leading principal directions) of points;
+    a zero column where the SVD gives fewer than two (a single point)."""
     centre = points.mean(0, keepdims=True)
     _, _, vt = np.linalg.svd(points - centre, full_matrices=False)
-    return centre, vt[:2].T
+    axes = np.zeros((points.shape[1], 2), dtype=vt.dtype)
+    axes[:, : min(2, vt.shape[0])] = vt[:2].T
+    return centre, axes
 
 
 def _scatter_marks(ax: Any, sets: Sequence[np.ndarray], color: Any, marks: Sequence[dict]) -> None:
