@@ -78,12 +78,11 @@ def compute_embeddings(
 def _compute_device(model: nn.Module, device: str | torch.device | None, amp: bool) -> torch.device:
     """The device to embed on: the model's own (None) or ``device``, which must be where the
     model already is (it is never moved); ``amp`` needs CUDA."""
-    dev = _model_device(model) if device is None else resolve_device(device)
-    if _model_device(model) != dev and not (
-        dev.type == _model_device(model).type and dev.index is None
-    ):
+    own = _model_device(model)
+    dev = own if device is None else resolve_device(device)
+    if own != dev and not (dev.type == own.type and dev.index is None):
         raise InputError(
-            f"the model is on {_model_device(model)} but device={dev}; move it first "
+            f"the model is on {own} but device={dev}; move it first "
             "(model.to(device)) or pass device=None."
         )
     if amp and dev.type != "cuda":
