@@ -6,11 +6,17 @@
     python benchmarks/cars98_partial.py ratio --data-root DIR --features DIR --out DIR
     python benchmarks/cars98_partial.py ablate --data-root DIR --features DIR [--shard I/N]
     python benchmarks/cars98_partial.py ablation-report --data-root DIR --features DIR
+    python benchmarks/cars98_partial.py compare --runs RUNS [--out FILE.md --json FILE.json]
 
 ``ablate`` answers why the old frozen preset ended below the raw features: from that preset
 (128 px, a random validation carve, head lr 3e-4) one change at a time towards the new one
 (224 px, the last-classes carve, lr 1e-4), 5 seeds each, TEST metrics at the validation-
 selected epoch against the raw pooled features of the same resolution (each run's epoch 0).
+
+``compare`` reads the baseline arms of the two NIR studies (``RUNS/study_partial/runs/pa-base-s*``
+and ``RUNS/study_frozen/runs/fr-base-s*``, the presets unchanged, every seed found) and
+tabulates frozen head vs partial fine-tuning vs the raw features (each run's epoch 0), with
+the paired partial - frozen differences over the seeds both have.
 
 ``tune`` trains the validation sweep (``SWEEP``: image size, cut, learning rates, embedding
 size, epochs) on the tuning seed ``TUNE_SEED`` (not one of the study's seeds 0-4); the
@@ -30,14 +36,16 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from study import grid  # noqa: E402
-from study.collect import load_run  # noqa: E402
+from study.collect import by_seed, load_run  # noqa: E402
 from study.runner import run_dir, run_specs  # noqa: E402
+from study.stats import mean_std, paired_test  # noqa: E402
 
 BASE = "cars98-frozen-proxyanchor-baseline"
 TUNE_SEED = 100
@@ -287,11 +295,82 @@ def gradient_ratios(args: argparse.Namespace) -> dict[str, float]:
     return result
 
 
+COMPARED = {"frozen": ("study_frozen", "fr-base"), "partial": ("study_partial", "pa-base")}
+"""Arm -> (study folder under --runs, run-folder group) of the preset baselines compared."""
+
+
+def _baseline_runs(runs: Path, study: str, group: str) -> dict[int, Any]:
+    """Finished runs of one study's baseline arm, by seed."""
+    found = [load_run(f) for f in sorted((runs / study / "runs").glob(f"{group}-s*"))]
+    return by_seed([r for r in found if r is not None and r.spec["group"] == group])
+
+
+def compare(runs: Path) -> dict[str, Any]:
+    """Frozen vs partial preset vs raw features: per-seed test metrics at the validation-
+    selected epoch, their summaries, and the paired partial - frozen differences."""
+    arms = {arm: _baseline_runs(runs, *where) for arm, where in COMPARED.items()}
+    if not all(arms.values()):
+        missing = [f"{runs / s / 'runs'}/{g}-s*" for a, (s, g) in COMPARED.items() if not arms[a]]
+        raise SystemExit(f"compare: no finished runs in {', '.join(missing)}")
+    out: dict[str, Any] = {"arms": {}, "paired": {}}
+    raw = next(iter(arms["partial"].values())).summary["reference"]["metrics"]
+    out["raw"] = {m: raw[f"test/{m}"] for m in ("recall@1", "map@r")}
+    for arm, recs in arms.items():
+        row: dict[str, Any] = {
+            "seeds": sorted(recs),
+            "epochs": [recs[s].epoch("selected") for s in sorted(recs)],
+        }
+        for m in ("recall@1", "map@r"):
+            vals = [recs[s].metrics("selected")[m] for s in sorted(recs)]
+            row[m] = vals
+            row[f"{m}_above_raw"] = sum(v > out["raw"][m] for v in vals)
+        out["arms"][arm] = row
+    seeds = sorted(set(arms["partial"]) & set(arms["frozen"]))
+    out["paired_seeds"] = seeds
+    for m in ("recall@1", "map@r"):
+        if len(seeds) < 2:
+            break
+        res = paired_test(
+            [arms["partial"][s].metrics("selected")[m] for s in seeds],
+            [arms["frozen"][s].metrics("selected")[m] for s in seeds],
+        )
+        out["paired"][m] = res.__dict__
+    return out
+
+
+def compare_markdown(result: dict[str, Any]) -> str:
+    """The comparison as a markdown table and the paired lines."""
+    lines = [
+        "| embedding | seeds | test R@1 | above raw | test MAP@R | above raw | selected epochs |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for arm, row in result["arms"].items():
+        n = len(row["seeds"])
+        (r_m, r_s), (m_m, m_s) = mean_std(row["recall@1"]), mean_std(row["map@r"])
+        lines.append(
+            f"| {arm} preset | {n} | {r_m:.4f} ± {r_s:.4f} | {row['recall@1_above_raw']}/{n} | "
+            f"{m_m:.4f} ± {m_s:.4f} | {row['map@r_above_raw']}/{n} | "
+            f"{', '.join(map(str, row['epochs']))} |"
+        )
+    raw = result["raw"]
+    lines.append(
+        f"| raw pooled features (epoch 0) | | {raw['recall@1']:.4f} | | {raw['map@r']:.4f} | | |"
+    )
+    lines += ["", f"Paired by seed ({len(result['paired_seeds'])} seeds):", ""]
+    for m, res in result["paired"].items():
+        lines.append(
+            f"- partial - frozen {m}: {res['mean']:+.4f} [{res['ci_low']:+.4f}, "
+            f"{res['ci_high']:+.4f}] p={res['t_p']:.3g} (Wilcoxon {res['wilcoxon_p']:.3g}) "
+            f"wins {res['wins']}/{res['n']}"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "command",
-        choices=("tune", "report", "losses", "ablate", "ablation-report", "ratio"),
+        choices=("tune", "report", "losses", "ablate", "ablation-report", "ratio", "compare"),
     )
     parser.add_argument(
         "--nir-weight", action="append", default=[], metavar="LOSS=W", help="losses: weight"
@@ -304,7 +383,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--match", default="", help="only the points whose label has this")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None, help="compare: also write this")
     args = parser.parse_args(argv)
+    if args.command == "compare":
+        result = compare(args.runs)
+        text = compare_markdown(result)
+        print(text)
+        if args.out is not None:
+            args.out.write_text(text)
+        if args.json is not None:
+            args.json.write_text(json.dumps(result, indent=1) + "\n")
+        return 0
     if args.command == "losses":
         weights = {k: float(v) for k, v in (item.split("=") for item in args.nir_weight)}
         for path in write_loss_variants(args.out or Path("cars98_partial_losses"), weights):

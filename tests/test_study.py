@@ -310,3 +310,31 @@ def test_controls_cli_runs_and_reports(mini_grid, capsys):
     assert rows[1].startswith("| base | 2 (0) |")
     recipe = next(i for i, r in enumerate(rows) if r.startswith("| recipe-nir |"))
     assert "| base |" in rows[recipe] and "| recipe-nir-x0 |" in rows[recipe + 1]
+
+
+def test_partial_vs_frozen_compare_reads_the_kept_run_records(tmp_path):
+    """``cars98_partial.py compare`` on the committed run records (no training): it pairs
+    the two presets' baseline runs by seed and ignores the other arms in the folders."""
+    import shutil
+
+    import cars98_partial
+
+    records = REPO / "benchmarks" / "results" / "run_records"
+    for study, kept in (("study_partial", "cars98_partial"), ("study_frozen", "cars98_frozen")):
+        shutil.copytree(records / kept, tmp_path / study / "runs")
+    result = cars98_partial.compare(tmp_path)
+    partial, frozen = result["arms"]["partial"], result["arms"]["frozen"]
+    assert partial["seeds"][:5] == frozen["seeds"][:5] == [0, 1, 2, 3, 4]
+    seeds = result["paired_seeds"]
+    for metric in ("recall@1", "map@r"):
+        diffs = [
+            partial[metric][partial["seeds"].index(s)] - frozen[metric][frozen["seeds"].index(s)]
+            for s in seeds
+        ]
+        assert result["paired"][metric]["mean"] == pytest.approx(sum(diffs) / len(diffs))
+        assert result["paired"][metric]["wins"] == sum(d > 0 for d in diffs)
+    assert result["raw"]["recall@1"] == pytest.approx(0.4312105007292173)
+    text = cars98_partial.compare_markdown(result)
+    assert "| partial preset |" in text and "| frozen preset |" in text
+    with pytest.raises(SystemExit, match="no finished runs"):
+        cars98_partial.compare(tmp_path / "missing")
