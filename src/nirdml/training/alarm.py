@@ -59,9 +59,10 @@ def inert_message(row: dict[str, Any], cfg: RunConfig) -> str:
         return msg + "Expected for this control (loss.nir.detach_inputs / nir_scale=0)."
     if n.objective == "exp_nll":
         return msg + (
-            "exp_nll saturates once the flow fits the sphere: use a bounded objective "
-            "(--set loss.nir.objective=tangent_spread, the form the multi-seed evidence "
-            "supports with ProxyAnchor)."
+            "exp_nll saturates once the flow fits the sphere: for a term that acts, use a "
+            "bounded objective (--set loss.nir.objective=tangent_spread: never inert in the "
+            "benchmarks; with ProxyAnchor above the baseline when the backbone trains from "
+            "scratch, level when fine-tuning a pretrained one; compare it with your baseline)."
         )
     return msg + "Raise loss.nir.nir_weight (or loss.nir.sigma for a bounded objective)."
 
