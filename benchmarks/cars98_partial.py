@@ -35,6 +35,7 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from nirdml.runtime import atomic_write_json, atomic_write_text  # noqa: E402
 from study import grid  # noqa: E402
-from study.collect import by_seed, load_run  # noqa: E402
+from study.collect import RunRecord, by_seed, load_run  # noqa: E402
 from study.runner import run_dir, run_specs  # noqa: E402
 from study.stats import mean_std, paired_test  # noqa: E402
 
@@ -297,9 +299,10 @@ def gradient_ratios(args: argparse.Namespace) -> dict[str, float]:
 
 COMPARED = {"frozen": ("study_frozen", "fr-base"), "partial": ("study_partial", "pa-base")}
 """Arm -> (study folder under --runs, run-folder group) of the preset baselines compared."""
+METRICS = ("recall@1", "map@r")
 
 
-def _baseline_runs(runs: Path, study: str, group: str) -> dict[int, Any]:
+def _baseline_runs(runs: Path, study: str, group: str) -> dict[int, RunRecord]:
     """Finished runs of one study's baseline arm, by seed."""
     found = [load_run(f) for f in sorted((runs / study / "runs").glob(f"{group}-s*"))]
     return by_seed([r for r in found if r is not None and r.spec["group"] == group])
@@ -312,29 +315,27 @@ def compare(runs: Path) -> dict[str, Any]:
     if not all(arms.values()):
         missing = [f"{runs / s / 'runs'}/{g}-s*" for a, (s, g) in COMPARED.items() if not arms[a]]
         raise SystemExit(f"compare: no finished runs in {', '.join(missing)}")
-    out: dict[str, Any] = {"arms": {}, "paired": {}}
     raw = next(iter(arms["partial"].values())).summary["reference"]["metrics"]
-    out["raw"] = {m: raw[f"test/{m}"] for m in ("recall@1", "map@r")}
+    out: dict[str, Any] = {"arms": {}, "paired": {}}
+    out["raw"] = {m: raw[f"test/{m}"] for m in METRICS}
     for arm, recs in arms.items():
-        row: dict[str, Any] = {
-            "seeds": sorted(recs),
-            "epochs": [recs[s].epoch("selected") for s in sorted(recs)],
-        }
-        for m in ("recall@1", "map@r"):
-            vals = [recs[s].metrics("selected")[m] for s in sorted(recs)]
-            row[m] = vals
-            row[f"{m}_above_raw"] = sum(v > out["raw"][m] for v in vals)
+        seeds = sorted(recs)
+        row: dict[str, Any] = {"seeds": seeds, "epochs": [recs[s].epoch("selected") for s in seeds]}
+        for m in METRICS:
+            row[m] = [recs[s].metrics("selected")[m] for s in seeds]
+            row[f"{m}_above_raw"] = sum(v > out["raw"][m] for v in row[m])
         out["arms"][arm] = row
-    seeds = sorted(set(arms["partial"]) & set(arms["frozen"]))
-    out["paired_seeds"] = seeds
-    for m in ("recall@1", "map@r"):
-        if len(seeds) < 2:
-            break
-        res = paired_test(
-            [arms["partial"][s].metrics("selected")[m] for s in seeds],
-            [arms["frozen"][s].metrics("selected")[m] for s in seeds],
-        )
-        out["paired"][m] = res.__dict__
+    out["paired_seeds"] = sorted(set(arms["partial"]) & set(arms["frozen"]))
+    if len(out["paired_seeds"]) >= 2:
+        for m in METRICS:
+            partial, frozen = (
+                [
+                    out["arms"][arm][m][out["arms"][arm]["seeds"].index(s)]
+                    for s in out["paired_seeds"]
+                ]
+                for arm in ("partial", "frozen")
+            )
+            out["paired"][m] = asdict(paired_test(partial, frozen))
     return out
 
 
@@ -390,9 +391,9 @@ def main(argv: list[str] | None = None) -> int:
         text = compare_markdown(result)
         print(text)
         if args.out is not None:
-            args.out.write_text(text)
+            atomic_write_text(args.out, text)
         if args.json is not None:
-            args.json.write_text(json.dumps(result, indent=1) + "\n")
+            atomic_write_json(args.json, result)
         return 0
     if args.command == "losses":
         weights = {k: float(v) for k, v in (item.split("=") for item in args.nir_weight)}
